@@ -1,0 +1,238 @@
+"""Checkpoint: the one save/resume core of pretraining and fine-tuning.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step-NNNNNN/`` holding
+
+- a Hugging Face model folder (``config.json``, ``model.safetensors``, tokenizer
+  files) that ``AutoModel*.from_pretrained`` loads directly: the weights are
+  stored once, here, and resuming reads them back from the same file;
+- ``optimizer.pt`` and ``scheduler.pt`` (plain tensors and numbers, loaded with
+  ``torch.load(weights_only=True)``: no pickle code runs on resume);
+- ``trainer_state.json``: the step, the data position and counters;
+- ``manifest.json``, written last: size and SHA-256 of every other file. A
+  folder is *complete* only with a manifest that matches its files.
+
+Writes are atomic: everything goes to ``.tmp-step-NNNNNN`` and is renamed into
+place after an fsync, so a crash mid-write leaves the previous checkpoint as
+the newest complete one. RNG state is not saved because the loops reseed every
+step from (seed, step, rank): the randomness of step *k* is the same whether
+the run was resumed or not.
+
+Only data-parallel (DDP) runs are supported: optimizer state is replicated on
+every rank, so the main process writes it and every rank reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from further_pt.config import ConfigError, flatten
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# --------------------------------------------------------------------------- output dir
+
+
+def prepare_output_dir(
+    output_dir: Path, config: dict[str, Any], *, overwrite: bool, may_differ: Iterable[str] = ()
+) -> bool:
+    """Check ``output_dir`` before any work; return True when an earlier run is to be resumed.
+
+    An output dir that holds a run with the same config (keys in ``may_differ``
+    aside) is resumed. One that holds a different run, or files that are not a
+    run, is refused with a ConfigError, unless ``overwrite`` discards it. Does
+    not write anything: call :func:`write_config` from the main process.
+    """
+    saved = output_dir / "config.yaml"
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return False
+    if overwrite:
+        return False
+    if not saved.is_file():
+        raise ConfigError(
+            f"output_dir {output_dir} is not empty and holds no further_pt run (no config.yaml); "
+            "choose another output_dir or set overwrite_output_dir=true"
+        )
+    old = flatten(yaml.safe_load(saved.read_text()) or {})
+    new = flatten(config)
+    skip = set(may_differ)
+    changed = sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))
+    if changed:
+        k = changed[0]
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise ConfigError(
+            f"output_dir {output_dir} holds a run with a different config ({k}: "
+            f"{old.get(k)!r} there, {new.get(k)!r} now{more}); use another output_dir, or "
+            "overwrite_output_dir=true to discard that run"
+        )
+    return True
+
+
+def write_config(output_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
+    """Main process only: (discard the old run if asked, then) write the resolved config."""
+    if overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    _atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def save_model_folder(folder: Path, write_model: Callable[[Path], None]) -> None:
+    """Write a HF model folder atomically (``final/``): temp folder, manifest, fsync, rename."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_model(tmp)
+    write_manifest(tmp)
+    _fsync_tree(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    write_model: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Main process only. Write ``root/step-NNNNNN`` atomically, then prune to ``keep_last``."""
+    final = root / f"step-{step:06d}"
+
+    def write_all(tmp: Path) -> None:
+        write_model(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+
+    save_model_folder(final, write_all)
+    for old in complete_checkpoints(root, check=False)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def step_of(folder: Path) -> int:
+    match = _STEP_DIR.match(folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def verify(folder: Path, *, checksums: bool = True) -> str | None:
+    """Return None if the folder matches its manifest, else the reason it does not."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (incomplete write)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {meta['size']}"
+        if checksums and _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def complete_checkpoints(root: Path, *, check: bool = True) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first; with ``check``, only verified ones."""
+    if not root.is_dir():
+        return []
+    found = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of)
+    if not check:
+        return [p for p in found if (p / MANIFEST).is_file()]
+    return [p for p in found if verify(p) is None]
+
+
+def latest_checkpoint(root: Path, *, clean: bool = True) -> Path | None:
+    """The newest checkpoint that passes verification; broken ones are named in a warning.
+
+    With ``clean`` (the main process), partial ``.tmp-*`` folders of an interrupted
+    write are removed.
+    """
+    if not root.is_dir():
+        return None
+    for tmp in root.glob(".tmp-*") if clean else ():
+        logger.warning("removing the partial checkpoint %s left by an interrupted write", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0),
+                        key=step_of, reverse=True)
+    for folder in candidates:
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        logger.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
+
+
+def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+                        ) -> dict[str, Any]:
+    """Restore optimizer and scheduler in place; return the trainer state dict."""
+    optimizer.load_state_dict(
+        torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return json.loads((folder / STATE).read_text())

@@ -1,0 +1,333 @@
+"""Recipes: find, compose with command-line overrides, validate.
+
+A run is configured by one YAML recipe (``recipe=NAME`` picks
+``recipes/NAME.yaml``; ``recipe=path/to/file.yaml`` picks a file) plus Hydra
+``key=value`` overrides. We use Hydra's compose API rather than
+``@hydra.main`` on purpose: ``@hydra.main`` changes the working directory and
+creates an ``outputs/`` folder per process, which surprises users under
+``accelerate launch`` with several processes.
+
+The schemas below give types only. Every field is ``MISSING``: all defaults
+live in ``recipes/``, and a recipe that forgets a key is an error naming it.
+Validation happens here, before any model or data is loaded, and every
+problem is reported as one line naming the key or file (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad recipe, override, path or value. The message is one line that names the culprit."""
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class FromScratchSchema:
+    """A new BERT built from a config, with a WordPiece tokenizer trained on the corpus."""
+
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    intermediate_size: int = MISSING
+    lowercase: bool = MISSING
+    tokenizer_training_docs: int = MISSING  # documents read to train the tokenizer
+
+
+@dataclass
+class ModelSchema:
+    name_or_path: str | None = MISSING
+    tokenizer: str | None = MISSING
+    trust_remote_code: bool = MISSING
+    attn_implementation: str | None = MISSING
+    from_scratch: FromScratchSchema | None = MISSING
+
+
+@dataclass
+class PretrainDataSchema:
+    train_files: list[str] = MISSING
+    source_weights: list[float] | None = MISSING
+    txt_documents: str = MISSING  # "line" or "blank_line"
+    text_column: str = MISSING
+    max_seq_length: int = MISSING
+    short_seq_prob: float = MISSING
+    max_documents: int | None = MISSING
+    cache_dir: str | None = MISSING
+    preprocessing_workers: int = MISSING
+    dataloader_workers: int = MISSING
+
+
+@dataclass
+class ObjectiveSchema:
+    nsp: bool = MISSING
+    masked_lm_prob: float = MISSING
+    max_predictions_per_seq: int = MISSING
+    whole_word_masking: bool = MISSING
+
+
+@dataclass
+class PretrainTrainSchema:
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    lr: float = MISSING
+    warmup_steps: int = MISSING
+    weight_decay: float = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_epsilon: float = MISSING
+    max_grad_norm: float = MISSING
+    mixed_precision: str | None = MISSING
+    max_nonfinite_steps: int = MISSING
+    log_every_steps: int = MISSING
+
+
+@dataclass
+class CheckpointSchema:
+    every_steps: int = MISSING
+    keep_last: int = MISSING
+
+
+@dataclass
+class PretrainSchema:
+    output_dir: str = MISSING
+    overwrite_output_dir: bool = MISSING
+    seed: int = MISSING
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: PretrainDataSchema = field(default_factory=PretrainDataSchema)
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
+    train: PretrainTrainSchema = field(default_factory=PretrainTrainSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def recipes_dir() -> Path:
+    """Where the shipped recipes are: inside an installed wheel, else the checkout's top level."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"no recipes folder found next to {here}; reinstall further_pt")
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def _recipe_path(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"recipe file {name} does not exist")
+        return path.resolve()
+    path = recipes_dir() / f"{name}.yaml"
+    if not path.is_file():
+        names = available_recipes()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown recipe {name!r}{hint}; available: {', '.join(names)}")
+    return path
+
+
+def split_recipe_arg(argv: list[str]) -> tuple[str, list[str]]:
+    """Take ``recipe=NAME`` out of the arguments; the rest are Hydra overrides."""
+    recipe = None
+    rest = []
+    for arg in argv:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if not recipe:
+        raise ConfigError(
+            f"no recipe given: add recipe=NAME (one of {', '.join(available_recipes())}) "
+            "or recipe=path/to/recipe.yaml"
+        )
+    return recipe, rest
+
+
+def compose(recipe: str, overrides: list[str]) -> DictConfig:
+    """Load a recipe and apply Hydra overrides, without Hydra's cwd or output-dir side effects."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    path = _recipe_path(recipe)
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
+            cfg = hydra_compose(config_name=path.stem, overrides=overrides)
+    except HydraException as exc:
+        raise ConfigError(_one_line(f"bad override: {exc}")) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(f"recipe {path}: {exc}")) from None
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            full = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(full)
+            if OmegaConf.is_missing(node, k):
+                continue
+            keys.extend(_all_keys(node[k], full))
+    return keys
+
+
+def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
+    """Merge ``cfg`` into the typed schema: unknown keys and wrong types become ConfigError."""
+    base = OmegaConf.structured(schema)
+    known = _all_keys(base)
+    try:
+        merged = OmegaConf.merge(base, cfg)
+    except ConfigKeyError as exc:
+        key = exc.full_key or str(exc.key)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}") from None
+    except ValidationError as exc:
+        raise ConfigError(
+            f"config key {exc.full_key!r}: {_one_line(exc.msg).split(' full_key')[0]}"
+        ) from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"config key {missing[0]!r} is not set (the recipe must give it)")
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def load(argv: list[str], schema: type = PretrainSchema) -> DictConfig:
+    """Recipe + overrides -> typed, validated config. Raises ConfigError."""
+    recipe, overrides = split_recipe_arg(argv)
+    cfg = apply_schema(compose(recipe, overrides), schema)
+    if schema is PretrainSchema:
+        validate_pretrain(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {message}")
+
+
+def expand_paths(pattern: str) -> list[str]:
+    """A path, a directory (all files inside, recursively) or a glob -> sorted file list."""
+    if pattern.startswith(("builtin:", "hf:")):
+        return [pattern]
+    expanded = os.path.expanduser(pattern)
+    if os.path.isdir(expanded):
+        files = [
+            str(p) for p in sorted(Path(expanded).rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        ]
+        return files
+    if glob.has_magic(expanded):
+        return sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    return [expanded] if os.path.isfile(expanded) else []
+
+
+def validate_pretrain(cfg: DictConfig) -> None:
+    """Value checks that types cannot express. Files are checked here, before any work."""
+    m, d, o, t, c = cfg.model, cfg.data, cfg.objective, cfg.train, cfg.checkpoint
+    _require(bool(cfg.output_dir), "output_dir", "must be a folder path")
+    _require(
+        (m.name_or_path is None) != (m.from_scratch is None),
+        "model.name_or_path",
+        "give either model.name_or_path (a hub id or folder) or model.from_scratch, not both",
+    )
+    if m.from_scratch is not None:
+        fs = m.from_scratch
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "tokenizer_training_docs"):
+            _require(fs[key] > 0, f"model.from_scratch.{key}", f"must be > 0, got {fs[key]}")
+        _require(
+            fs.hidden_size % fs.num_attention_heads == 0,
+            "model.from_scratch.hidden_size",
+            f"{fs.hidden_size} is not a multiple of num_attention_heads={fs.num_attention_heads}",
+        )
+    _require(len(d.train_files) > 0, "data.train_files", "is empty: give at least one file")
+    for i, pattern in enumerate(d.train_files):
+        if not expand_paths(pattern) and not _looks_like_hub_dataset(pattern):
+            raise ConfigError(
+                f"config key 'data.train_files[{i}]': no file matches {pattern!r}"
+            )
+    if d.source_weights is not None:
+        _require(
+            len(d.source_weights) == len(d.train_files),
+            "data.source_weights",
+            f"has {len(d.source_weights)} weights for {len(d.train_files)} train_files entries",
+        )
+        _require(all(w > 0 for w in d.source_weights), "data.source_weights", "must all be > 0")
+    _require(d.txt_documents in ("line", "blank_line"), "data.txt_documents",
+             f"must be 'line' or 'blank_line', got {d.txt_documents!r}")
+    _require(16 <= d.max_seq_length <= 65536, "data.max_seq_length",
+             f"must be in [16, 65536], got {d.max_seq_length}")
+    _require(0.0 <= d.short_seq_prob <= 1.0, "data.short_seq_prob",
+             f"must be in [0, 1], got {d.short_seq_prob}")
+    _require(d.max_documents is None or d.max_documents > 0, "data.max_documents", "must be > 0")
+    _require(d.preprocessing_workers >= 1, "data.preprocessing_workers", "must be >= 1")
+    _require(d.dataloader_workers >= 0, "data.dataloader_workers", "must be >= 0")
+    _require(0.0 < o.masked_lm_prob < 1.0, "objective.masked_lm_prob",
+             f"must be in (0, 1), got {o.masked_lm_prob}")
+    _require(o.max_predictions_per_seq >= 1, "objective.max_predictions_per_seq",
+             f"must be >= 1, got {o.max_predictions_per_seq}")
+    _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
+    _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _require(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
+             f"must be > 0, got {t.gradient_accumulation_steps}")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps",
+             f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1",
+             "adam betas must be in [0, 1)")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _require(t.mixed_precision in (None, "no", "fp16", "bf16"), "train.mixed_precision",
+             f"must be null (from the accelerate config), no, fp16 or bf16; got "
+             f"{t.mixed_precision!r}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+    _require(c.every_steps > 0, "checkpoint.every_steps", f"must be > 0, got {c.every_steps}")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+
+
+def _looks_like_hub_dataset(pattern: str) -> bool:
+    """``hf:owner/name`` names a hub dataset (loaded online); anything else must be a file."""
+    return pattern.startswith("hf:") and len(pattern) > 3
+
+
+def flatten(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": value}``."""
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for k, v in node.items():
+            flat.update(flatten(v, f"{prefix}{sep}{k}" if prefix else str(k), sep))
+        return flat
+    return {prefix: node}
+
+
+def to_yaml(cfg: DictConfig | ListConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

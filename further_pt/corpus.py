@@ -1,0 +1,189 @@
+"""Corpus: turn ``data.train_files`` into datasets of documents, and mix sources by weight.
+
+Each entry of ``data.train_files`` is one *source* (a file, a folder, a glob, a
+hub dataset ``hf:owner/name`` or a built-in corpus ``builtin:NAME``). A source
+becomes a :class:`datasets.Dataset` with one column, ``text``, one row per
+document. Datasets are Arrow files memory-mapped from disk, so a corpus larger
+than RAM is read in a stream and never held in memory.
+
+Document boundaries matter for NSP: in ``.txt`` files a document is one line
+(``txt_documents: line``) or, in Google BERT's format, a block of lines separated
+by blank lines with one sentence per line (``txt_documents: blank_line``).
+Rows of ``.jsonl``/``.csv``/``.parquet`` files are documents, read from
+``text_column``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import sysconfig
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from further_pt.config import ConfigError, expand_paths
+
+_BUILDERS = {
+    ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+    ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of ``data.train_files``, expanded."""
+
+    spec: str
+    files: tuple[str, ...]
+
+
+def builder_for(path: str) -> str:
+    """The `datasets` builder that reads a file, by its extension (compression suffix ignored)."""
+    name = path.lower()
+    for suffix in _COMPRESSION:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return _BUILDERS.get(os.path.splitext(name)[1], "text")
+
+
+def resolve_sources(train_files: Sequence[str]) -> list[Source]:
+    sources = []
+    for i, spec in enumerate(train_files):
+        files = expand_paths(spec)
+        if not files:
+            raise ConfigError(f"config key 'data.train_files[{i}]': no file matches {spec!r}")
+        for path in files:
+            if not spec.startswith(("builtin:", "hf:")) and os.path.getsize(path) == 0:
+                raise ConfigError(f"data.train_files[{i}]: file {path} is empty")
+        sources.append(Source(spec=spec, files=tuple(files)))
+    return sources
+
+
+def default_cache_dir(cache_dir: str | None) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(datasets.config.HF_DATASETS_CACHE) / "further_pt"
+
+
+def load_documents(
+    source: Source,
+    *,
+    txt_documents: str,
+    text_column: str,
+    cache_dir: Path,
+    max_documents: int | None = None,
+) -> datasets.Dataset:
+    """Read one source into a dataset with a single ``text`` column, one row per document."""
+    if source.spec.startswith("builtin:"):
+        path = builtin_corpus(source.spec.removeprefix("builtin:"), cache_dir)
+        source = Source(spec=source.spec, files=(str(path),))
+    if source.spec.startswith("hf:"):
+        # Hub dataset: needs network (or a warm hub cache); users have the hub, tests never do.
+        ds = datasets.load_dataset(source.spec.removeprefix("hf:"), split="train")
+        parts = [_text_only(ds, text_column, source.spec)]
+    else:
+        by_builder: dict[str, list[str]] = {}
+        for path in source.files:
+            by_builder.setdefault(builder_for(path), []).append(path)
+        parts = []
+        for builder, files in sorted(by_builder.items()):
+            kwargs = {}
+            if builder == "text":
+                kwargs["sample_by"] = "paragraph" if txt_documents == "blank_line" else "line"
+            if builder == "csv" and all(f.lower().split(".gz")[0].endswith(".tsv") for f in files):
+                kwargs["delimiter"] = "\t"
+            ds = datasets.load_dataset(
+                builder, data_files=files, split="train",
+                cache_dir=str(cache_dir / "datasets"), **kwargs,
+            )
+            parts.append(_text_only(ds, text_column if builder != "text" else "text", files[0]))
+    docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    docs = docs.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]],
+                       batched=True, desc=f"dropping empty documents of {source.spec}")
+    if len(docs) == 0:
+        raise ConfigError(f"data.train_files: {source.spec} holds no non-empty document")
+    if max_documents is not None and len(docs) > max_documents:
+        docs = docs.select(range(max_documents))
+    return docs
+
+
+def _text_only(ds: datasets.Dataset, column: str, where: str) -> datasets.Dataset:
+    if column not in ds.column_names:
+        raise ConfigError(
+            f"{where}: no column {column!r} (columns: {', '.join(ds.column_names)}); "
+            "set data.text_column"
+        )
+    ds = ds.select_columns([column])
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    return ds
+
+
+def mix(sources: list[datasets.Dataset], weights: Sequence[float] | None, seed: int
+        ) -> datasets.Dataset:
+    """Mix the instances of several sources.
+
+    ``weights`` are the expected share of training instances drawn from each
+    source (normalised to sum to 1). A source that runs out starts over, and the
+    mixture ends once every source has been seen in full at least once, so a small
+    in-domain corpus with weight 0.5 stays half of every batch however large the
+    general corpus beside it is. ``None`` keeps every instance exactly once
+    (shares proportional to source sizes).
+    """
+    if len(sources) == 1:
+        return sources[0]
+    if weights is None:
+        return datasets.concatenate_datasets(sources)
+    total = float(sum(weights))
+    return datasets.interleave_datasets(
+        sources, probabilities=[w / total for w in weights], seed=seed,
+        stopping_strategy="all_exhausted",
+    )
+
+
+# --------------------------------------------------------------------------- built-in corpora
+
+
+def builtin_corpus(name: str, cache_dir: Path) -> Path:
+    """Materialise a built-in corpus as a text file (one document per line) and return its path."""
+    if name != "python-docstrings":
+        raise ConfigError(f"data.train_files: unknown built-in corpus {name!r} "
+                          "(available: builtin:python-docstrings)")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.rglob("*.py")
+                   if "site-packages" not in p.parts and "test" not in p.parts
+                   and "tests" not in p.parts and "idlelib" not in p.parts)
+    key = hashlib.sha256("\n".join(str(p) for p in files).encode()).hexdigest()[:16]
+    out = cache_dir / f"python-docstrings-{key}.txt"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for path in files:
+            for doc in _docstrings(path):
+                fh.write(doc + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def _docstrings(path: Path) -> list[str]:
+    """Docstrings of a module, its classes and functions, each flattened to one line."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc:
+                flat = " ".join(doc.split())
+                if len(flat.split()) >= 8:  # one-liners teach little about NSP
+                    found.append(flat)
+    return found

@@ -1,0 +1,132 @@
+"""Training: the pieces both loops (pretrain, finetune) share.
+
+One Accelerate setup, one optimizer recipe, one resumable sampler, one way to
+seed a step and one metrics log. The loops themselves stay in the entry
+scripts, top to bottom, so a reader sees every step of training in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from further_pt.config import ConfigError, flatten
+
+
+def make_accelerator(mixed_precision: str | None, log_dir: Path) -> Any:
+    """An Accelerator logging to TensorBoard under ``log_dir``.
+
+    ``mixed_precision: null`` keeps what ``accelerate config`` / ``accelerate launch`` chose.
+    Fails loudly when the launcher's WORLD_SIZE and the processes Accelerate sees disagree:
+    on CPU, ``accelerate launch --cpu --num_processes 2`` silently starts one process.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs: dict[str, Any] = {}
+    if mixed_precision is not None:
+        kwargs["mixed_precision"] = mixed_precision
+    accelerator = Accelerator(
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)),
+        **kwargs,
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"WORLD_SIZE={launched} but Accelerate runs {accelerator.num_processes} process(es); "
+            "on CPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            "--num_processes N"
+        )
+    return accelerator
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, step, rank, ...)."""
+    text = "-".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: weight decay on matrices, none on biases and LayerNorm (1-D) weights."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ResumableSampler(Sampler[int]):
+    """Per-epoch shuffle of ``n`` indices, split across ranks, that starts anywhere in O(1).
+
+    The order of epoch ``e`` is ``randperm(n)`` seeded with (seed, e); rank ``r``
+    of ``w`` takes every ``w``-th index from ``r`` (a tail that does not divide
+    evenly is left out, so all ranks take equal steps). Resuming sets the epoch
+    and the offset into this rank's share: nothing is replayed.
+    """
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.shuffle = shuffle
+        self.epoch, self.start = 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        return self.n // self.world_size
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start, 0)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(step_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=gen)
+        else:
+            order = torch.arange(self.n)
+        mine = order[self.rank: self.per_rank * self.world_size: self.world_size]
+        return iter(mine[self.start:].tolist())
+
+
+def micro_batches(loader: DataLoader, sampler: ResumableSampler, batch_size: int,
+                  epoch: int, position: int) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(epoch, position_after, batch)`` forever, from micro-batch ``position``."""
+    while True:
+        sampler.set_position(epoch, position * batch_size)
+        for batch in loader:
+            position += 1
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0
+
+
+class MetricsLog:
+    """Scalars to TensorBoard (through Accelerate's tracker) and to ``logs/metrics.jsonl``."""
+
+    def __init__(self, accelerator: Any, log_dir: Path, run_name: str, config: dict) -> None:
+        self.accelerator = accelerator
+        self.path = log_dir / "metrics.jsonl"
+        flat = {k: v for k, v in flatten(config, sep="/").items()
+                if isinstance(v, int | float | str | bool)}
+        accelerator.init_trackers(run_name, config=flat)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+
+    def close(self) -> None:
+        self.accelerator.end_training()
