@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,18 @@ def split_recipe_arg(argv: list[str]) -> tuple[str, list[str]]:
     return recipe, rest
 
 
-def compose(recipe: str, overrides: list[str]) -> DictConfig:
-    """Load a recipe and apply Hydra overrides, without Hydra's cwd or output-dir side effects."""
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def compose(recipe: str, overrides: list[str], known: list[str] | None = None) -> DictConfig:
+    """Load a recipe and apply Hydra overrides, without Hydra's cwd or output-dir side effects.
+
+    ``known`` (the schema's keys) turns an override of a key the recipe lacks into
+    an "unknown config key" error with a did-you-mean.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -171,6 +182,9 @@ def compose(recipe: str, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
             cfg = hydra_compose(config_name=path.stem, overrides=overrides)
     except HydraException as exc:
+        match = re.search(r"Could not override '([^']+)'", str(exc))
+        if match and known is not None and match.group(1) not in known:
+            raise _unknown_key(match.group(1), known) from None
         raise ConfigError(_one_line(f"bad override: {exc}")) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(f"recipe {path}: {exc}")) from None
@@ -201,10 +215,7 @@ def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
     try:
         merged = OmegaConf.merge(base, cfg)
     except ConfigKeyError as exc:
-        key = exc.full_key or str(exc.key)
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown config key {key!r}{hint}") from None
+        raise _unknown_key(exc.full_key or str(exc.key), known) from None
     except ValidationError as exc:
         raise ConfigError(
             f"config key {exc.full_key!r}: {_one_line(exc.msg).split(' full_key')[0]}"
@@ -219,7 +230,8 @@ def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
 def load(argv: list[str], schema: type = PretrainSchema) -> DictConfig:
     """Recipe + overrides -> typed, validated config. Raises ConfigError."""
     recipe, overrides = split_recipe_arg(argv)
-    cfg = apply_schema(compose(recipe, overrides), schema)
+    known = _all_keys(OmegaConf.structured(schema))
+    cfg = apply_schema(compose(recipe, overrides, known), schema)
     if schema is PretrainSchema:
         validate_pretrain(cfg)
     return cfg

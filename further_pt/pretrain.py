@@ -41,7 +41,7 @@ logger = logging.getLogger("further_pt.pretrain")
 
 # Keys that may change between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = (
-    "overwrite_output_dir", "train.max_steps", "train.log_every_steps", "checkpoint.every_steps",
+    "output_dir", "overwrite_output_dir", "train.max_steps", "train.log_every_steps", "checkpoint.every_steps",
     "checkpoint.keep_last", "data.dataloader_workers", "data.preprocessing_workers",
     "data.cache_dir",
 )
@@ -74,37 +74,48 @@ def prepare_tokenizer(cfg: DictConfig, docs: list[Any], output_dir: Path,
         return model.load_tokenizer(str(folder))
 
 
+def _finished(ckpt: Path, max_steps: int, output_dir: Path) -> bool:
+    """A run is finished when its newest checkpoint is at max_steps and final/ is intact."""
+    return (checkpoint.step_of(ckpt) >= max_steps
+            and checkpoint.verify(output_dir / "final") is None)
+
+
 def run(cfg: DictConfig) -> Path:
     """Train; return the path of the final model folder."""
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    accelerator = training.make_accelerator(cfg.train.mixed_precision, output_dir / "logs")
-    is_main, rank, world = (accelerator.is_main_process, accelerator.process_index,
-                            accelerator.num_processes)
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    # Output dir: resume the same run, refuse a different one, before any work.
+    # Read-only checks first, on every process, before Accelerate, data or weights.
     resuming = checkpoint.prepare_output_dir(
         output_dir, resolved, overwrite=cfg.overwrite_output_dir, may_differ=RESUMABLE_KEYS)
     sources = corpus.resolve_sources(cfg.data.train_files)
-    accelerator.wait_for_everyone()
-    if is_main and not resuming:
-        checkpoint.write_config(output_dir, resolved, overwrite=cfg.overwrite_output_dir)
-    accelerator.wait_for_everyone()
     ckpt_root = output_dir / "checkpoints"
-    resume_from = checkpoint.latest_checkpoint(ckpt_root, clean=is_main) if resuming else None
-
-    # Model config and tokenizer checks: before any weights load or data is tokenized.
+    resume_from = checkpoint.latest_checkpoint(ckpt_root, clean=False) if resuming else None
     if resume_from is not None:
         model_config = model.load_config(str(resume_from))
     elif cfg.model.from_scratch is None:
         model_config = model.load_config(cfg.model.name_or_path,
                                          trust_remote_code=cfg.model.trust_remote_code)
     else:
-        model_config = None
+        model_config = None  # built once the tokenizer is trained
     if model_config is not None:
         model.pretraining_class(model_config, cfg.objective.nsp)
+    if resume_from is not None and _finished(resume_from, cfg.train.max_steps, output_dir):
+        logging.getLogger("further_pt").warning(
+            "%s already holds a finished run of %d steps: nothing to do", output_dir,
+            cfg.train.max_steps)
+        return output_dir / "final"
+
+    accelerator = training.make_accelerator(cfg.train.mixed_precision, output_dir / "logs")
+    is_main, rank, world = (accelerator.is_main_process, accelerator.process_index,
+                            accelerator.num_processes)
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if is_main:
+        if not resuming:
+            checkpoint.write_config(output_dir, resolved, overwrite=cfg.overwrite_output_dir)
+        checkpoint.latest_checkpoint(ckpt_root, clean=True)  # drop partial writes
+    accelerator.wait_for_everyone()
 
     # Corpus -> documents (one dataset per source) -> tokenizer -> instances, mixed by weight.
     cache_dir = corpus.default_cache_dir(cfg.data.cache_dir)
@@ -138,6 +149,9 @@ def run(cfg: DictConfig) -> Path:
         collate_fn=partial(instances.collate, pad_id=tokenizer.pad_token_id,
                            pad_to_multiple_of=8 if on_gpu else None),
         num_workers=cfg.data.dataloader_workers, pin_memory=on_gpu,
+        # Its own generator: a new DataLoader iterator otherwise draws from the global RNG,
+        # which would shift dropout after a resume.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
     # Model, optimizer, schedule. Every rank builds the same weights from the same seed.
@@ -262,11 +276,18 @@ def run(cfg: DictConfig) -> Path:
                     keep_last=cfg.checkpoint.keep_last)
             accelerator.wait_for_everyone()
     bar.close()
-    log.close()
+    # DDP keeps replicas in sync; prove it before writing the final model.
+    checksum = torch.stack([p.detach().double().sum() for p in objective.parameters()]).sum()
+    sums = accelerator.gather(checksum.reshape(1)).tolist()
+    if len(set(sums)) != 1:
+        raise TrainingFailed(f"the {world} processes ended with different weights: {sums}")
+    if world > 1:
+        logger.info("weights identical on all %d processes (checksum %.6f)", world, sums[0])
     final = output_dir / "final"
     if is_main:
         checkpoint.save_model_folder(final, write_model)
     accelerator.wait_for_everyone()
+    log.close()  # ends Accelerate's trackers and the process group: last
     return final
 
 
@@ -282,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"further_pt: training failed: {exc}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     print(f"Final model: {final}\n"
-          f"  load it:   AutoModelForMaskedLM.from_pretrained({str(final)!r})\n"
-          f"  fine-tune: accelerate launch further_pt/finetune.py recipe=fit "
-          f"model.name_or_path={final} data.train_file=... data.eval_file=...")
+          f"  as a masked LM:  AutoModelForMaskedLM.from_pretrained({str(final)!r})\n"
+          f"  to fine-tune:    AutoModelForSequenceClassification.from_pretrained("
+          f"{str(final)!r}, num_labels=...)")
     return 0
 
 

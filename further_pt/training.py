@@ -129,4 +129,5 @@ class MetricsLog:
                 fh.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
 
     def close(self) -> None:
+        """Flush the trackers. Accelerate also destroys the process group here: call last."""
         self.accelerator.end_training()

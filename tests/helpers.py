@@ -1,0 +1,33 @@
+"""Helpers for tests that run the pretraining script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pretrain_overrides(output_dir: Path, corpus: Path, model_dir: Path, cache: Path,
+                       **extra: object) -> list[str]:
+    """A fast pretraining run of the tiny model (a few steps, seq 64, batch 4)."""
+    args = {
+        "output_dir": output_dir, "model.from_scratch": "null", "model.name_or_path": model_dir,
+        "data.train_files": f"[{corpus}]", "data.cache_dir": cache, "data.max_seq_length": 64,
+        "data.max_documents": 300, "train.max_steps": 6, "train.batch_size": 4,
+        "train.warmup_steps": 2, "train.log_every_steps": 2, "checkpoint.every_steps": 3,
+        "checkpoint.keep_last": 2, "model.attn_implementation": "eager",
+    }
+    args.update(extra)
+    return ["recipe=demo", *(f"{k}={v}" for k, v in args.items())]
+
+
+def run_script(args: list[str], *, env: dict[str, str] | None = None, launcher: list[str] | None
+               = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run further_pt/pretrain.py as users do (a file, through `accelerate launch` if given)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [*(launcher or [sys.executable]), str(REPO / "further_pt" / "pretrain.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=REPO)

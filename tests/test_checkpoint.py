@@ -1,0 +1,97 @@
+"""Checkpoints are atomic, verified, pruned; an output dir never hides another run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from further_pt import checkpoint
+from further_pt.config import ConfigError
+from further_pt.training import ResumableSampler
+
+
+def _save(root: Path, step: int, keep_last: int = 3) -> Path:
+    param = torch.nn.Parameter(torch.ones(3) * step)
+    opt = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    def write_model(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"w" * (100 + step))
+        (folder / "config.json").write_text("{}")
+
+    return checkpoint.save_checkpoint(root, step, write_model=write_model, optimizer=opt,
+                                      scheduler=sched, state={"epoch": 1, "position": step},
+                                      keep_last=keep_last)
+
+
+def test_save_load_prune(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40):
+        _save(root, step)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == [
+        "step-000020", "step-000030", "step-000040"]
+    newest = checkpoint.latest_checkpoint(root)
+    assert newest is not None and newest.name == "step-000040"
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    state = checkpoint.load_training_state(newest, opt, sched)
+    assert state == {"epoch": 1, "position": 40, "step": 40}
+    assert opt.state_dict()["state"][0]["step"].item() == 1
+
+
+def test_partial_and_corrupt_checkpoints_fall_back(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "checkpoints"
+    _save(root, 10)
+    good = _save(root, 20)
+    corrupt = _save(root, 30)
+    (root / ".tmp-step-000040").mkdir()  # a write killed half-way
+    (root / ".tmp-step-000040" / "model.safetensors").write_bytes(b"partial")
+    data = bytearray((corrupt / "model.safetensors").read_bytes())
+    data[5] ^= 0xFF  # same size, flipped bits
+    (corrupt / "model.safetensors").write_bytes(bytes(data))
+    assert checkpoint.latest_checkpoint(root) == good
+    assert "skipping checkpoint" in caplog.text and "step-000030" in caplog.text
+    assert "does not match its checksum" in caplog.text
+    assert not (root / ".tmp-step-000040").exists()
+    (good / "optimizer.pt").write_bytes(b"")  # truncated
+    newest = checkpoint.latest_checkpoint(root)
+    assert newest is not None and newest.name == "step-000010"
+
+
+def test_output_dir_guard(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = {"train": {"lr": 1e-4, "max_steps": 10}, "seed": 1}
+    assert checkpoint.prepare_output_dir(out, cfg, overwrite=False) is False
+    checkpoint.write_config(out, cfg, overwrite=False)
+    assert checkpoint.prepare_output_dir(out, cfg, overwrite=False) is True
+    longer = {"train": {"lr": 1e-4, "max_steps": 20}, "seed": 1}
+    assert checkpoint.prepare_output_dir(out, longer, overwrite=False,
+                                         may_differ=["train.max_steps"]) is True
+    other = {"train": {"lr": 5e-5, "max_steps": 10}, "seed": 1}
+    with pytest.raises(ConfigError, match=r"different config \(train.lr: 0.0001 there, 5e-05 now\)"):
+        checkpoint.prepare_output_dir(out, other, overwrite=False)
+    assert checkpoint.prepare_output_dir(out, other, overwrite=True) is False
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no further_pt run"):
+        checkpoint.prepare_output_dir(stranger, cfg, overwrite=False)
+
+
+def test_sampler_resumes_in_place_and_splits_ranks() -> None:
+    full = list(ResumableSampler(103, seed=5))
+    assert sorted(full) == list(range(103))
+    resumed = ResumableSampler(103, seed=5)
+    resumed.set_position(0, 40)
+    assert list(resumed) == full[40:]
+    epoch1 = ResumableSampler(103, seed=5)
+    epoch1.set_position(1, 0)
+    assert list(epoch1) != full and sorted(epoch1) == list(range(103))
+    ranks = [list(ResumableSampler(103, seed=5, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 51
+    assert not set(ranks[0]) & set(ranks[1])

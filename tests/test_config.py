@@ -1,0 +1,102 @@
+"""Recipes compose, validate, and fail with one line naming the key or file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from further_pt import config
+from further_pt.config import ConfigError
+from further_pt.pretrain import main
+
+PAPER = {"model.name_or_path": "bert-base-uncased", "train.max_steps": 100000,
+         "train.batch_size": 32, "data.max_seq_length": 128, "train.lr": 5e-5,
+         "train.warmup_steps": 10000, "objective.masked_lm_prob": 0.15,
+         "objective.max_predictions_per_seq": 20, "objective.nsp": True,
+         "checkpoint.every_steps": 10000}
+
+
+@pytest.mark.parametrize("recipe", ["within_task", "in_domain", "cross_domain"])
+def test_paper_recipes_carry_the_paper_defaults(recipe: str, corpus_file: Path) -> None:
+    cfg = config.load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]"])
+    flat = config.flatten(config.OmegaConf.to_container(cfg))
+    assert {k: flat[k] for k in PAPER} == PAPER
+
+
+def test_every_shipped_recipe_is_complete_for_the_schema() -> None:
+    names = config.available_recipes()
+    assert set(names) >= {"demo", "within_task", "in_domain", "cross_domain"}
+    for name in names:
+        raw = yaml.safe_load((config.recipes_dir() / f"{name}.yaml").read_text())
+        if raw["data"]["train_files"] == "???":  # the user must name the corpus
+            with pytest.raises(ConfigError, match="'data.train_files' is not set"):
+                config.apply_schema(config.OmegaConf.create(raw), config.PretrainSchema)
+            raw["data"]["train_files"] = ["corpus.txt"]
+        config.apply_schema(config.OmegaConf.create(raw), config.PretrainSchema)
+
+
+def test_glob_override_and_weights(tmp_path: Path) -> None:
+    for name in ("a.txt", "b.txt", "c.txt.gz"):
+        (tmp_path / name).write_text("x\n")
+    cfg = config.load(["recipe=cross_domain", f"data.train_files=[{tmp_path}/*.txt,{tmp_path}/c.txt.gz]",
+                       "data.source_weights=[1,3]", "train.max_steps=70000"])
+    assert list(cfg.data.train_files) == [f"{tmp_path}/*.txt", f"{tmp_path}/c.txt.gz"]
+    assert config.expand_paths(cfg.data.train_files[0]) == [str(tmp_path / "a.txt"),
+                                                            str(tmp_path / "b.txt")]
+    assert list(cfg.data.source_weights) == [1.0, 3.0] and cfg.train.max_steps == 70000
+
+
+def test_recipe_from_a_file_path(tmp_path: Path, corpus_file: Path) -> None:
+    recipe = tmp_path / "mine.yaml"
+    text = (config.recipes_dir() / "in_domain.yaml").read_text().replace("seed: 42", "seed: 7")
+    recipe.write_text(text)
+    cfg = config.load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]"])
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.max_step=5", "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)"),
+        ("train.max_steps=-3", "config key 'train.max_steps': must be > 0, got -3"),
+        ("objective.masked_lm_prob=1.5", "config key 'objective.masked_lm_prob': must be in (0, 1)"),
+        ("train.batch_size=0", "config key 'train.batch_size': must be > 0, got 0"),
+        ("train.batch_size=many", "config key 'train.batch_size'"),
+        ("data.train_files=[/nonexistent/*.txt]",
+         "config key 'data.train_files[0]': no file matches '/nonexistent/*.txt'"),
+        ("data.source_weights=[1,2]", "config key 'data.source_weights': has 2 weights for 1"),
+        ("train.warmup_steps=200000", "config key 'train.warmup_steps': must be in [0"),
+        ("model.from_scratch.hidden_size=101", "is not a multiple of num_attention_heads"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, expected: str, corpus_file: Path) -> None:
+    recipe = "demo" if override.startswith("model.from_scratch") else "in_domain"
+    argv = [f"recipe={recipe}", f"data.train_files=[{corpus_file}]", override]
+    with pytest.raises(ConfigError) as err:
+        config.load(argv)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_recipe_suggests_a_name() -> None:
+    with pytest.raises(ConfigError, match=r"unknown recipe 'in_domian' \(did you mean 'in_domain'\?\)"):
+        config.load(["recipe=in_domian"])
+
+
+def test_missing_recipe_argument_lists_recipes() -> None:
+    with pytest.raises(ConfigError, match="no recipe given: add recipe=NAME .*demo"):
+        config.load(["train.max_steps=3"])
+
+
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, corpus_file: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    code = main(["recipe=in_domain", f"output_dir={out}", f"data.train_files=[{corpus_file}]",
+                 "objective.masked_lm_prob=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["further_pt: error: config key 'objective.masked_lm_prob': must be in (0, 1), "
+                   "got 0.0"]
+    assert not out.exists()

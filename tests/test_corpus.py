@@ -1,0 +1,69 @@
+"""Reading sources and mixing them by weight."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from further_pt.config import ConfigError
+from further_pt.corpus import builder_for, load_documents, mix, resolve_sources
+
+
+def _load(tmp_path: Path, spec: str, **kw) -> datasets.Dataset:
+    (source,) = resolve_sources([spec])
+    args = dict(txt_documents="line", text_column="text", cache_dir=tmp_path / "cache")
+    args.update(kw)
+    return load_documents(source, **args)
+
+
+def test_formats_and_document_boundaries(tmp_path: Path) -> None:
+    (tmp_path / "lines.txt").write_text("doc one. still one.\n\ndoc two.\n")
+    with gzip.open(tmp_path / "bert.txt.gz", "wt") as fh:
+        fh.write("s1 of d1.\ns2 of d1.\n\ns1 of d2.\n")
+    (tmp_path / "rows.jsonl").write_text(
+        "\n".join(json.dumps({"body": t, "label": 1}) for t in ["a b", "c d", "e f"]) + "\n")
+    assert _load(tmp_path, str(tmp_path / "lines.txt"))["text"] == ["doc one. still one.",
+                                                                    "doc two."]
+    bert = _load(tmp_path, str(tmp_path / "bert.txt.gz"), txt_documents="blank_line")["text"]
+    assert [t.strip() for t in bert] == ["s1 of d1.\ns2 of d1.", "s1 of d2."]
+    assert _load(tmp_path, str(tmp_path / "rows.jsonl"), text_column="body")["text"] == [
+        "a b", "c d", "e f"]
+    assert builder_for("x.CSV.gz") == "csv" and builder_for("x.parquet") == "parquet"
+
+
+def test_missing_column_and_empty_file_are_named(tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=r"rows.jsonl: no column 'text' \(columns: body\)"):
+        _load(tmp_path, str(tmp_path / "rows.jsonl"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match=r"empty.txt is empty"):
+        resolve_sources([str(tmp_path / "empty.txt")])
+
+
+def test_directory_source_reads_every_file(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("first.\n")
+    (tmp_path / "d" / "b.txt").write_text("second.\nthird.\n")
+    assert sorted(_load(tmp_path, str(tmp_path / "d"))["text"]) == ["first.", "second.",
+                                                                   "third."]
+
+
+def test_weighted_mixing_keeps_a_small_source_at_its_share() -> None:
+    small = datasets.Dataset.from_dict({"src": ["small"] * 100})
+    large = datasets.Dataset.from_dict({"src": ["large"] * 20000})
+    mixed = mix([small, large], [1.0, 1.0], seed=0)
+    share = mixed["src"].count("small") / len(mixed)
+    assert abs(share - 0.5) < 0.02
+    assert mixed["src"].count("large") >= 20000  # every instance of the large source seen
+    mixed = mix([small, large], [1.0, 3.0], seed=0)
+    assert abs(mixed["src"].count("small") / len(mixed) - 0.25) < 0.02
+
+
+def test_unweighted_mixing_is_concatenation() -> None:
+    a = datasets.Dataset.from_dict({"src": ["a"] * 10})
+    b = datasets.Dataset.from_dict({"src": ["b"] * 30})
+    assert mix([a, b], None, seed=0)["src"] == ["a"] * 10 + ["b"] * 30
