@@ -41,7 +41,8 @@ logger = logging.getLogger("further_pt.pretrain")
 
 # Keys that may change between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = (
-    "output_dir", "overwrite_output_dir", "train.max_steps", "train.log_every_steps", "checkpoint.every_steps",
+    "output_dir", "overwrite_output_dir", "train.max_steps", "train.log_every_steps",
+    "checkpoint.every_steps",
     "checkpoint.keep_last", "data.dataloader_workers", "data.preprocessing_workers",
     "data.cache_dir",
 )

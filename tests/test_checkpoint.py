@@ -73,7 +73,8 @@ def test_output_dir_guard(tmp_path: Path) -> None:
     assert checkpoint.prepare_output_dir(out, longer, overwrite=False,
                                          may_differ=["train.max_steps"]) is True
     other = {"train": {"lr": 5e-5, "max_steps": 10}, "seed": 1}
-    with pytest.raises(ConfigError, match=r"different config \(train.lr: 0.0001 there, 5e-05 now\)"):
+    with pytest.raises(ConfigError,
+                       match=r"different config \(train.lr: 0.0001 there, 5e-05 now\)"):
         checkpoint.prepare_output_dir(out, other, overwrite=False)
     assert checkpoint.prepare_output_dir(out, other, overwrite=True) is False
     stranger = tmp_path / "stranger"

@@ -31,7 +31,7 @@ def test_every_shipped_recipe_is_complete_for_the_schema() -> None:
     for name in names:
         raw = yaml.safe_load((config.recipes_dir() / f"{name}.yaml").read_text())
         if raw["data"]["train_files"] == "???":  # the user must name the corpus
-            with pytest.raises(ConfigError, match="'data.train_files' is not set"):
+            with pytest.raises(ConfigError, match=r"'data\.train_files' is not set"):
                 config.apply_schema(config.OmegaConf.create(raw), config.PretrainSchema)
             raw["data"]["train_files"] = ["corpus.txt"]
         config.apply_schema(config.OmegaConf.create(raw), config.PretrainSchema)
@@ -40,8 +40,9 @@ def test_every_shipped_recipe_is_complete_for_the_schema() -> None:
 def test_glob_override_and_weights(tmp_path: Path) -> None:
     for name in ("a.txt", "b.txt", "c.txt.gz"):
         (tmp_path / name).write_text("x\n")
-    cfg = config.load(["recipe=cross_domain", f"data.train_files=[{tmp_path}/*.txt,{tmp_path}/c.txt.gz]",
-                       "data.source_weights=[1,3]", "train.max_steps=70000"])
+    files = f"data.train_files=[{tmp_path}/*.txt,{tmp_path}/c.txt.gz]"
+    cfg = config.load(["recipe=cross_domain", files, "data.source_weights=[1,3]",
+                       "train.max_steps=70000"])
     assert list(cfg.data.train_files) == [f"{tmp_path}/*.txt", f"{tmp_path}/c.txt.gz"]
     assert config.expand_paths(cfg.data.train_files[0]) == [str(tmp_path / "a.txt"),
                                                             str(tmp_path / "b.txt")]
@@ -59,9 +60,11 @@ def test_recipe_from_a_file_path(tmp_path: Path, corpus_file: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("train.max_step=5", "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)"),
+        ("train.max_step=5",
+         "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)"),
         ("train.max_steps=-3", "config key 'train.max_steps': must be > 0, got -3"),
-        ("objective.masked_lm_prob=1.5", "config key 'objective.masked_lm_prob': must be in (0, 1)"),
+        ("objective.masked_lm_prob=1.5",
+         "config key 'objective.masked_lm_prob': must be in (0, 1)"),
         ("train.batch_size=0", "config key 'train.batch_size': must be > 0, got 0"),
         ("train.batch_size=many", "config key 'train.batch_size'"),
         ("data.train_files=[/nonexistent/*.txt]",
@@ -81,12 +84,13 @@ def test_bad_values_name_the_key(override: str, expected: str, corpus_file: Path
 
 
 def test_unknown_recipe_suggests_a_name() -> None:
-    with pytest.raises(ConfigError, match=r"unknown recipe 'in_domian' \(did you mean 'in_domain'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown recipe 'in_domian' \(did you mean 'in_domain'\?\)"):
         config.load(["recipe=in_domian"])
 
 
 def test_missing_recipe_argument_lists_recipes() -> None:
-    with pytest.raises(ConfigError, match="no recipe given: add recipe=NAME .*demo"):
+    with pytest.raises(ConfigError, match=r"no recipe given: add recipe=NAME .*demo"):
         config.load(["train.max_steps=3"])
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, RobertaConfig, RobertaForMaskedLM
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
 
 from further_pt.masking import mask_tokens
 from further_pt.objective import PretrainingObjective
@@ -53,7 +59,8 @@ def test_sparse_equals_dense(kind: str) -> None:
     net.zero_grad()
     dense(masked, attn, types, labels, nsp_labels if nsp else None).total.backward()
     grads_dense = [p.grad for p in net.parameters() if p.grad is not None]
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(grads_sparse, grads_dense))
+    pairs = zip(grads_sparse, grads_dense, strict=True)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in pairs)
     # The objective's parameters are the HF model's, under the same names.
     assert [n.removeprefix("model.") for n, _ in sparse.named_parameters()] == [
         n for n, _ in net.named_parameters()]
