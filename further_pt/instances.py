@@ -29,6 +29,7 @@ sharing a source) reuses them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import re
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ from typing import Any
 
 import datasets
 import torch
+
+logger = logging.getLogger(__name__)
 
 INSTANCES_VERSION = "1"  # bump when the algorithm below changes, to invalidate caches
 _MAP_BATCH = 1000
@@ -190,11 +193,11 @@ def build_instances(
                                 sep_id=sep_id)
         return {"input_ids": blocks, "token_type_ids": [[0] * len(b) for b in blocks]}
 
-    features = {"input_ids": datasets.Sequence(datasets.Value("int32")),
+    features: dict[str, Any] = {"input_ids": datasets.Sequence(datasets.Value("int32")),
                 "token_type_ids": datasets.Sequence(datasets.Value("int8"))}
     if nsp:
         features["next_sentence_label"] = datasets.Value("int8")
-    return documents.map(
+    built = documents.map(
         nsp_batch if nsp else packed_batch,
         batched=True,
         batch_size=_MAP_BATCH,
@@ -205,6 +208,32 @@ def build_instances(
         num_proc=num_proc if num_proc > 1 else None,
         desc="building NSP instances" if nsp else "packing MLM blocks",
     )
+    if nsp and len(built):
+        report_nsp_balance(built)
+    return built
+
+
+def random_next_share(built: datasets.Dataset) -> float:
+    labels = built.data.column("next_sentence_label").to_numpy()
+    return float(labels.mean())
+
+
+def report_nsp_balance(built: datasets.Dataset) -> None:
+    """Say how many pairs are random-next: short documents skew Google's algorithm.
+
+    A one-sentence chunk can only get a random B, and sentences a random B
+    displaced are often re-read as one-sentence chunks, so corpora of short
+    documents (package descriptions, reviews) give far more than 50% random
+    pairs, and an NSP accuracy near that share means nothing was learned.
+    """
+    share = random_next_share(built)
+    message = "%d NSP instances, %.1f%% random-next"
+    if share > 0.7:
+        logger.warning(message + ": the documents are short, so NSP accuracy near %.0f%% is the "
+                       "majority class; consider objective.nsp=false", len(built), 100 * share,
+                       100 * share)
+    else:
+        logger.info(message, len(built), 100 * share)
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int | None = None

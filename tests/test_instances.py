@@ -67,6 +67,18 @@ def test_truncation_respects_max_length_even_for_long_sentences() -> None:
     assert made and all(len(ids) <= 16 for ids, _, _ in made)
 
 
+def test_short_documents_skew_towards_random_next_and_are_reported(tokenizer, caplog) -> None:
+    from further_pt.instances import random_next_share
+
+    short = [f"Package number {i} does one thing. It is small." for i in range(300)]
+    ds = datasets.Dataset.from_dict({"text": short})
+    with caplog.at_level("WARNING"):
+        built = build_instances(ds, tokenizer, nsp=True, max_seq_length=64, short_seq_prob=0.0,
+                                txt_documents="line", seed=0)
+    assert random_next_share(built) > 0.7
+    assert "random-next: the documents are short" in caplog.text
+
+
 def test_single_document_gives_no_mislabelled_random_pairs() -> None:
     made = create_nsp_instances([[[10, 11], [12, 13], [14, 15]]], max_seq_length=64,
                                 short_seq_prob=0.0, cls_id=CLS, sep_id=SEP,
