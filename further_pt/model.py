@@ -8,7 +8,9 @@ embeddings, tokenizer and embedding sizes agree) run before any weight loads.
 
 ``model.from_scratch`` builds a ``BertConfig`` and trains a WordPiece tokenizer
 with the ``tokenizers`` library on the training corpus: offline runs, tests and
-general pretraining need no download.
+general pretraining need no download. WordPiece training is not bit-reproducible
+from one process to the next (hash-map order breaks ties: tokenizers issue
+#1794), so the trained tokenizer is saved in the run and reused on resume.
 """
 
 from __future__ import annotations

@@ -141,3 +141,14 @@ def test_two_processes_on_cpu_end_with_identical_weights(tmp_path: Path, corpus_
     assert (out / "final" / "model.safetensors").is_file()
     lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3  # one log line per logging step, from the main process only
+
+
+def test_world_size_disagreement_fails_loudly(tmp_path: Path, corpus_file: Path,
+                                              tiny_model_dir: Path) -> None:
+    """`accelerate launch --cpu --num_processes 2` starts ONE process: never train silently so."""
+    args = pretrain_overrides(tmp_path / "out", corpus_file, tiny_model_dir, tmp_path / "cache")
+    proc = run_script(args, env={"WORLD_SIZE": "2"}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "further_pt: error: WORLD_SIZE=2 but Accelerate runs 1 process(es)")
+    assert not (tmp_path / "out").exists()
