@@ -88,13 +88,13 @@ def write_config(output_dir: Path, config: dict[str, Any], *, overwrite: bool) -
     if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -128,7 +128,7 @@ def write_manifest(folder: Path) -> None:
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
-    _atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+    atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
 def save_model_folder(folder: Path, write_model: Callable[[Path], None]) -> None:

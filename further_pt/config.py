@@ -113,6 +113,89 @@ class PretrainSchema:
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
 
 
+@dataclass
+class FinetuneDataSchema:
+    train_file: str | None = MISSING
+    eval_file: str | None = MISSING
+    text_column: str = MISSING
+    text_pair_column: str | None = MISSING
+    label_column: str = MISSING
+    max_seq_length: int = MISSING
+    truncation: str = MISSING  # head | tail | head_tail | segments
+    head_tokens: int = MISSING
+    max_segments: int = MISSING
+    cache_dir: str | None = MISSING
+    dataloader_workers: int = MISSING
+
+
+@dataclass
+class TaskSchema:
+    name: str = MISSING
+    train_file: str = MISSING
+    eval_file: str | None = MISSING
+    text_column: str = MISSING
+    label_column: str = MISSING
+
+
+@dataclass
+class HeadSchema:
+    pooling: str = MISSING  # cls | pooler | cls_raw | mean | max | concat
+    layers: list[int] = MISSING
+    layer_combine: str = MISSING  # concat | mean | max
+    segment_pooling: str = MISSING  # mean | max | attention
+    dropout: float = MISSING
+
+
+@dataclass
+class FinetuneTrainSchema:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    lr: float = MISSING
+    head_lr: float = MISSING
+    layer_decay: float = MISSING
+    schedule: str = MISSING  # stlr | linear | cosine | constant
+    warmup_ratio: float = MISSING
+    stlr_cut_frac: float = MISSING
+    stlr_ratio: float = MISSING
+    unfreeze: str = MISSING  # none | epoch | steps
+    unfreeze_every_steps: int | None = MISSING
+    freeze_encoder: bool = MISSING
+    weight_decay: float = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_epsilon: float = MISSING
+    max_grad_norm: float = MISSING
+    mixed_precision: str | None = MISSING
+    max_nonfinite_steps: int = MISSING
+    log_every_steps: int = MISSING
+
+
+@dataclass
+class EvalSchema:
+    metric: str = MISSING  # accuracy | macro_f1 | error_rate
+    batch_size: int = MISSING
+
+
+@dataclass
+class FinetuneCheckpointSchema:
+    keep_last: int = MISSING
+
+
+@dataclass
+class FinetuneSchema:
+    output_dir: str = MISSING
+    overwrite_output_dir: bool = MISSING
+    seed: int = MISSING
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: FinetuneDataSchema = field(default_factory=FinetuneDataSchema)
+    tasks: list[TaskSchema] | None = MISSING
+    head: HeadSchema = field(default_factory=HeadSchema)
+    train: FinetuneTrainSchema = field(default_factory=FinetuneTrainSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    checkpoint: FinetuneCheckpointSchema = field(default_factory=FinetuneCheckpointSchema)
+
+
 # --------------------------------------------------------------------------- recipes
 
 
@@ -125,8 +208,18 @@ def recipes_dir() -> Path:
     raise ConfigError(f"no recipes folder found next to {here}; reinstall further_pt")
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+def available_recipes(kind: str | None = None) -> list[str]:
+    """Shipped recipe names; ``kind`` ("pretrain" or "finetune") keeps one kind."""
+    names = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    return [n for n in names if kind is None or recipe_kind(recipes_dir() / f"{n}.yaml") == kind]
+
+
+def recipe_kind(path: Path) -> str:
+    """Pretraining recipes have an ``objective`` section; fine-tuning recipes a ``head``."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    return "pretrain" if "objective" in raw else "finetune"
 
 
 def _recipe_path(name: str) -> Path:
@@ -230,10 +323,19 @@ def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
 def load(argv: list[str], schema: type = PretrainSchema) -> DictConfig:
     """Recipe + overrides -> typed, validated config. Raises ConfigError."""
     recipe, overrides = split_recipe_arg(argv)
+    wanted = "pretrain" if schema is PretrainSchema else "finetune"
+    path = _recipe_path(recipe)
+    if recipe_kind(path) != wanted:
+        script = "finetune.py" if wanted == "pretrain" else "pretrain.py"
+        raise ConfigError(f"recipe {recipe!r} is a {recipe_kind(path)} recipe: run it with "
+                          f"further_pt/{script} (recipes for this script: "
+                          f"{', '.join(available_recipes(wanted))})")
     known = _all_keys(OmegaConf.structured(schema))
     cfg = apply_schema(compose(recipe, overrides, known), schema)
     if schema is PretrainSchema:
         validate_pretrain(cfg)
+    elif schema is FinetuneSchema:
+        validate_finetune(cfg)
     return cfg
 
 
@@ -324,6 +426,75 @@ def validate_pretrain(cfg: DictConfig) -> None:
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _require(c.every_steps > 0, "checkpoint.every_steps", f"must be > 0, got {c.every_steps}")
     _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+
+
+def _check_file(key: str, path: str | None) -> None:
+    if path is not None and not path.startswith("hf:") and not os.path.isfile(
+            os.path.expanduser(path)):
+        raise ConfigError(f"config key {key!r}: file {path} does not exist")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate_finetune(cfg: DictConfig) -> None:
+    """Value checks of a fine-tuning config; files are checked here, before any work."""
+    m, d, h, t, e = cfg.model, cfg.data, cfg.head, cfg.train, cfg.eval
+    _require(bool(cfg.output_dir), "output_dir", "must be a folder path")
+    _require(m.name_or_path is not None and m.from_scratch is None, "model.name_or_path",
+             "fine-tuning needs a pretrained model (hub id or folder); from_scratch is for "
+             "pretraining")
+    if cfg.tasks is None:
+        _require(d.train_file is not None, "data.train_file", "is not set (or give tasks)")
+        _check_file("data.train_file", d.train_file)
+        _check_file("data.eval_file", d.eval_file)
+    else:
+        _require(len(cfg.tasks) >= 1, "tasks", "give at least one task, or null")
+        names = [task.name for task in cfg.tasks]
+        _require(len(set(names)) == len(names), "tasks", f"task names repeat: {names}")
+        for i, task in enumerate(cfg.tasks):
+            _check_file(f"tasks[{i}].train_file", task.train_file)
+            _check_file(f"tasks[{i}].eval_file", task.eval_file)
+    _require(16 <= d.max_seq_length <= 65536, "data.max_seq_length",
+             f"must be in [16, 65536], got {d.max_seq_length}")
+    _choice("data.truncation", d.truncation, ("head", "tail", "head_tail", "segments"))
+    _require(0 <= d.head_tokens <= d.max_seq_length - 2, "data.head_tokens",
+             f"must be in [0, max_seq_length - 2 = {d.max_seq_length - 2}], got {d.head_tokens}")
+    _require(d.max_segments >= 1, "data.max_segments", "must be >= 1")
+    _require(d.truncation != "segments" or d.text_pair_column is None, "data.truncation",
+             "segments (hierarchical) does not take text pairs")
+    _require(d.dataloader_workers >= 0, "data.dataloader_workers", "must be >= 0")
+    _choice("head.pooling", h.pooling, ("cls", "pooler", "cls_raw", "mean", "max", "concat"))
+    _choice("head.layer_combine", h.layer_combine, ("concat", "mean", "max"))
+    _choice("head.segment_pooling", h.segment_pooling, ("mean", "max", "attention"))
+    _require(len(h.layers) >= 1, "head.layers", "list at least one layer, e.g. [-1]")
+    _require(0 <= h.dropout < 1, "head.dropout", "must be in [0, 1)")
+    _require(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
+    _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _require(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
+             "must be > 0")
+    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _require(t.head_lr > 0, "train.head_lr", f"must be > 0, got {t.head_lr}")
+    _require(0 < t.layer_decay <= 1, "train.layer_decay", f"must be in (0, 1], got {t.layer_decay}")
+    _choice("train.schedule", t.schedule, ("stlr", "linear", "cosine", "constant"))
+    _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+    _require(0 < t.stlr_cut_frac < 1, "train.stlr_cut_frac", "must be in (0, 1)")
+    _require(t.stlr_ratio >= 1, "train.stlr_ratio", "must be >= 1")
+    _choice("train.unfreeze", t.unfreeze, ("none", "epoch", "steps"))
+    _require(t.unfreeze != "steps" or (t.unfreeze_every_steps or 0) > 0,
+             "train.unfreeze_every_steps", "must be > 0 when train.unfreeze=steps")
+    _require(not (t.freeze_encoder and t.unfreeze != "none"), "train.freeze_encoder",
+             "conflicts with train.unfreeze (a frozen encoder is never unfrozen)")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _require(t.mixed_precision in (None, "no", "fp16", "bf16"), "train.mixed_precision",
+             f"must be null, no, fp16 or bf16; got {t.mixed_precision!r}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+    _choice("eval.metric", e.metric, ("accuracy", "macro_f1", "error_rate"))
+    _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
 
 
 def _looks_like_hub_dataset(pattern: str) -> bool:

@@ -109,7 +109,8 @@ def pretraining_class(config: PretrainedConfig, nsp: bool) -> type:
     return AutoModelForPreTraining
 
 
-def check_compatible(config: PretrainedConfig, tokenizer: Any, max_seq_length: int) -> None:
+def check_compatible(config: PretrainedConfig, tokenizer: Any, max_seq_length: int, *,
+                     needs_mask: bool = True) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None:
         limit -= _POSITION_OFFSET.get(config.model_type, 0)
@@ -124,7 +125,7 @@ def check_compatible(config: PretrainedConfig, tokenizer: Any, max_seq_length: i
             f"model.tokenizer has {len(tokenizer)} tokens but the model's embeddings hold "
             f"{vocab}: tokenizer and model do not match"
         )
-    if tokenizer.mask_token_id is None:
+    if needs_mask and tokenizer.mask_token_id is None:
         raise ConfigError("model.tokenizer has no mask token: it cannot be used for MLM")
 
 

@@ -50,10 +50,6 @@ EXIT_CONFIG_ERROR = 2
 EXIT_TRAINING_FAILED = 3
 
 
-class TrainingFailed(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is kept."""
-
-
 def prepare_tokenizer(cfg: DictConfig, docs: list[Any], output_dir: Path,
                       resume_from: Path | None, accelerator: Any) -> Any:
     """The checkpoint's tokenizer, the model's, or (from scratch) one trained on the corpus."""
@@ -241,7 +237,7 @@ def run(cfg: DictConfig) -> Path:
             state["nonfinite_steps"] += 1
             logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
             if nonfinite_run >= t.max_nonfinite_steps:
-                raise TrainingFailed(
+                raise training.TrainingFailed(
                     f"{nonfinite_run} non-finite steps in a row at step {step + 1}; stopped. "
                     f"The last good checkpoint is kept in {ckpt_root}")
         scheduler.step()
@@ -281,7 +277,7 @@ def run(cfg: DictConfig) -> Path:
     checksum = torch.stack([p.detach().double().sum() for p in objective.parameters()]).sum()
     sums = accelerator.gather(checksum.reshape(1)).tolist()
     if len(set(sums)) != 1:
-        raise TrainingFailed(f"the {world} processes ended with different weights: {sums}")
+        raise training.TrainingFailed(f"the {world} processes ended with different weights: {sums}")
     if world > 1:
         logger.info("weights identical on all %d processes (checksum %.6f)", world, sums[0])
     final = output_dir / "final"
@@ -300,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"further_pt: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except TrainingFailed as exc:
+    except training.TrainingFailed as exc:
         print(f"further_pt: training failed: {exc}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     print(f"Final model: {final}\n"

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,16 @@ from torch.utils.data import DataLoader, Sampler
 
 from further_pt.config import ConfigError, flatten
 
+__all__ = ["MetricsLog", "ResumableSampler", "TrainingFailed", "make_accelerator",
+           "micro_batches", "nullcontext", "param_groups", "step_seed"]
 
-def make_accelerator(mixed_precision: str | None, log_dir: Path) -> Any:
+
+class TrainingFailed(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is kept."""
+
+
+def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
+                     find_unused_parameters: bool = False) -> Any:
     """An Accelerator logging to TensorBoard under ``log_dir``.
 
     ``mixed_precision: null`` keeps what ``accelerate config`` / ``accelerate launch`` chose.
@@ -29,9 +38,11 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path) -> Any:
     on CPU, ``accelerate launch --cpu --num_processes 2`` silently starts one process.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     kwargs: dict[str, Any] = {}
+    if find_unused_parameters:  # custom heads leave the pooler or HF head without gradients
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if mixed_precision is not None:
         kwargs["mixed_precision"] = mixed_precision
     accelerator = Accelerator(

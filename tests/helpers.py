@@ -25,9 +25,10 @@ def pretrain_overrides(output_dir: Path, corpus: Path, model_dir: Path, cache: P
 
 
 def run_script(args: list[str], *, env: dict[str, str] | None = None, launcher: list[str] | None
-               = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run further_pt/pretrain.py as users do (a file, through `accelerate launch` if given)."""
+               = None, timeout: int = 300, script: str = "pretrain.py"
+               ) -> subprocess.CompletedProcess:
+    """Run further_pt/<script> as users do (a file, through `accelerate launch` if given)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [*(launcher or [sys.executable]), str(REPO / "further_pt" / "pretrain.py"), *args]
+    cmd = [*(launcher or [sys.executable]), str(REPO / "further_pt" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=REPO)

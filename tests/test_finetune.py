@@ -1,0 +1,124 @@
+"""Fine-tuning end to end on CPU: a tiny BERT learns a separable task and writes metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from helpers import run_script
+
+FRUIT = ["apple", "banana", "cherry", "grape", "melon", "peach", "plum"]
+MOTOR = ["engine", "wheel", "brake", "motor", "clutch", "piston", "gear"]
+
+
+def _write(path: Path, n: int, seed: int, labels=("fruit", "motor")) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = FRUIT if label in ("fruit", "sweet") else MOTOR
+            fh.write(json.dumps({"text": " ".join(rng.choices(words, k=8)), "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("task")
+    return _write(base / "train.jsonl", 160, 0), _write(base / "dev.jsonl", 40, 1)
+
+
+def _args(recipe: str, out: Path, model_dir: Path, train: Path, dev: Path | None, **extra):
+    args = {"output_dir": out, "model.name_or_path": model_dir, "data.train_file": train,
+            "data.eval_file": dev if dev else "null", "data.max_seq_length": 32,
+            "data.head_tokens": 8, "train.epochs": 3, "train.batch_size": 16,
+            "train.lr": 3e-3, "train.head_lr": 3e-3, "train.layer_decay": 1.0,
+            "train.log_every_steps": 5, "model.attn_implementation": "eager"}
+    args.update(extra)
+    return [f"recipe={recipe}", *(f"{k}={v}" for k, v in args.items())]
+
+
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory, tiny_model_dir, task):
+    out = tmp_path_factory.mktemp("fit") / "run"
+    args = _args("fit", out, tiny_model_dir, *task)
+    proc = run_script(args, script="finetune.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, args, proc
+
+
+def test_fit_learns_and_writes_metrics(fit_run) -> None:
+    out, _, proc = fit_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] > 0.9
+    assert metrics["eval_error_rate"] == pytest.approx(1 - metrics["eval_accuracy"])
+    assert set(metrics["eval_per_class_f1"]) == {"fruit", "motor"}
+    assert sum(map(sum, metrics["eval_confusion_matrix"])) == 40
+    assert metrics["config"]["train"]["lr"] == 3e-3
+    assert metrics["steps"] == 3 * math.ceil(160 / 16)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert "dev accuracy" in proc.stdout
+
+
+def test_final_model_is_a_standard_hf_classifier(fit_run) -> None:
+    from transformers import pipeline
+
+    out, _, _ = fit_run
+    classify = pipeline("text-classification", model=str(out / "final"))
+    assert classify("engine brake gear wheel motor")[0]["label"] == "motor"
+    assert classify("apple melon plum peach grape")[0]["label"] == "fruit"
+
+
+def test_rerun_does_nothing_and_unknown_eval_label_is_named(fit_run, tmp_path, task,
+                                                            tiny_model_dir) -> None:
+    _, args, _ = fit_run
+    again = run_script(args, script="finetune.py")
+    assert again.returncode == 0 and "already holds a finished run" in again.stderr
+    bad_dev = _write(tmp_path / "dev.jsonl", 6, 2, labels=("fruit", "motor", "sweet"))
+    proc = run_script(_args("fit", tmp_path / "bad", tiny_model_dir, task[0], bad_dev),
+                      script="finetune.py")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"further_pt: error: {bad_dev}: row 3 has label 'sweet', which the training data does "
+        "not have (labels: fruit, motor)")
+
+
+def test_ulmfit_hierarchical_with_accumulation(tmp_path, tiny_model_dir, task) -> None:
+    """STLR + discriminative rates + gradual unfreezing + concat pooling over 2 segments."""
+    from further_pt.heads import load_classifier
+
+    out = tmp_path / "ulmfit"
+    args = _args("ulmfit", out, tiny_model_dir, *task, **{
+        "train.gradient_accumulation_steps": 3, "train.unfreeze_every_steps": 2,
+        "data.truncation": "segments", "data.max_seq_length": 16, "data.max_segments": 2,
+        "head.segment_pooling": "attention", "train.epochs": 2, "train.layer_decay": 0.3846})
+    proc = run_script(args, script="finetune.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 * math.ceil(math.ceil(160 / 16) / 3)  # T after accumulation
+    clf = load_classifier(out / "final")
+    assert clf.custom and clf.hierarchical and clf.spec.pooling == "concat"
+    lr_lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+                if '"lr/head"' in x]
+    first = lr_lines[0]
+    assert first["lr/layer_0"] == pytest.approx(first["lr/layer_1"] * 0.3846)  # xi = 1/2.6
+
+
+def test_multitask_evaluates_each_task(tmp_path, tiny_model_dir, task) -> None:
+    train_b = _write(tmp_path / "b_train.jsonl", 90, 3, labels=("motor", "fruit", "sweet"))
+    dev_b = _write(tmp_path / "b_dev.jsonl", 30, 4, labels=("motor", "fruit", "sweet"))
+    tasks = (f"[{{name:a,train_file:{task[0]},eval_file:{task[1]},text_column:text,"
+             f"label_column:label}},{{name:b,train_file:{train_b},eval_file:{dev_b},"
+             "text_column:text,label_column:label}]")
+    out = tmp_path / "mt"
+    args = [a for a in _args("multitask", out, tiny_model_dir, task[0], task[1])
+            if not a.startswith(("data.train_file", "data.eval_file"))]
+    proc = run_script([*args, f"tasks={tasks}"], script="finetune.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["eval_b_per_class_f1"]) == {"fruit", "motor", "sweet"}
+    assert metrics["eval_accuracy"] == pytest.approx(
+        (metrics["eval_a_accuracy"] + metrics["eval_b_accuracy"]) / 2)
+    assert metrics["steps"] == 3 * (math.ceil(160 / 16) + math.ceil(90 / 16))
