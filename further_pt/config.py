@@ -43,6 +43,7 @@ class FromScratchSchema:
     num_hidden_layers: int = MISSING
     num_attention_heads: int = MISSING
     intermediate_size: int = MISSING
+    max_position_embeddings: int = MISSING  # >= data.max_seq_length; 512 lets fine-tuning use 512
     lowercase: bool = MISSING
     tokenizer_training_docs: int = MISSING  # documents read to train the tokenizer
 
@@ -375,13 +376,16 @@ def validate_pretrain(cfg: DictConfig) -> None:
     if m.from_scratch is not None:
         fs = m.from_scratch
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size", "tokenizer_training_docs"):
+                    "intermediate_size", "max_position_embeddings", "tokenizer_training_docs"):
             _require(fs[key] > 0, f"model.from_scratch.{key}", f"must be > 0, got {fs[key]}")
         _require(
             fs.hidden_size % fs.num_attention_heads == 0,
             "model.from_scratch.hidden_size",
             f"{fs.hidden_size} is not a multiple of num_attention_heads={fs.num_attention_heads}",
         )
+        _require(fs.max_position_embeddings >= d.max_seq_length,
+                 "model.from_scratch.max_position_embeddings",
+                 f"{fs.max_position_embeddings} is below data.max_seq_length={d.max_seq_length}")
     _require(len(d.train_files) > 0, "data.train_files", "is empty: give at least one file")
     for i, pattern in enumerate(d.train_files):
         if not expand_paths(pattern) and not _looks_like_hub_dataset(pattern):

@@ -59,7 +59,7 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int, lowercase: bool,
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     return BertTokenizerFast(tokenizer_object=tok, do_lower_case=lowercase,
-                             model_max_length=max_seq_length)
+                             model_max_length=max_seq_length)  # the model's position limit
 
 
 def scratch_config(cfg: DictConfig, tokenizer: Any) -> BertConfig:
@@ -70,7 +70,7 @@ def scratch_config(cfg: DictConfig, tokenizer: Any) -> BertConfig:
         num_hidden_layers=fs.num_hidden_layers,
         num_attention_heads=fs.num_attention_heads,
         intermediate_size=fs.intermediate_size,
-        max_position_embeddings=cfg.data.max_seq_length,
+        max_position_embeddings=fs.max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
     )
 

@@ -66,7 +66,7 @@ def prepare_tokenizer(cfg: DictConfig, docs: list[Any], output_dir: Path,
             texts = (text for d in docs for text in islice(
                 (row["text"] for row in d), per_source))
             tok = model.train_wordpiece(texts, vocab_size=fs.vocab_size, lowercase=fs.lowercase,
-                                        max_seq_length=cfg.data.max_seq_length)
+                                        max_seq_length=fs.max_position_embeddings)
             tok.save_pretrained(folder)
         return model.load_tokenizer(str(folder))
 
