@@ -35,7 +35,7 @@ from further_pt.corpus import builder_for
 STRATEGIES = ("head", "tail", "head_tail", "segments")
 
 
-def read_labelled(path: str, *, columns: Sequence[str], cache_dir: str | None = None
+def read_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | None = None
                   ) -> datasets.Dataset:
     """Read a labelled file (or ``hf:name[:split]``) keeping ``columns``; name what is missing."""
     if path.startswith("hf:"):
@@ -53,6 +53,8 @@ def read_labelled(path: str, *, columns: Sequence[str], cache_dir: str | None = 
             cause = exc.__cause__ or exc
             raise ConfigError(f"{path}: cannot be read ({' '.join(str(cause).split())[:200]})"
                               ) from None
+    if columns is None:  # keep every column
+        return ds
     for column in columns:
         if column not in ds.column_names:
             raise ConfigError(f"{path}: no column {column!r} (columns: "

@@ -1,22 +1,26 @@
-"""The ``further-pt`` command: list recipes, check a config, run a job in this process.
+"""The ``further-pt`` command: list recipes, check a config, run a job, predict.
 
-    further-pt recipes                                # the shipped recipes, one line each
-    further-pt config recipe=in_domain data.train_files=[c.txt]  # validate, print the YAML
-    further-pt pretrain recipe=demo                   # one process; for several processes:
-                                                      # accelerate launch further_pt/pretrain.py
+    further-pt recipes                                 # the shipped recipes, one line each
+    further-pt config recipe=fit data.train_file=t.jsonl   # validate, print the resolved YAML
+    further-pt pretrain recipe=demo                    # in this process; for several processes:
+    further-pt finetune recipe=fit ...                 #   accelerate launch further_pt/<job>.py
+    further-pt predict model=runs/fit/final input=test.jsonl output=predictions.jsonl
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 from further_pt import config
 
-USAGE = """usage: further-pt {recipes,config,pretrain} [recipe=NAME] [key=value ...]
+USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 
   recipes    list the shipped recipes
   config     validate a recipe with overrides and print the resolved config (runs nothing)
-  pretrain   further-pretrain in this process (multi-GPU: accelerate launch further_pt/pretrain.py)
+  pretrain   further-pretrain in this process (several: accelerate launch further_pt/pretrain.py)
+  finetune   fine-tune in this process (several: accelerate launch further_pt/finetune.py)
+  predict    model=DIR input=FILE output=FILE [batch_size=64]: predictions as JSON lines
 """
 
 
@@ -26,27 +30,55 @@ def _describe(name: str) -> str:
     return first.lstrip("# ").strip()
 
 
+def _predict(args: list[str]) -> int:
+    from further_pt.evaluation import predict_file
+
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(options) - {"model", "input", "output", "batch_size"})
+    missing = [k for k in ("model", "input", "output") if k not in options]
+    if unknown or missing or len(options) != len(args):
+        problem = f"unknown option {unknown[0]!r}" if unknown else (
+            f"missing {missing[0]}=..." if missing else "options are key=value")
+        raise config.ConfigError(f"predict: {problem}; usage: further-pt predict model=DIR "
+                                 "input=FILE output=FILE [batch_size=64]")
+    metrics = predict_file(options["model"], options["input"], options["output"],
+                           batch_size=int(options.get("batch_size", 64)))
+    print(f"Predictions: {options['output']}")
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "recipes":
-        for name in config.available_recipes():
-            print(f"{name:14s} {_describe(name)}")
-        return 0
-    if command == "config":
-        try:
-            print(config.to_yaml(config.load(rest, config.PretrainSchema)), end="")
-        except config.ConfigError as exc:
-            print(f"further_pt: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+    try:
+        if command == "recipes":
+            for name in config.available_recipes():
+                print(f"{name:14s} {_describe(name)}")
+            return 0
+        if command == "config":
+            recipe, _ = config.split_recipe_arg(rest)
+            kind = config.recipe_kind(config.recipe_path(recipe))
+            schema = config.PretrainSchema if kind == "pretrain" else config.FinetuneSchema
+            print(config.to_yaml(config.load(rest, schema)), end="")
+            return 0
+        if command == "predict":
+            return _predict(rest)
+    except config.ConfigError as exc:
+        print(f"further_pt: error: {exc}", file=sys.stderr)
+        return 2
     if command == "pretrain":
         from further_pt.pretrain import main as pretrain_main
 
         return pretrain_main(rest)
+    if command == "finetune":
+        from further_pt.finetune import main as finetune_main
+
+        return finetune_main(rest)
     print(f"further_pt: error: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -19,182 +19,19 @@ import difflib
 import glob
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from further_pt.schemas import FinetuneSchema, PretrainSchema
+
+__all__ = ["ConfigError", "FinetuneSchema", "PretrainSchema", "available_recipes", "load"]
 
 
 class ConfigError(ValueError):
     """A bad recipe, override, path or value. The message is one line that names the culprit."""
-
-
-# --------------------------------------------------------------------------- schemas
-
-
-@dataclass
-class FromScratchSchema:
-    """A new BERT built from a config, with a WordPiece tokenizer trained on the corpus."""
-
-    vocab_size: int = MISSING
-    hidden_size: int = MISSING
-    num_hidden_layers: int = MISSING
-    num_attention_heads: int = MISSING
-    intermediate_size: int = MISSING
-    max_position_embeddings: int = MISSING  # >= data.max_seq_length; 512 lets fine-tuning use 512
-    lowercase: bool = MISSING
-    tokenizer_training_docs: int = MISSING  # documents read to train the tokenizer
-
-
-@dataclass
-class ModelSchema:
-    name_or_path: str | None = MISSING
-    tokenizer: str | None = MISSING
-    trust_remote_code: bool = MISSING
-    attn_implementation: str | None = MISSING
-    from_scratch: FromScratchSchema | None = MISSING
-
-
-@dataclass
-class PretrainDataSchema:
-    train_files: list[str] = MISSING
-    source_weights: list[float] | None = MISSING
-    txt_documents: str = MISSING  # "line" or "blank_line"
-    text_column: str = MISSING
-    max_seq_length: int = MISSING
-    short_seq_prob: float = MISSING
-    max_documents: int | None = MISSING
-    cache_dir: str | None = MISSING
-    preprocessing_workers: int = MISSING
-    dataloader_workers: int = MISSING
-
-
-@dataclass
-class ObjectiveSchema:
-    nsp: bool = MISSING
-    masked_lm_prob: float = MISSING
-    max_predictions_per_seq: int = MISSING
-    whole_word_masking: bool = MISSING
-
-
-@dataclass
-class PretrainTrainSchema:
-    max_steps: int = MISSING
-    batch_size: int = MISSING
-    gradient_accumulation_steps: int = MISSING
-    lr: float = MISSING
-    warmup_steps: int = MISSING
-    weight_decay: float = MISSING
-    adam_beta1: float = MISSING
-    adam_beta2: float = MISSING
-    adam_epsilon: float = MISSING
-    max_grad_norm: float = MISSING
-    mixed_precision: str | None = MISSING
-    max_nonfinite_steps: int = MISSING
-    log_every_steps: int = MISSING
-
-
-@dataclass
-class CheckpointSchema:
-    every_steps: int = MISSING
-    keep_last: int = MISSING
-
-
-@dataclass
-class PretrainSchema:
-    output_dir: str = MISSING
-    overwrite_output_dir: bool = MISSING
-    seed: int = MISSING
-    model: ModelSchema = field(default_factory=ModelSchema)
-    data: PretrainDataSchema = field(default_factory=PretrainDataSchema)
-    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
-    train: PretrainTrainSchema = field(default_factory=PretrainTrainSchema)
-    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
-
-
-@dataclass
-class FinetuneDataSchema:
-    train_file: str | None = MISSING
-    eval_file: str | None = MISSING
-    text_column: str = MISSING
-    text_pair_column: str | None = MISSING
-    label_column: str = MISSING
-    max_seq_length: int = MISSING
-    truncation: str = MISSING  # head | tail | head_tail | segments
-    head_tokens: int = MISSING
-    max_segments: int = MISSING
-    cache_dir: str | None = MISSING
-    dataloader_workers: int = MISSING
-
-
-@dataclass
-class TaskSchema:
-    name: str = MISSING
-    train_file: str = MISSING
-    eval_file: str | None = MISSING
-    text_column: str = MISSING
-    label_column: str = MISSING
-
-
-@dataclass
-class HeadSchema:
-    pooling: str = MISSING  # cls | pooler | cls_raw | mean | max | concat
-    layers: list[int] = MISSING
-    layer_combine: str = MISSING  # concat | mean | max
-    segment_pooling: str = MISSING  # mean | max | attention
-    dropout: float = MISSING
-
-
-@dataclass
-class FinetuneTrainSchema:
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    gradient_accumulation_steps: int = MISSING
-    lr: float = MISSING
-    head_lr: float = MISSING
-    layer_decay: float = MISSING
-    schedule: str = MISSING  # stlr | linear | cosine | constant
-    warmup_ratio: float = MISSING
-    stlr_cut_frac: float = MISSING
-    stlr_ratio: float = MISSING
-    unfreeze: str = MISSING  # none | epoch | steps
-    unfreeze_every_steps: int | None = MISSING
-    freeze_encoder: bool = MISSING
-    weight_decay: float = MISSING
-    adam_beta1: float = MISSING
-    adam_beta2: float = MISSING
-    adam_epsilon: float = MISSING
-    max_grad_norm: float = MISSING
-    mixed_precision: str | None = MISSING
-    max_nonfinite_steps: int = MISSING
-    log_every_steps: int = MISSING
-
-
-@dataclass
-class EvalSchema:
-    metric: str = MISSING  # accuracy | macro_f1 | error_rate
-    batch_size: int = MISSING
-
-
-@dataclass
-class FinetuneCheckpointSchema:
-    keep_last: int = MISSING
-
-
-@dataclass
-class FinetuneSchema:
-    output_dir: str = MISSING
-    overwrite_output_dir: bool = MISSING
-    seed: int = MISSING
-    model: ModelSchema = field(default_factory=ModelSchema)
-    data: FinetuneDataSchema = field(default_factory=FinetuneDataSchema)
-    tasks: list[TaskSchema] | None = MISSING
-    head: HeadSchema = field(default_factory=HeadSchema)
-    train: FinetuneTrainSchema = field(default_factory=FinetuneTrainSchema)
-    eval: EvalSchema = field(default_factory=EvalSchema)
-    checkpoint: FinetuneCheckpointSchema = field(default_factory=FinetuneCheckpointSchema)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -223,7 +60,7 @@ def recipe_kind(path: Path) -> str:
     return "pretrain" if "objective" in raw else "finetune"
 
 
-def _recipe_path(name: str) -> Path:
+def recipe_path(name: str) -> Path:
     if name.endswith((".yaml", ".yml")):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -271,7 +108,7 @@ def compose(recipe: str, overrides: list[str], known: list[str] | None = None) -
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    path = _recipe_path(recipe)
+    path = recipe_path(recipe)
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
             cfg = hydra_compose(config_name=path.stem, overrides=overrides)
@@ -325,7 +162,7 @@ def load(argv: list[str], schema: type = PretrainSchema) -> DictConfig:
     """Recipe + overrides -> typed, validated config. Raises ConfigError."""
     recipe, overrides = split_recipe_arg(argv)
     wanted = "pretrain" if schema is PretrainSchema else "finetune"
-    path = _recipe_path(recipe)
+    path = recipe_path(recipe)
     if recipe_kind(path) != wanted:
         script = "finetune.py" if wanted == "pretrain" else "pretrain.py"
         raise ConfigError(f"recipe {recipe!r} is a {recipe_kind(path)} recipe: run it with "

@@ -17,6 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 MODULES = Path(__file__).resolve().parent / "metric_modules"
+PREPROCESSING = "preprocessing.json"  # how the model's training text was cut: predict does the same
+PREPROCESSING_KEYS = ("text_column", "text_pair_column", "label_column", "max_seq_length",
+                      "truncation", "head_tokens", "max_segments")
 
 
 @cache
@@ -69,3 +72,57 @@ def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
     return new < best if metric == "error_rate" else new > best
+
+
+def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path, *,
+                 batch_size: int = 64) -> dict[str, Any]:
+    """Write one JSON line per input row: the row, ``prediction`` and ``probabilities``.
+
+    Text is cut as in training (the model folder's preprocessing.json). If the
+    input has the label column, metrics are computed and returned.
+    """
+    import json
+
+    from further_pt import classification_data
+    from further_pt.config import ConfigError
+    from further_pt.heads import load_classifier
+    from further_pt.model import load_tokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"model {model_dir} is not a model folder (no config.json)")
+    prep_path = model_dir / PREPROCESSING
+    if not prep_path.is_file():
+        raise ConfigError(f"model {model_dir} has no {PREPROCESSING}: not a further_pt "
+                          "fine-tuned model")
+    prep = json.loads(prep_path.read_text())
+    classifier = load_classifier(model_dir).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    names = next(iter(classifier.spec.tasks.values()))
+    text_cols = [c for c in (prep["text_column"], prep["text_pair_column"]) if c]
+    raw = classification_data.read_labelled(input_path, columns=None)
+    missing = [c for c in text_cols if c not in raw.column_names]
+    if missing:
+        raise ConfigError(f"{input_path}: no column {missing[0]!r} (columns: "
+                          f"{', '.join(raw.column_names)})")
+    has_labels = prep["label_column"] in raw.column_names
+    labels = (classification_data.encode_labels(raw, prep["label_column"], names, input_path)
+              if has_labels else [0] * len(raw))
+    encoded = classification_data.tokenize(
+        raw.select_columns(text_cols), tokenizer, text_column=prep["text_column"],
+        text_pair_column=prep["text_pair_column"], labels=labels, strategy=prep["truncation"],
+        max_seq_length=prep["max_seq_length"], head_tokens=prep["head_tokens"],
+        max_segments=prep["max_segments"])
+    loader = DataLoader(encoded, batch_size=batch_size, collate_fn=lambda rows: (
+        classification_data.collate(rows, pad_id=tokenizer.pad_token_id)))
+    preds, refs, probs = predict(classifier, loader, torch.device("cpu"))
+    out = Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row, pred, prob in zip(raw, preds, probs, strict=True):
+            fh.write(json.dumps({**row, "prediction": names[pred], "probabilities": dict(
+                zip(names, [round(p, 6) for p in prob], strict=True))}, default=str) + "\n")
+    tmp.replace(out)
+    return compute_metrics(preds, refs, names) if has_labels else {}
+

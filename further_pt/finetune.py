@@ -207,8 +207,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                  batch_size, *state["streams"][task.name])
                for task in tasks}
 
+    preprocessing = {k: resolved["data"][k] for k in evaluation.PREPROCESSING_KEYS}
+
     def save_model(folder: Path) -> None:
         accelerator.unwrap_model(classifier).save(folder, tokenizer)
+        (folder / evaluation.PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
 
     def evaluate_all() -> dict[str, Any]:
         net = accelerator.unwrap_model(classifier)

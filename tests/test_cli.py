@@ -32,3 +32,22 @@ def test_config_errors_and_unknown_command(capsys: pytest.CaptureFixture) -> Non
     assert "'data.train_files' is not set" in capsys.readouterr().err
     assert main(["fly"]) == 2
     assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_config_picks_the_schema_of_the_recipe(tmp_path: Path, capsys) -> None:
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"text": "a", "label": "x"}\n')
+    assert main(["config", "recipe=ulmfit", f"data.train_file={train}"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["schedule"] == "stlr" and cfg["train"]["stlr_ratio"] == 32
+    assert main(["config", "recipe=fit", f"data.train_file={train}", "train.schedule=cubic"]) == 2
+    assert "config key 'train.schedule': must be one of stlr, linear, cosine, constant" in (
+        capsys.readouterr().err)
+
+
+def test_a_finetune_recipe_given_to_pretrain_is_named(capsys) -> None:
+    from further_pt.pretrain import main as pretrain_main
+
+    assert pretrain_main(["recipe=fit"]) == 2
+    assert "recipe 'fit' is a finetune recipe: run it with further_pt/finetune.py" in (
+        capsys.readouterr().err)

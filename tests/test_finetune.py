@@ -122,3 +122,21 @@ def test_multitask_evaluates_each_task(tmp_path, tiny_model_dir, task) -> None:
     assert metrics["eval_accuracy"] == pytest.approx(
         (metrics["eval_a_accuracy"] + metrics["eval_b_accuracy"]) / 2)
     assert metrics["steps"] == 3 * (math.ceil(160 / 16) + math.ceil(90 / 16))
+
+
+def test_predict_writes_one_line_per_row_cut_as_in_training(fit_run, task, tmp_path,
+                                                            capsys) -> None:
+    from further_pt.cli import main
+
+    out, _, _ = fit_run
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", f"model={out / 'final'}", f"input={task[1]}", f"output={preds}"]) == 0
+    rows = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(rows) == 40
+    assert sum(r["prediction"] == r["label"] for r in rows) / 40 > 0.9
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["eval_accuracy"] == pytest.approx(
+        sum(r["prediction"] == r["label"] for r in rows) / 40)
+    assert main(["predict", f"model={out / 'final'}", f"input={task[1]}"]) == 2
+    assert "missing output=..." in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""Schemas: the types of every recipe key, and no defaults.
+
+Every field is ``MISSING``: all defaults live in ``recipes/``, so a recipe that
+forgets a key fails validation naming it, and nothing here can silently differ
+from what a recipe says. OmegaConf checks types against these dataclasses when
+config.py merges a recipe into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+@dataclass
+class FromScratchSchema:
+    """A new BERT built from a config, with a WordPiece tokenizer trained on the corpus."""
+
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    intermediate_size: int = MISSING
+    max_position_embeddings: int = MISSING  # >= data.max_seq_length; 512 lets fine-tuning use 512
+    lowercase: bool = MISSING
+    tokenizer_training_docs: int = MISSING  # documents read to train the tokenizer
+
+
+@dataclass
+class ModelSchema:
+    name_or_path: str | None = MISSING
+    tokenizer: str | None = MISSING
+    trust_remote_code: bool = MISSING
+    attn_implementation: str | None = MISSING
+    from_scratch: FromScratchSchema | None = MISSING
+
+
+@dataclass
+class PretrainDataSchema:
+    train_files: list[str] = MISSING
+    source_weights: list[float] | None = MISSING
+    txt_documents: str = MISSING  # "line" or "blank_line"
+    text_column: str = MISSING
+    max_seq_length: int = MISSING
+    short_seq_prob: float = MISSING
+    max_documents: int | None = MISSING
+    cache_dir: str | None = MISSING
+    preprocessing_workers: int = MISSING
+    dataloader_workers: int = MISSING
+
+
+@dataclass
+class ObjectiveSchema:
+    nsp: bool = MISSING
+    masked_lm_prob: float = MISSING
+    max_predictions_per_seq: int = MISSING
+    whole_word_masking: bool = MISSING
+
+
+@dataclass
+class PretrainTrainSchema:
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    lr: float = MISSING
+    warmup_steps: int = MISSING
+    weight_decay: float = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_epsilon: float = MISSING
+    max_grad_norm: float = MISSING
+    mixed_precision: str | None = MISSING
+    max_nonfinite_steps: int = MISSING
+    log_every_steps: int = MISSING
+
+
+@dataclass
+class CheckpointSchema:
+    every_steps: int = MISSING
+    keep_last: int = MISSING
+
+
+@dataclass
+class PretrainSchema:
+    output_dir: str = MISSING
+    overwrite_output_dir: bool = MISSING
+    seed: int = MISSING
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: PretrainDataSchema = field(default_factory=PretrainDataSchema)
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
+    train: PretrainTrainSchema = field(default_factory=PretrainTrainSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+
+
+@dataclass
+class FinetuneDataSchema:
+    train_file: str | None = MISSING
+    eval_file: str | None = MISSING
+    text_column: str = MISSING
+    text_pair_column: str | None = MISSING
+    label_column: str = MISSING
+    max_seq_length: int = MISSING
+    truncation: str = MISSING  # head | tail | head_tail | segments
+    head_tokens: int = MISSING
+    max_segments: int = MISSING
+    cache_dir: str | None = MISSING
+    dataloader_workers: int = MISSING
+
+
+@dataclass
+class TaskSchema:
+    name: str = MISSING
+    train_file: str = MISSING
+    eval_file: str | None = MISSING
+    text_column: str = MISSING
+    label_column: str = MISSING
+
+
+@dataclass
+class HeadSchema:
+    pooling: str = MISSING  # cls | pooler | cls_raw | mean | max | concat
+    layers: list[int] = MISSING
+    layer_combine: str = MISSING  # concat | mean | max
+    segment_pooling: str = MISSING  # mean | max | attention
+    dropout: float = MISSING
+
+
+@dataclass
+class FinetuneTrainSchema:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    lr: float = MISSING
+    head_lr: float = MISSING
+    layer_decay: float = MISSING
+    schedule: str = MISSING  # stlr | linear | cosine | constant
+    warmup_ratio: float = MISSING
+    stlr_cut_frac: float = MISSING
+    stlr_ratio: float = MISSING
+    unfreeze: str = MISSING  # none | epoch | steps
+    unfreeze_every_steps: int | None = MISSING
+    freeze_encoder: bool = MISSING
+    weight_decay: float = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_epsilon: float = MISSING
+    max_grad_norm: float = MISSING
+    mixed_precision: str | None = MISSING
+    max_nonfinite_steps: int = MISSING
+    log_every_steps: int = MISSING
+
+
+@dataclass
+class EvalSchema:
+    metric: str = MISSING  # accuracy | macro_f1 | error_rate
+    batch_size: int = MISSING
+
+
+@dataclass
+class FinetuneCheckpointSchema:
+    keep_last: int = MISSING
+
+
+@dataclass
+class FinetuneSchema:
+    output_dir: str = MISSING
+    overwrite_output_dir: bool = MISSING
+    seed: int = MISSING
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: FinetuneDataSchema = field(default_factory=FinetuneDataSchema)
+    tasks: list[TaskSchema] | None = MISSING
+    head: HeadSchema = field(default_factory=HeadSchema)
+    train: FinetuneTrainSchema = field(default_factory=FinetuneTrainSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    checkpoint: FinetuneCheckpointSchema = field(default_factory=FinetuneCheckpointSchema)
