@@ -53,7 +53,6 @@ logger = logging.getLogger("further_pt.finetune")
 RESUMABLE_KEYS = ("output_dir", "overwrite_output_dir", "train.log_every_steps",
                   "checkpoint.keep_last", "data.dataloader_workers", "data.cache_dir",
                   "eval.batch_size")
-EXIT_CONFIG_ERROR, EXIT_TRAINING_FAILED = 2, 3
 
 
 @dataclass
@@ -325,23 +324,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = config.load(argv, config.FinetuneSchema)
-        metrics = run(cfg)
-    except ConfigError as exc:
-        print(f"further_pt: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except training.TrainingFailed as exc:
-        print(f"further_pt: training failed: {exc}", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
+def report(cfg: DictConfig, metrics: dict[str, Any]) -> str:
+    lines = []
     if "eval_error_rate" in metrics:
-        print(f"dev accuracy {metrics['eval_accuracy']:.4f}, error rate "
-              f"{metrics['eval_error_rate']:.4f}, macro-F1 {metrics['eval_macro_f1']:.4f} "
-              f"({metrics['final_model']})")
-    print(f"Final model: {Path(cfg.output_dir).resolve() / 'final'}")
-    return 0
+        lines.append(f"dev accuracy {metrics['eval_accuracy']:.4f}, error rate "
+                     f"{metrics['eval_error_rate']:.4f}, macro-F1 {metrics['eval_macro_f1']:.4f} "
+                     f"({metrics['final_model']})")
+    lines.append(f"Final model: {Path(cfg.output_dir).resolve() / 'final'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training.entry_point(sys.argv[1:] if argv is None else argv, config.FinetuneSchema,
+                                run, report)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,6 @@ RESUMABLE_KEYS = (
     "checkpoint.keep_last", "data.dataloader_workers", "data.preprocessing_workers",
     "data.cache_dir",
 )
-EXIT_CONFIG_ERROR = 2
-EXIT_TRAINING_FAILED = 3
 
 
 def prepare_tokenizer(cfg: DictConfig, docs: list[Any], output_dir: Path,
@@ -288,22 +286,16 @@ def run(cfg: DictConfig) -> Path:
     return final
 
 
+def report(cfg: DictConfig, final: Path) -> str:
+    return (f"Final model: {final}\n"
+            f"  as a masked LM:  AutoModelForMaskedLM.from_pretrained({str(final)!r})\n"
+            f"  to fine-tune:    accelerate launch further_pt/finetune.py recipe=fit "
+            f"model.name_or_path={final} data.train_file=... data.eval_file=...")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = config.load(argv, config.PretrainSchema)
-        final = run(cfg)
-    except ConfigError as exc:
-        print(f"further_pt: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except training.TrainingFailed as exc:
-        print(f"further_pt: training failed: {exc}", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
-    print(f"Final model: {final}\n"
-          f"  as a masked LM:  AutoModelForMaskedLM.from_pretrained({str(final)!r})\n"
-          f"  to fine-tune:    AutoModelForSequenceClassification.from_pretrained("
-          f"{str(final)!r}, num_labels=...)")
-    return 0
+    return training.entry_point(sys.argv[1:] if argv is None else argv, config.PretrainSchema,
+                                run, report)
 
 
 if __name__ == "__main__":

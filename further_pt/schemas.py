@@ -59,12 +59,9 @@ class ObjectiveSchema:
 
 
 @dataclass
-class PretrainTrainSchema:
-    max_steps: int = MISSING
-    batch_size: int = MISSING
-    gradient_accumulation_steps: int = MISSING
-    lr: float = MISSING
-    warmup_steps: int = MISSING
+class OptimizerSchema:
+    """The AdamW, clipping, precision and logging keys both loops share under ``train``."""
+
     weight_decay: float = MISSING
     adam_beta1: float = MISSING
     adam_beta2: float = MISSING
@@ -73,6 +70,15 @@ class PretrainTrainSchema:
     mixed_precision: str | None = MISSING
     max_nonfinite_steps: int = MISSING
     log_every_steps: int = MISSING
+
+
+@dataclass
+class PretrainTrainSchema(OptimizerSchema):
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    lr: float = MISSING
+    warmup_steps: int = MISSING
 
 
 @dataclass
@@ -127,7 +133,7 @@ class HeadSchema:
 
 
 @dataclass
-class FinetuneTrainSchema:
+class FinetuneTrainSchema(OptimizerSchema):
     epochs: int = MISSING
     batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
@@ -141,14 +147,6 @@ class FinetuneTrainSchema:
     unfreeze: str = MISSING  # none | epoch | steps
     unfreeze_every_steps: int | None = MISSING
     freeze_encoder: bool = MISSING
-    weight_decay: float = MISSING
-    adam_beta1: float = MISSING
-    adam_beta2: float = MISSING
-    adam_epsilon: float = MISSING
-    max_grad_norm: float = MISSING
-    mixed_precision: str | None = MISSING
-    max_nonfinite_steps: int = MISSING
-    log_every_steps: int = MISSING
 
 
 @dataclass

@@ -60,6 +60,32 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     return accelerator
 
 
+EXIT_CONFIG_ERROR, EXIT_TRAINING_FAILED = 2, 3
+
+
+def entry_point(argv: list[str], schema: type, run: Any, report: Any) -> int:
+    """The shell contract of both scripts: config -> run -> report, errors as exit codes.
+
+    A ConfigError (bad recipe, key, file or value) exits 2 with one line; a
+    TrainingFailed exits 3; success prints ``report(cfg, result)`` and exits 0.
+    """
+    import sys
+
+    from further_pt import config
+
+    try:
+        cfg = config.load(argv, schema)
+        result = run(cfg)
+    except ConfigError as exc:
+        print(f"further_pt: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except TrainingFailed as exc:
+        print(f"further_pt: training failed: {exc}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    print(report(cfg, result))
+    return 0
+
+
 def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed that is a pure function of (seed, step, rank, ...)."""
     text = "-".join(str(p) for p in (seed, *parts))
