@@ -36,9 +36,14 @@ from typing import Any
 import torch
 import yaml
 
+from further_pt import faults
 from further_pt.config import ConfigError, flatten
 
 logger = logging.getLogger(__name__)
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); older ones are intact."""
+
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -59,6 +64,8 @@ def prepare_output_dir(
     not write anything: call :func:`write_config` from the main process.
     """
     saved = output_dir / "config.yaml"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return False
     if overwrite:
@@ -81,6 +88,22 @@ def prepare_output_dir(
             "overwrite_output_dir=true to discard that run"
         )
     return True
+
+
+def check_writable(output_dir: Path, needed_bytes: int) -> None:
+    """Before training: the output dir can be written and its disk holds ``needed_bytes``."""
+    probe = output_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output_dir {output_dir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {output_dir}: {probe} is not writable")
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise ConfigError(
+            f"output_dir {output_dir}: {free / 2**30:.2f} GiB free, but checkpoints need about "
+            f"{needed_bytes / 2**30:.2f} GiB (two checkpoints of weights + optimizer state)")
 
 
 def write_config(output_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
@@ -134,12 +157,18 @@ def write_manifest(folder: Path) -> None:
 def save_model_folder(folder: Path, write_model: Callable[[Path], None]) -> None:
     """Write a HF model folder atomically (``final/``): temp folder, manifest, fsync, rename."""
     tmp = folder.with_name(f".tmp-{folder.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_model(tmp)
-    write_manifest(tmp)
-    _fsync_tree(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write_model(tmp)
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"could not write {folder} ({exc.strerror or exc}); earlier checkpoints are intact"
+        ) from exc
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -163,6 +192,7 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+        faults.point("checkpoint_write", step)
 
     save_model_folder(final, write_all)
     for old in complete_checkpoints(root, check=False)[:-keep_last]:

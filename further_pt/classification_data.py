@@ -30,7 +30,7 @@ import datasets
 import torch
 
 from further_pt.config import ConfigError
-from further_pt.corpus import builder_for
+from further_pt.corpus import builder_for, check_file, load_files
 
 STRATEGIES = ("head", "tail", "head_tail", "segments")
 
@@ -45,14 +45,11 @@ def read_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
         builder = builder_for(path)
         if builder == "text":
             raise ConfigError(f"{path}: labelled data must be .jsonl, .csv, .tsv or .parquet")
-        kwargs = {"delimiter": "\t"} if ".tsv" in path.lower() else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=[path], split="train",
-                                       cache_dir=cache_dir, **kwargs)
-        except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:
-            cause = exc.__cause__ or exc
-            raise ConfigError(f"{path}: cannot be read ({' '.join(str(cause).split())[:200]})"
-                              ) from None
+        check_file(path, "labelled data")
+        kwargs: dict[str, Any] = {"delimiter": "\t"} if ".tsv" in path.lower() else {}
+        ds = load_files(builder, [path], "labelled data", cache_dir=cache_dir, **kwargs)
+    if len(ds) == 0:
+        raise ConfigError(f"{path}: holds no rows")
     if columns is None:  # keep every column
         return ds
     for column in columns:

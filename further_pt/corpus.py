@@ -11,17 +11,29 @@ Document boundaries matter for NSP: in ``.txt`` files a document is one line
 by blank lines with one sentence per line (``txt_documents: blank_line``).
 Rows of ``.jsonl``/``.csv``/``.parquet`` files are documents, read from
 ``text_column``.
+
+Bad input fails before any training with one line naming the file: an empty or
+binary file (NUL bytes in its first 8 KB), a JSON line that does not parse (with
+its line number), a missing column, a "document" over ``MAX_DOCUMENT_CHARS``
+(a file that is not one document per line). Bytes that are not valid UTF-8 are
+replaced with U+FFFD, as Python's ``errors="replace"`` does: one stray byte in a
+40 GB corpus should not stop a run.
 """
 
 from __future__ import annotations
 
 import ast
+import bz2
+import gzip
 import hashlib
+import json
+import lzma
 import os
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import datasets
 
@@ -32,6 +44,8 @@ _BUILDERS = {
     ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
 }
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+MAX_DOCUMENT_CHARS = 1_000_000  # a longer "document" is a file without document boundaries
 
 
 @dataclass(frozen=True)
@@ -51,15 +65,72 @@ def builder_for(path: str) -> str:
     return _BUILDERS.get(os.path.splitext(name)[1], "text")
 
 
+def open_bytes(path: str) -> IO[bytes]:
+    """Open a file for reading bytes, decompressing .gz/.bz2/.xz."""
+    for suffix, opener in _OPENERS.items():
+        if path.lower().endswith(suffix):
+            return opener(path, "rb")
+    return open(path, "rb")
+
+
+def check_file(path: str, where: str) -> None:
+    """Reject a missing, empty or binary file, naming it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"{where}: file {path} is empty")
+    if builder_for(path) == "parquet" or path.lower().endswith(".zst"):
+        return
+    try:
+        with open_bytes(path) as fh:
+            head = fh.read(8192)
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise ConfigError(f"{where}: file {path} cannot be read ({exc})") from None
+    if b"\x00" in head:
+        raise ConfigError(f"{where}: file {path} looks binary (NUL bytes in its first 8 KB), "
+                          "not text")
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """``"line N: reason"`` for the first line of a JSON-lines file that does not parse."""
+    with open_bytes(path) as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                json.loads(line)
+            except ValueError as exc:
+                return f"line {number}: {exc}"
+    return None
+
+
+def load_files(builder: str, files: list[str], where: str, **kwargs: object) -> datasets.Dataset:
+    """``datasets.load_dataset`` on local files, its errors turned into one line naming the file."""
+    if builder in ("text", "json", "csv"):
+        kwargs.setdefault("encoding_errors", "replace")
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    except Exception as exc:  # datasets wraps parser errors in several exception types
+        if builder == "json":
+            for path in files:
+                bad = first_bad_json_line(path)
+                if bad:
+                    raise ConfigError(f"{where}: {path} {bad}") from None
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"{where}: {', '.join(files)[:200]} cannot be read "
+                          f"({' '.join(str(cause).split())[:200]})") from None
+
+
 def resolve_sources(train_files: Sequence[str]) -> list[Source]:
     sources = []
     for i, spec in enumerate(train_files):
         files = expand_paths(spec)
         if not files:
             raise ConfigError(f"config key 'data.train_files[{i}]': no file matches {spec!r}")
-        for path in files:
-            if not spec.startswith(("builtin:", "hf:")) and os.path.getsize(path) == 0:
-                raise ConfigError(f"data.train_files[{i}]: file {path} is empty")
+        if not spec.startswith(("builtin:", "hf:")):
+            for path in files:
+                check_file(path, f"data.train_files[{i}]")
         sources.append(Source(spec=spec, files=tuple(files)))
     return sources
 
@@ -97,12 +168,11 @@ def load_documents(
                 kwargs["sample_by"] = "paragraph" if txt_documents == "blank_line" else "line"
             if builder == "csv" and all(f.lower().split(".gz")[0].endswith(".tsv") for f in files):
                 kwargs["delimiter"] = "\t"
-            ds = datasets.load_dataset(
-                builder, data_files=files, split="train",
-                cache_dir=str(cache_dir / "datasets"), **kwargs,
-            )
+            ds = load_files(builder, files, source.spec, cache_dir=str(cache_dir / "datasets"),
+                            **kwargs)
             parts.append(_text_only(ds, text_column if builder != "text" else "text", files[0]))
     docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    _check_document_lengths(docs, source.spec)
     docs = docs.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]],
                        batched=True, desc=f"dropping empty documents of {source.spec}")
     if len(docs) == 0:
@@ -110,6 +180,21 @@ def load_documents(
     if max_documents is not None and len(docs) > max_documents:
         docs = docs.select(range(max_documents))
     return docs
+
+
+def _check_document_lengths(docs: datasets.Dataset, where: str) -> None:
+    """One vectorised pass over the Arrow column: no document may exceed MAX_DOCUMENT_CHARS."""
+    import pyarrow.compute as pc
+
+    lengths = pc.utf8_length(docs.data.column("text"))
+    longest = pc.max(lengths).as_py() or 0
+    if longest > MAX_DOCUMENT_CHARS:
+        row = pc.index(lengths, longest).as_py()
+        raise ConfigError(
+            f"{where}: document {row + 1} (line {row + 1} of a one-document-per-line file) is "
+            f"{longest:,} characters long; a document over {MAX_DOCUMENT_CHARS:,} characters "
+            "means the file has no document boundaries: split it into lines, or use "
+            "data.txt_documents=blank_line for blank-line separated documents")
 
 
 def _text_only(ds: datasets.Dataset, column: str, where: str) -> datasets.Dataset:

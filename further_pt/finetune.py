@@ -40,6 +40,7 @@ from further_pt import (
     classification_data,
     config,
     evaluation,
+    faults,
     layerwise,
     model,
     schedules,
@@ -194,6 +195,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if t.unfreeze != "none":
         every = steps_per_epoch if t.unfreeze == "epoch" else t.unfreeze_every_steps
         unfreezing = layerwise.GradualUnfreezing(groups, every)
+    if is_main:
+        checkpoint.check_writable(output_dir, training.checkpoint_bytes(classifier))
     classifier, optimizer = accelerator.prepare(classifier, optimizer)
 
     state: dict[str, Any] = {"step": 0, "streams": {task.name: [0, 0] for task in tasks},
@@ -234,76 +237,92 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     window_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not is_main)
     classifier.train()
-    while step < total_steps:
-        torch.manual_seed(training.step_seed(cfg.seed, step, rank))
-        gen = torch.Generator().manual_seed(training.step_seed(cfg.seed, step))  # same on ranks
-        task = tasks[int(torch.multinomial(sizes, 1, generator=gen))] if len(tasks) > 1 else (
-            tasks[0])
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(accum):
-            epoch, position, batch = next(streams[task.name])
-            state["streams"][task.name] = [epoch, position]
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            sync = (accelerator.no_sync(classifier) if micro < accum - 1
-                    else training.nullcontext())
-            with sync, accelerator.autocast():
-                loss = F.cross_entropy(classifier(**batch, task=task.name).float(), labels)
-                accelerator.backward(loss / accum)
-            step_loss += loss.detach() / accum
-        if unfreezing is not None:
-            unfreezing.drop_frozen_grads(step)
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(
-            [p for p in classifier.parameters() if p.grad is not None], max_norm)
-        if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
-            optimizer.step()
-            nonfinite_run = 0
-        else:
-            nonfinite_run += 1
-            state["nonfinite_steps"] += 1
-            logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
-            if nonfinite_run >= t.max_nonfinite_steps:
-                raise training.TrainingFailed(
-                    f"{nonfinite_run} non-finite steps in a row at step {step + 1}; stopped. "
-                    f"The last good checkpoint is kept in {ckpt_root}")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_loss += step_loss.item()
-        window_steps += 1
-        bar.update(1)
-        if step % t.log_every_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            values = {"train/loss": window_loss / window_steps,
-                      "train/steps_per_s": window_steps / elapsed,
-                      **{f"lr/{k}": v for k, v in layerwise.group_lrs(optimizer).items()}}
-            log.log(step, values)
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if step % steps_per_epoch == 0 or step == total_steps:
-            epoch_no = math.ceil(step / steps_per_epoch)
-            results = evaluate_all() if is_main else {}
-            if is_main and results:
-                scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
-                log.log(step, scalars)
-                state["history"].append({"epoch": epoch_no, "step": step, **scalars})
-                score = results[f"eval_{cfg.eval.metric}"]
-                logger.info("epoch %d: %s", epoch_no, ", ".join(
-                    f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2))
-                if evaluation.is_better(cfg.eval.metric, score, state["best"]):
-                    state["best"], state["best_epoch"] = score, epoch_no
-                    def save_best(folder: Path, results: dict = results) -> None:
-                        save_model(folder)
-                        (folder / "eval_results.json").write_text(json.dumps(results, indent=1))
+    watch = training.PreemptionWatch()
+    try:
+        while step < total_steps:
+            torch.manual_seed(training.step_seed(cfg.seed, step, rank))
+            gen = torch.Generator().manual_seed(training.step_seed(cfg.seed, step))  # same on ranks
+            task = tasks[int(torch.multinomial(sizes, 1, generator=gen))] if len(tasks) > 1 else (
+                tasks[0])
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accum):
+                epoch, position, batch = next(streams[task.name])
+                state["streams"][task.name] = [epoch, position]
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                sync = (accelerator.no_sync(classifier) if micro < accum - 1
+                        else training.nullcontext())
+                with sync, accelerator.autocast():
+                    loss = F.cross_entropy(classifier(**batch, task=task.name).float(), labels)
+                    if faults.nan_from(step + 1):
+                        loss = loss * float("nan")
+                    accelerator.backward(loss / accum)
+                if micro == 0:
+                    faults.point("micro", step + 1, rank)
+                step_loss += loss.detach() / accum
+            if unfreezing is not None:
+                unfreezing.drop_frozen_grads(step)
+            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(
+                [p for p in classifier.parameters() if p.grad is not None], max_norm)
+            if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
+                optimizer.step()
+                nonfinite_run = 0
+            else:
+                nonfinite_run += 1
+                state["nonfinite_steps"] += 1
+                logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
+                if nonfinite_run >= t.max_nonfinite_steps:
+                    raise training.TrainingFailed(
+                        f"{nonfinite_run} non-finite steps in a row at step {step + 1}; stopped. "
+                        f"The last good checkpoint is kept in {ckpt_root}")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_loss += step_loss.item()
+            window_steps += 1
+            bar.update(1)
+            faults.point("step", step, rank)
+            stop = watch.requested(accelerator)
+            if step % t.log_every_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                values = {"train/loss": window_loss / window_steps,
+                          "train/steps_per_s": window_steps / elapsed,
+                          **{f"lr/{k}": v for k, v in layerwise.group_lrs(optimizer).items()}}
+                log.log(step, values)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}")
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if epoch_end or stop:
+                epoch_no = math.ceil(step / steps_per_epoch)
+                results = evaluate_all() if is_main and epoch_end else {}
+                if is_main and results:
+                    scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
+                    log.log(step, scalars)
+                    state["history"].append({"epoch": epoch_no, "step": step, **scalars})
+                    score = results[f"eval_{cfg.eval.metric}"]
+                    logger.info("epoch %d: %s", epoch_no, ", ".join(
+                        f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2))
+                    if evaluation.is_better(cfg.eval.metric, score, state["best"]):
+                        state["best"], state["best_epoch"] = score, epoch_no
+                        def save_best(folder: Path, results: dict = results) -> None:
+                            save_model(folder)
+                            (folder / "eval_results.json").write_text(json.dumps(results, indent=1))
 
-                    checkpoint.save_model_folder(output_dir / "best", save_best)
-            if is_main:
-                checkpoint.save_checkpoint(ckpt_root, step, write_model=save_model,
-                                           optimizer=optimizer, scheduler=scheduler,
-                                           state={**state, "step": step},
-                                           keep_last=cfg.checkpoint.keep_last)
-            accelerator.wait_for_everyone()
+                        checkpoint.save_model_folder(output_dir / "best", save_best)
+                if is_main:
+                    checkpoint.save_checkpoint(ckpt_root, step, write_model=save_model,
+                                               optimizer=optimizer, scheduler=scheduler,
+                                               state={**state, "step": step},
+                                               keep_last=cfg.checkpoint.keep_last)
+                accelerator.wait_for_everyone()
+                faults.point("after_checkpoint", step, rank)
+                if stop:
+                    raise training.Preempted(
+                        f"stopped by a signal at step {step}; checkpoint written to "
+                        f"{ckpt_root}; run the same command to resume")
+    finally:
+        watch.close()
     bar.close()
     metrics: dict[str, Any] = {}
     if is_main:

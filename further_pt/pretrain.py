@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from further_pt import checkpoint, config, corpus, instances, masking, model, training
+from further_pt import checkpoint, config, corpus, faults, instances, masking, model, training
 from further_pt.config import ConfigError
 from further_pt.objective import PretrainingObjective, unwrap
 
@@ -50,7 +50,11 @@ RESUMABLE_KEYS = (
 
 def prepare_tokenizer(cfg: DictConfig, docs: list[Any], output_dir: Path,
                       resume_from: Path | None, accelerator: Any) -> Any:
-    """The checkpoint's tokenizer, the model's, or (from scratch) one trained on the corpus."""
+    """The checkpoint's tokenizer, the model's, or (from scratch) one trained on the corpus.
+
+    Only the from-scratch case needs ``docs`` and the ``accelerator`` (the main
+    process trains and saves, the others wait and load).
+    """
     if resume_from is not None:
         return model.load_tokenizer(str(resume_from))
     if cfg.model.from_scratch is None:
@@ -93,8 +97,11 @@ def run(cfg: DictConfig) -> Path:
                                          trust_remote_code=cfg.model.trust_remote_code)
     else:
         model_config = None  # built once the tokenizer is trained
-    if model_config is not None:
+    tokenizer = None
+    if model_config is not None:  # a given model: its heads, positions and vocabulary
         model.pretraining_class(model_config, cfg.objective.nsp)
+        tokenizer = prepare_tokenizer(cfg, [], output_dir, resume_from, None)
+        model.check_compatible(model_config, tokenizer, cfg.data.max_seq_length)
     if resume_from is not None and _finished(resume_from, cfg.train.max_steps, output_dir):
         logging.getLogger("further_pt").warning(
             "%s already holds a finished run of %d steps: nothing to do", output_dir,
@@ -106,23 +113,23 @@ def run(cfg: DictConfig) -> Path:
                             accelerator.num_processes)
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if is_main:
-        if not resuming:
-            checkpoint.write_config(output_dir, resolved, overwrite=cfg.overwrite_output_dir)
-        checkpoint.latest_checkpoint(ckpt_root, clean=True)  # drop partial writes
-    accelerator.wait_for_everyone()
-
     # Corpus -> documents (one dataset per source) -> tokenizer -> instances, mixed by weight.
     cache_dir = corpus.default_cache_dir(cfg.data.cache_dir)
     with accelerator.main_process_first():
         docs = [corpus.load_documents(s, txt_documents=cfg.data.txt_documents,
                                       text_column=cfg.data.text_column, cache_dir=cache_dir,
                                       max_documents=cfg.data.max_documents) for s in sources]
-    tokenizer = prepare_tokenizer(cfg, docs, output_dir, resume_from, accelerator)
-    if model_config is None:
+    # The input is readable: only now does the run claim its output dir.
+    if is_main:
+        if not resuming:
+            checkpoint.write_config(output_dir, resolved, overwrite=cfg.overwrite_output_dir)
+        checkpoint.latest_checkpoint(ckpt_root, clean=True)  # drop partial writes
+    accelerator.wait_for_everyone()
+    if tokenizer is None:
+        tokenizer = prepare_tokenizer(cfg, docs, output_dir, resume_from, accelerator)
+    if model_config is None:  # from scratch: the config follows the trained tokenizer
         model_config = model.scratch_config(cfg, tokenizer)
         model.pretraining_class(model_config, cfg.objective.nsp)
-    model.check_compatible(model_config, tokenizer, cfg.data.max_seq_length)
     with accelerator.main_process_first():
         per_source = [instances.build_instances(
             d, tokenizer, nsp=cfg.objective.nsp, max_seq_length=cfg.data.max_seq_length,
@@ -171,6 +178,8 @@ def run(cfg: DictConfig) -> Path:
         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=on_gpu or None)
     from transformers import get_linear_schedule_with_warmup
     scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+    if is_main:
+        checkpoint.check_writable(output_dir, training.checkpoint_bytes(objective))
     objective, optimizer = accelerator.prepare(objective, optimizer)
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "tokens": 0,
@@ -203,73 +212,89 @@ def run(cfg: DictConfig) -> Path:
     bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step",
                disable=not is_main, dynamic_ncols=True)
     objective.train()
-    while step < t.max_steps:
-        torch.manual_seed(training.step_seed(cfg.seed, step, rank))  # dropout: f(seed, step)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(accum):
-            state["epoch"], state["position"], batch = next(stream)
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            gen = torch.Generator(device=accelerator.device).manual_seed(
-                training.step_seed(cfg.seed, step, rank, micro))
-            masked_ids, labels = mask(batch["input_ids"], batch["attention_mask"], generator=gen)
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(
-                objective)
-            with sync, accelerator.autocast():
-                losses = objective(masked_ids, batch["attention_mask"], batch["token_type_ids"],
-                                   labels, batch.get("next_sentence_label"))
-                accelerator.backward(losses.total / accum)
-            step_loss += losses.total.detach() / accum
-            window["mlm"] += losses.mlm.item() / accum
-            if losses.nsp is not None:
-                window["nsp"] += losses.nsp.item() / accum
-                window["correct"] += losses.nsp_correct.item()
-                window["pairs"] += labels.shape[0]
-            window["tokens"] += batch["attention_mask"].sum().item()
-        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
-        if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
-            optimizer.step()
-            nonfinite_run = 0
-        else:  # DDP all-reduced the gradients, so every rank takes this branch together
-            nonfinite_run += 1
-            state["nonfinite_steps"] += 1
-            logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
-            if nonfinite_run >= t.max_nonfinite_steps:
-                raise training.TrainingFailed(
-                    f"{nonfinite_run} non-finite steps in a row at step {step + 1}; stopped. "
-                    f"The last good checkpoint is kept in {ckpt_root}")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window["steps"] += 1
-        bar.update(1)
-        if step % t.log_every_steps == 0 or step == t.max_steps:
-            elapsed = time.perf_counter() - window_start
-            totals = accelerator.reduce(torch.tensor(
-                [window["mlm"], window["nsp"], window["correct"], window["pairs"],
-                 window["tokens"]], device=accelerator.device), reduction="sum").tolist()
-            n = window["steps"] * world
-            values = {"train/mlm_loss": totals[0] / n, "train/lr": scheduler.get_last_lr()[0],
-                      "train/tokens_per_s": totals[4] / elapsed,
-                      "train/steps_per_s": window["steps"] / elapsed,
-                      "train/grad_norm": float(grad_norm)}
-            if cfg.objective.nsp:
-                values["train/nsp_loss"] = totals[1] / n
-                values["train/nsp_accuracy"] = totals[2] / max(totals[3], 1)
-            state["tokens"] += int(totals[4])
-            log.log(step, values)
-            bar.set_postfix(mlm=f"{values['train/mlm_loss']:.3f}",
-                            tok_s=f"{values['train/tokens_per_s']:.0f}")
-            window = dict.fromkeys(window, 0.0)
-            window["steps"] = 0
-            window_start = time.perf_counter()
-        if step % cfg.checkpoint.every_steps == 0 or step == t.max_steps:
-            if is_main:
-                checkpoint.save_checkpoint(
-                    ckpt_root, step, write_model=write_model, optimizer=optimizer,
-                    scheduler=scheduler, state={**state, "step": step},
-                    keep_last=cfg.checkpoint.keep_last)
-            accelerator.wait_for_everyone()
+    watch = training.PreemptionWatch()
+    try:
+        while step < t.max_steps:
+            torch.manual_seed(training.step_seed(cfg.seed, step, rank))  # dropout: f(seed, step)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accum):
+                state["epoch"], state["position"], batch = next(stream)
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                gen = torch.Generator(device=accelerator.device).manual_seed(
+                    training.step_seed(cfg.seed, step, rank, micro))
+                masked_ids, labels = mask(batch["input_ids"], batch["attention_mask"],
+                                          generator=gen)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(
+                    objective)
+                with sync, accelerator.autocast():
+                    losses = objective(masked_ids, batch["attention_mask"], batch["token_type_ids"],
+                                       labels, batch.get("next_sentence_label"))
+                    if faults.nan_from(step + 1):
+                        losses.total = losses.total * float("nan")
+                    accelerator.backward(losses.total / accum)
+                if micro == 0:
+                    faults.point("micro", step + 1, rank)
+                step_loss += losses.total.detach() / accum
+                window["mlm"] += losses.mlm.item() / accum
+                if losses.nsp is not None:
+                    window["nsp"] += losses.nsp.item() / accum
+                    window["correct"] += losses.nsp_correct.item()
+                    window["pairs"] += labels.shape[0]
+                window["tokens"] += batch["attention_mask"].sum().item()
+            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
+            if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
+                optimizer.step()
+                nonfinite_run = 0
+            else:  # DDP all-reduced the gradients, so every rank takes this branch together
+                nonfinite_run += 1
+                state["nonfinite_steps"] += 1
+                logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
+                if nonfinite_run >= t.max_nonfinite_steps:
+                    raise training.TrainingFailed(
+                        f"{nonfinite_run} non-finite steps in a row at step {step + 1}; stopped. "
+                        f"The last good checkpoint is kept in {ckpt_root}")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window["steps"] += 1
+            bar.update(1)
+            faults.point("step", step, rank)
+            stop = watch.requested(accelerator)
+            if step % t.log_every_steps == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                totals = accelerator.reduce(torch.tensor(
+                    [window["mlm"], window["nsp"], window["correct"], window["pairs"],
+                     window["tokens"]], device=accelerator.device), reduction="sum").tolist()
+                n = window["steps"] * world
+                values = {"train/mlm_loss": totals[0] / n, "train/lr": scheduler.get_last_lr()[0],
+                          "train/tokens_per_s": totals[4] / elapsed,
+                          "train/steps_per_s": window["steps"] / elapsed,
+                          "train/grad_norm": float(grad_norm)}
+                if cfg.objective.nsp:
+                    values["train/nsp_loss"] = totals[1] / n
+                    values["train/nsp_accuracy"] = totals[2] / max(totals[3], 1)
+                state["tokens"] += int(totals[4])
+                log.log(step, values)
+                bar.set_postfix(mlm=f"{values['train/mlm_loss']:.3f}",
+                                tok_s=f"{values['train/tokens_per_s']:.0f}")
+                window = dict.fromkeys(window, 0.0)
+                window["steps"] = 0
+                window_start = time.perf_counter()
+            if step % cfg.checkpoint.every_steps == 0 or step == t.max_steps or stop:
+                if is_main:
+                    saved = checkpoint.save_checkpoint(
+                        ckpt_root, step, write_model=write_model, optimizer=optimizer,
+                        scheduler=scheduler, state={**state, "step": step},
+                        keep_last=cfg.checkpoint.keep_last)
+                accelerator.wait_for_everyone()
+                faults.point("after_checkpoint", step, rank)
+                if stop:
+                    where = f" to {saved}" if is_main else ""
+                    raise training.Preempted(f"stopped by a signal at step {step}; checkpoint "
+                                             f"written{where}; run the same command to resume")
+    finally:
+        watch.close()
     bar.close()
     # DDP keeps replicas in sync; prove it before writing the final model.
     checksum = torch.stack([p.detach().double().sum() for p in objective.parameters()]).sum()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -21,13 +23,52 @@ from torch.utils.data import DataLoader, Sampler
 
 from further_pt.config import ConfigError, flatten
 
-__all__ = ["MetricsLog", "ResumableSampler", "TrainingFailed", "make_accelerator",
-           "micro_batches", "nullcontext", "param_groups", "step_seed"]
+__all__ = ["MetricsLog", "Preempted", "PreemptionWatch", "ResumableSampler", "TrainingFailed",
+           "checkpoint_bytes", "make_accelerator", "micro_batches", "nullcontext",
+           "param_groups", "step_seed"]
 
 
 class TrainingFailed(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is kept."""
 
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT arrived: the step was finished and checkpointed; re-run to resume."""
+
+
+class PreemptionWatch:
+    """Turn SIGTERM / SIGINT (a preemption notice, Ctrl-C) into a clean stop.
+
+    The signal only sets a flag; the loop checks it after each optimizer step,
+    writes a checkpoint and raises :class:`Preempted` (exit code 75, EX_TEMPFAIL:
+    "try again"). With several processes the flag is summed across them every
+    step, so all stop at the same step even if only one was signalled. A second
+    Ctrl-C interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def requested(self, accelerator: Any) -> bool:
+        flag = 0.0 if self.received is None else 1.0
+        if accelerator.num_processes > 1:
+            total = accelerator.reduce(torch.tensor([flag], device=accelerator.device), "sum")
+            flag = float(total.item())
+        return flag > 0
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
                      find_unused_parameters: bool = False) -> Any:
@@ -60,18 +101,21 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     return accelerator
 
 
-EXIT_CONFIG_ERROR, EXIT_TRAINING_FAILED = 2, 3
+EXIT_CONFIG_ERROR, EXIT_TRAINING_FAILED, EXIT_PREEMPTED = 2, 3, 75
 
 
 def entry_point(argv: list[str], schema: type, run: Any, report: Any) -> int:
     """The shell contract of both scripts: config -> run -> report, errors as exit codes.
 
     A ConfigError (bad recipe, key, file or value) exits 2 with one line; a
-    TrainingFailed exits 3; success prints ``report(cfg, result)`` and exits 0.
+    TrainingFailed or a failed checkpoint write exits 3; a preemption (SIGTERM,
+    SIGINT) exits 75 after its checkpoint; success prints ``report(cfg, result)``
+    and exits 0.
     """
     import sys
 
     from further_pt import config
+    from further_pt.checkpoint import CheckpointWriteError
 
     try:
         cfg = config.load(argv, schema)
@@ -79,9 +123,12 @@ def entry_point(argv: list[str], schema: type, run: Any, report: Any) -> int:
     except ConfigError as exc:
         print(f"further_pt: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except TrainingFailed as exc:
+    except (TrainingFailed, CheckpointWriteError) as exc:
         print(f"further_pt: training failed: {exc}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
+    except Preempted as exc:
+        print(f"further_pt: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(report(cfg, result))
     return 0
 
@@ -90,6 +137,12 @@ def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed that is a pure function of (seed, step, rank, ...)."""
     text = "-".join(str(p) for p in (seed, *parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Disk two checkpoints need: fp32 weights + two AdamW moments, each, with a margin."""
+    params = sum(p.numel() for p in model.parameters())
+    return int(2 * 3 * 4 * params * 1.1)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
