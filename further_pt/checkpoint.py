@@ -66,6 +66,7 @@ def prepare_output_dir(
     saved = output_dir / "config.yaml"
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
+    _existing_folder(output_dir)
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return False
     if overwrite:
@@ -90,8 +91,8 @@ def prepare_output_dir(
     return True
 
 
-def check_writable(output_dir: Path, needed_bytes: int) -> None:
-    """Before training: the output dir can be written and its disk holds ``needed_bytes``."""
+def _existing_folder(output_dir: Path) -> Path:
+    """The output dir or its nearest existing ancestor, which must be a writable folder."""
     probe = output_dir
     while not probe.exists():
         probe = probe.parent
@@ -99,7 +100,12 @@ def check_writable(output_dir: Path, needed_bytes: int) -> None:
         raise ConfigError(f"output_dir {output_dir}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir {output_dir}: {probe} is not writable")
-    free = shutil.disk_usage(probe).free
+    return probe
+
+
+def check_writable(output_dir: Path, needed_bytes: int) -> None:
+    """Before training: the output dir can be written and its disk holds ``needed_bytes``."""
+    free = shutil.disk_usage(_existing_folder(output_dir)).free
     if free < needed_bytes:
         raise ConfigError(
             f"output_dir {output_dir}: {free / 2**30:.2f} GiB free, but checkpoints need about "

@@ -323,7 +323,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         f"{ckpt_root}; run the same command to resume")
     finally:
         watch.close()
-    bar.close()
+        bar.close()
     metrics: dict[str, Any] = {}
     if is_main:
         best = output_dir / "best"

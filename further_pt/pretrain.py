@@ -295,7 +295,7 @@ def run(cfg: DictConfig) -> Path:
                                              f"written{where}; run the same command to resume")
     finally:
         watch.close()
-    bar.close()
+        bar.close()
     # DDP keeps replicas in sync; prove it before writing the final model.
     checksum = torch.stack([p.detach().double().sum() for p in objective.parameters()]).sum()
     sums = accelerator.gather(checksum.reshape(1)).tolist()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +34,18 @@ def run_script(args: list[str], *, env: dict[str, str] | None = None, launcher: 
     cmd = [*(launcher or [sys.executable]), str(REPO / "further_pt" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=REPO)
+
+
+FRUIT = ["apple", "banana", "cherry", "grape", "melon", "peach", "plum"]
+MOTOR = ["engine", "wheel", "brake", "motor", "clutch", "piston", "gear"]
+
+
+def write_task(path: Path, n: int, seed: int, labels=("fruit", "motor")) -> Path:
+    """A separable two-topic task: fruit words vs motor words, as JSON lines."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = FRUIT if label in ("fruit", "sweet") else MOTOR
+            fh.write(json.dumps({"text": " ".join(rng.choices(words, k=8)), "label": label}) + "\n")
+    return path

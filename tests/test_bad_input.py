@@ -175,7 +175,8 @@ CASES: list[Case] = [
     ("missing eval file", F, lambda e: e.finetune(**{"data.eval_file": e.tmp / "nope.jsonl"}),
      "'data.eval_file': file"),
     ("frozen encoder with unfreezing", F, lambda e: e.finetune(**{
-        "train.freeze_encoder": "true", "train.unfreeze": "epoch"}), "conflicts with train.unfreeze"),
+        "train.freeze_encoder": "true", "train.unfreeze": "epoch"}),
+     "conflicts with train.unfreeze"),
     ("head tokens beyond the sequence", F, lambda e: e.finetune(**{"data.head_tokens": 31}),
      "'data.head_tokens': must be in [0, max_seq_length - 2 = 30]"),
     ("unknown schedule", F, lambda e: e.finetune(**{"train.schedule": "cubic"}),

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
-from helpers import run_script
-
-FRUIT = ["apple", "banana", "cherry", "grape", "melon", "peach", "plum"]
-MOTOR = ["engine", "wheel", "brake", "motor", "clutch", "piston", "gear"]
-
-
-def _write(path: Path, n: int, seed: int, labels=("fruit", "motor")) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w") as fh:
-        for i in range(n):
-            label = labels[i % len(labels)]
-            words = FRUIT if label in ("fruit", "sweet") else MOTOR
-            fh.write(json.dumps({"text": " ".join(rng.choices(words, k=8)), "label": label}) + "\n")
-    return path
+from helpers import run_script, write_task
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("task")
-    return _write(base / "train.jsonl", 160, 0), _write(base / "dev.jsonl", 40, 1)
+    return write_task(base / "train.jsonl", 160, 0), write_task(base / "dev.jsonl", 40, 1)
 
 
 def _args(recipe: str, out: Path, model_dir: Path, train: Path, dev: Path | None, **extra):
@@ -76,7 +62,7 @@ def test_rerun_does_nothing_and_unknown_eval_label_is_named(fit_run, tmp_path, t
     _, args, _ = fit_run
     again = run_script(args, script="finetune.py")
     assert again.returncode == 0 and "already holds a finished run" in again.stderr
-    bad_dev = _write(tmp_path / "dev.jsonl", 6, 2, labels=("fruit", "motor", "sweet"))
+    bad_dev = write_task(tmp_path / "dev.jsonl", 6, 2, labels=("fruit", "motor", "sweet"))
     proc = run_script(_args("fit", tmp_path / "bad", tiny_model_dir, task[0], bad_dev),
                       script="finetune.py")
     assert proc.returncode == 2
@@ -107,8 +93,8 @@ def test_ulmfit_hierarchical_with_accumulation(tmp_path, tiny_model_dir, task) -
 
 
 def test_multitask_evaluates_each_task(tmp_path, tiny_model_dir, task) -> None:
-    train_b = _write(tmp_path / "b_train.jsonl", 90, 3, labels=("motor", "fruit", "sweet"))
-    dev_b = _write(tmp_path / "b_dev.jsonl", 30, 4, labels=("motor", "fruit", "sweet"))
+    train_b = write_task(tmp_path / "b_train.jsonl", 90, 3, labels=("motor", "fruit", "sweet"))
+    dev_b = write_task(tmp_path / "b_dev.jsonl", 30, 4, labels=("motor", "fruit", "sweet"))
     tasks = (f"[{{name:a,train_file:{task[0]},eval_file:{task[1]},text_column:text,"
              f"label_column:label}},{{name:b,train_file:{train_b},eval_file:{dev_b},"
              "text_column:text,label_column:label}]")

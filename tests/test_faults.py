@@ -1,0 +1,222 @@
+"""Fault injection: kills, preemption, corrupt checkpoints, non-finite losses, a dead rank.
+
+Every fault is injected into a real run of the scripts (subprocesses, CPU, tiny
+models). After each, re-running the same command must finish with final weights
+bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, pretrain_overrides, run_script
+from safetensors.torch import load_file
+
+STEPS = 8
+
+
+def _args(out: Path, corpus: Path, model_dir: Path, cache: Path, **extra) -> list[str]:
+    return pretrain_overrides(out, corpus, model_dir, cache, **{
+        "train.max_steps": STEPS, "checkpoint.every_steps": 2, "checkpoint.keep_last": 3,
+        "train.gradient_accumulation_steps": 2, **extra})
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus_file, tiny_model_dir) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("reference")
+    cache = base / "cache"
+    proc = run_script(_args(base / "run", corpus_file, tiny_model_dir, cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base / "run" / "final", cache
+
+
+@pytest.mark.parametrize("fault", ["micro:3", "step:5", "checkpoint_write:4",
+                                   "after_checkpoint:6", "step:1"])
+def test_kill_9_then_rerun_matches_uninterrupted(fault, reference, tmp_path, corpus_file,
+                                                 tiny_model_dir) -> None:
+    final, cache = reference
+    args = _args(tmp_path / "run", corpus_file, tiny_model_dir, cache)
+    killed = run_script(args, env={"FURTHER_PT_FAULT": fault})
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "run" / "checkpoints"
+    if fault.startswith("checkpoint_write"):
+        assert (ckpts / ".tmp-step-000004").is_dir()  # the half-written one is there...
+    resumed = run_script(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if fault.startswith("checkpoint_write"):
+        assert "removing the partial checkpoint" in resumed.stderr  # ...and is cleaned
+        assert "resuming from" in resumed.stderr and "step-000002" in resumed.stderr
+    assert _same_weights(final, tmp_path / "run" / "final")
+
+
+def test_corrupt_newest_checkpoint_falls_back(reference, tmp_path, corpus_file,
+                                              tiny_model_dir) -> None:
+    final, cache = reference
+    args = _args(tmp_path / "run", corpus_file, tiny_model_dir, cache)
+    assert run_script(args, env={"FURTHER_PT_FAULT": "step:5"}).returncode == -signal.SIGKILL
+    newest = tmp_path / "run" / "checkpoints" / "step-000004"
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    resumed = run_script(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping checkpoint {newest}: model.safetensors does not match its checksum" in (
+        resumed.stderr)
+    assert "step-000002 (step 2)" in resumed.stderr
+    assert _same_weights(final, tmp_path / "run" / "final")
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes(reference, tmp_path, corpus_file,
+                                                  tiny_model_dir) -> None:
+    final, cache = reference
+    out = tmp_path / "run"
+    args = _args(out, corpus_file, tiny_model_dir, cache, **{"checkpoint.every_steps": 100,
+                                                             "train.log_every_steps": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "further_pt" / "pretrain.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "stopped by a signal at step" in stderr and "run the same command to resume" in stderr
+    stopped = int(stderr.split("stopped by a signal at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step-{stopped:06d}").is_dir()
+    resumed = run_script(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _same_weights(final, out / "final")
+
+
+def test_nonfinite_losses_stop_the_run_keeping_the_last_good_checkpoint(
+        reference, tmp_path, corpus_file, tiny_model_dir) -> None:
+    _, cache = reference
+    out = tmp_path / "run"
+    args = _args(out, corpus_file, tiny_model_dir, cache, **{"train.max_nonfinite_steps": 2})
+    proc = run_script(args, env={"FURTHER_PT_FAULT": "nan:4"})
+    assert proc.returncode == 3
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "further_pt: training failed: 2 non-finite steps in a row at step 5; stopped. "
+        f"The last good checkpoint is kept in {out / 'checkpoints'}")
+    assert "step 4: non-finite loss or gradient, update skipped" in proc.stderr
+    # Step 4 was skipped (counted, weights untouched) and checkpointed; step 5 stopped the run.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002",
+                                                                      "step-000004"]
+    last = out / "checkpoints" / "step-000004"
+    assert json.loads((last / "trainer_state.json").read_text())["nonfinite_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
+    assert not (out / "final").exists()
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, corpus_file, tiny_model_dir,
+                                                     monkeypatch) -> None:
+    from further_pt import checkpoint
+    from further_pt.config import ConfigError
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    proc = run_script(_args(blocker / "run", corpus_file, tiny_model_dir, tmp_path / "c"))
+    assert proc.returncode == 2
+    assert f"{blocker} is a file, not a folder" in proc.stderr.strip().splitlines()[-1]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10))
+    with pytest.raises(ConfigError, match=r"0.00 GiB free, but checkpoints need about"):
+        checkpoint.check_writable(tmp_path / "new", 10**9)
+
+
+def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    from further_pt import checkpoint
+
+    root = tmp_path / "checkpoints"
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def write_model(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"w" * 10)
+
+    checkpoint.save_checkpoint(root, 1, write_model=write_model, optimizer=opt, scheduler=sched,
+                               state={}, keep_last=3)
+
+    def full(folder: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(checkpoint.CheckpointWriteError,
+                       match=r"No space left on device.*earlier checkpoints are intact"):
+        checkpoint.save_checkpoint(root, 2, write_model=full, optimizer=opt, scheduler=sched,
+                                   state={}, keep_last=3)
+    assert [p.name for p in root.iterdir()] == ["step-000001"]
+    assert checkpoint.latest_checkpoint(root) == root / "step-000001"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_dead_rank_fails_fast_and_both_ranks_resume(tmp_path, corpus_file,
+                                                      tiny_model_dir) -> None:
+    out = tmp_path / "ddp"
+    args = _args(out, corpus_file, tiny_model_dir, tmp_path / "cache")
+
+    def launch(env: dict[str, str]) -> subprocess.CompletedProcess:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                    "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+        return run_script(args, env={"ACCELERATE_USE_CPU": "true", **env}, launcher=launcher,
+                          timeout=180)
+
+    started = time.time()
+    dead = launch({"FURTHER_PT_FAULT": "step:5:1"})  # rank 1 dies after step 5
+    assert dead.returncode != 0
+    assert time.time() - started < 120  # no hang
+    resumed = launch({})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-000004 (step 4)" in resumed.stderr
+    assert "weights identical on all 2 processes" in resumed.stderr
+
+
+def test_finetune_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_model_dir) -> None:
+    from helpers import write_task
+
+    train, dev = write_task(tmp_path / "t.jsonl", 96, 0), write_task(tmp_path / "d.jsonl", 20, 1)
+
+    def args(out: Path) -> list[str]:
+        return ["recipe=fit", f"output_dir={out}", f"model.name_or_path={tiny_model_dir}",
+                f"data.train_file={train}", f"data.eval_file={dev}", "data.max_seq_length=32",
+                "data.head_tokens=8", "train.epochs=3", "train.batch_size=16", "train.lr=3e-3",
+                "train.head_lr=3e-3", "model.attn_implementation=eager"]
+
+    whole = run_script(args(tmp_path / "whole"), script="finetune.py")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    killed = run_script(args(run), script="finetune.py", env={"FURTHER_PT_FAULT": "step:9"})
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000006"]  # epoch 1
+    resumed = run_script(args(run), script="finetune.py")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    assert _same_weights(tmp_path / "whole" / "final", run / "final")
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
+    assert a["history"] == b["history"] and a["eval_accuracy"] == b["eval_accuracy"]
