@@ -41,6 +41,7 @@ from further_pt import (
     config,
     evaluation,
     faults,
+    instances,
     layerwise,
     model,
     schedules,
@@ -151,8 +152,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     on_gpu = accelerator.device.type == "cuda"
     samplers, loaders = {}, {}
     for task in tasks:
-        samplers[task.name] = training.ResumableSampler(len(task.train), seed=cfg.seed,
-                                                        rank=rank, world_size=world)
+        samplers[task.name] = training.ResumableSampler(
+            len(task.train), seed=cfg.seed, rank=rank, world_size=world, batch_size=batch_size,
+            lengths=instances.lengths(task.train) if cfg.data.group_by_length else None)
         loaders[task.name] = DataLoader(
             task.train, batch_size=batch_size, sampler=samplers[task.name],
             collate_fn=partial(classification_data.collate, pad_id=tokenizer.pad_token_id),

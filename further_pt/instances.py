@@ -40,7 +40,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-INSTANCES_VERSION = "1"  # bump when the algorithm below changes, to invalidate caches
+INSTANCES_VERSION = "2"  # bump when the algorithm below changes, to invalidate caches
 _MAP_BATCH = 1000
 _SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 
@@ -162,7 +162,7 @@ def build_instances(
 ) -> datasets.Dataset:
     """Documents -> instances, via a cached ``datasets.map``.
 
-    Columns: ``input_ids`` and ``token_type_ids``, plus ``next_sentence_label`` with NSP.
+    Columns: ``input_ids``; with NSP also ``token_type_ids`` and ``next_sentence_label``.
     """
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is None or sep_id is None:
@@ -191,11 +191,11 @@ def build_instances(
         docs = [ids for ids in _encode(tokenizer, batch["text"]) if ids]
         blocks = pack_documents(docs, max_seq_length=max_seq_length, cls_id=cls_id,
                                 sep_id=sep_id)
-        return {"input_ids": blocks, "token_type_ids": [[0] * len(b) for b in blocks]}
+        return {"input_ids": blocks}  # one segment: token types are all 0 (collate)
 
-    features: dict[str, Any] = {"input_ids": datasets.Sequence(datasets.Value("int32")),
-                "token_type_ids": datasets.Sequence(datasets.Value("int8"))}
+    features: dict[str, Any] = {"input_ids": datasets.Sequence(datasets.Value("int32"))}
     if nsp:
+        features["token_type_ids"] = datasets.Sequence(datasets.Value("int8"))
         features["next_sentence_label"] = datasets.Value("int8")
     built = documents.map(
         nsp_batch if nsp else packed_batch,
@@ -249,7 +249,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int | N
     for i, r in enumerate(rows):
         length = len(r["input_ids"])
         input_ids[i, :length] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-        token_type_ids[i, :length] = torch.as_tensor(r["token_type_ids"], dtype=torch.long)
+        if "token_type_ids" in r:
+            token_type_ids[i, :length] = torch.as_tensor(r["token_type_ids"], dtype=torch.long)
         attention_mask[i, :length] = 1
     batch = {"input_ids": input_ids, "token_type_ids": token_type_ids,
              "attention_mask": attention_mask}
@@ -257,3 +258,14 @@ def collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int | N
         batch["next_sentence_label"] = torch.tensor(
             [r["next_sentence_label"] for r in rows], dtype=torch.long)
     return batch
+
+
+def lengths(ds: datasets.Dataset, column: str = "input_ids") -> torch.Tensor:
+    """Length of every row's list in ``column``, read from Arrow without decoding the rows."""
+    import pyarrow.compute as pc
+
+    values = pc.list_value_length(ds.data.column(column)).to_numpy(zero_copy_only=False)
+    if ds._indices is not None:  # a selection or mixture of the underlying table
+        values = values[ds._indices.column(0).to_numpy()]
+    return torch.from_numpy(values.astype("int64"))
+

@@ -138,8 +138,10 @@ def run(cfg: DictConfig) -> Path:
     train_set = corpus.mix(per_source, cfg.data.source_weights, cfg.seed)
 
     batch_size, accum = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
-    sampler = training.ResumableSampler(len(train_set), seed=cfg.seed, rank=rank,
-                                        world_size=world)
+    sampler = training.ResumableSampler(
+        len(train_set), seed=cfg.seed, rank=rank, world_size=world,
+        lengths=instances.lengths(train_set) if cfg.data.group_by_length else None,
+        batch_size=batch_size)
     micro_per_epoch = sampler.per_rank // batch_size
     if micro_per_epoch == 0:
         raise ConfigError(

@@ -48,6 +48,7 @@ class PretrainDataSchema:
     cache_dir: str | None = MISSING
     preprocessing_workers: int = MISSING
     dataloader_workers: int = MISSING
+    group_by_length: bool = MISSING
 
 
 @dataclass
@@ -112,6 +113,7 @@ class FinetuneDataSchema:
     max_segments: int = MISSING
     cache_dir: str | None = MISSING
     dataloader_workers: int = MISSING
+    group_by_length: bool = MISSING
 
 
 @dataclass

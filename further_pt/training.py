@@ -162,12 +162,24 @@ class ResumableSampler(Sampler[int]):
     of ``w`` takes every ``w``-th index from ``r`` (a tail that does not divide
     evenly is left out, so all ranks take equal steps). Resuming sets the epoch
     and the offset into this rank's share: nothing is replayed.
+
+    With ``lengths`` and ``batch_size`` (length grouping, as Hugging Face's
+    ``LengthGroupedSampler``), each run of ``50 x batch_size`` indices of this
+    rank's share is sorted by length, cut into batches, and the batches are
+    shuffled: batches hold sequences of similar length, so dynamic padding adds
+    little, while the order stays a pure function of (seed, epoch).
     """
 
+    GROUP = 50  # batches per length-sorted group
+
     def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, lengths: torch.Tensor | None = None,
+                 batch_size: int | None = None) -> None:
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.shuffle = shuffle
+        self.lengths, self.batch_size = lengths, batch_size
+        if lengths is not None and (batch_size is None or len(lengths) != n):
+            raise ValueError("length grouping needs one length per index and a batch_size")
         self.epoch, self.start = 0, 0
 
     @property
@@ -180,14 +192,27 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return max(self.per_rank - self.start, 0)
 
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(step_seed(self.seed, self.epoch))
-            order = torch.randperm(self.n, generator=gen)
-        else:
-            order = torch.arange(self.n)
+    def order(self) -> torch.Tensor:
+        """This rank's full order for the current epoch."""
+        gen = torch.Generator().manual_seed(step_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
         mine = order[self.rank: self.per_rank * self.world_size: self.world_size]
-        return iter(mine[self.start:].tolist())
+        if self.lengths is None:
+            return mine
+        assert self.batch_size is not None
+        size = self.batch_size * self.GROUP
+        groups = [mine[i:i + size] for i in range(0, len(mine), size)]
+        ordered = torch.cat([g[self.lengths[g].argsort(descending=True, stable=True)]
+                             for g in groups])
+        batches = list(ordered.split(self.batch_size))
+        full, tail = (batches[:-1], batches[-1:]) if len(batches[-1]) < self.batch_size else (
+            batches, [])
+        shuffled = torch.randperm(len(full), generator=gen).tolist() if self.shuffle else range(
+            len(full))
+        return torch.cat([full[i] for i in shuffled] + tail)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start:].tolist())
 
 
 def micro_batches(loader: DataLoader, sampler: ResumableSampler, batch_size: int,

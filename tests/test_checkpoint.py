@@ -96,3 +96,22 @@ def test_sampler_resumes_in_place_and_splits_ranks() -> None:
     ranks = [list(ResumableSampler(103, seed=5, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 51
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_length_grouped_sampler_is_exact_tight_and_resumable() -> None:
+    lengths = torch.randint(5, 129, (1000,), generator=torch.Generator().manual_seed(0))
+    grouped = ResumableSampler(1000, seed=3, lengths=lengths, batch_size=8)
+    order = list(grouped)
+    assert sorted(order) == list(range(1000))  # every instance exactly once: same tokens
+    batches = [order[i:i + 8] for i in range(0, 1000, 8)]
+    pad_grouped = sum(8 * max(lengths[b]) - sum(lengths[b]) for b in batches)
+    plain = list(ResumableSampler(1000, seed=3))
+    pad_plain = sum(8 * max(lengths[plain[i:i + 8]]) - sum(lengths[plain[i:i + 8]])
+                    for i in range(0, 1000, 8))
+    assert pad_grouped < pad_plain / 5  # far less padding
+    resumed = ResumableSampler(1000, seed=3, lengths=lengths, batch_size=8)
+    resumed.set_position(0, 240)
+    assert list(resumed) == order[240:]
+    two = [ResumableSampler(1000, seed=3, rank=r, world_size=2, lengths=lengths, batch_size=8)
+           for r in range(2)]
+    assert not set(two[0]) & set(two[1]) and len(list(two[0])) == 500
