@@ -5,6 +5,9 @@
     further-pt pretrain recipe=demo                    # in this process; for several processes:
     further-pt finetune recipe=fit ...                 #   accelerate launch further_pt/<job>.py
     further-pt predict model=runs/fit/final input=test.jsonl output=predictions.jsonl
+    further-pt experiment recipe=paper_grid task.train_file=... task.eval_file=... corpora...
+    further-pt plot-schedule recipe=ulmfit [steps=1000] [layers=12] [output=schedule.png]
+    further-pt plot-run runs/fit [output=run.png]
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
   pretrain   further-pretrain in this process (several: accelerate launch further_pt/pretrain.py)
   finetune   fine-tune in this process (several: accelerate launch further_pt/finetune.py)
   predict    model=DIR input=FILE output=FILE [batch_size=64]: predictions as JSON lines
+  experiment run the FiT / ITPT / IDPT / CDPT (/ Feat) grid and write report.md and plots
+  plot-schedule  recipe=NAME [steps=1000] [layers=12] [output=FILE.png]: lr per layer group
+  plot-run   OUTPUT_DIR [output=FILE.png]: loss, lr and accuracy curves of a run
 """
 
 
@@ -49,6 +55,63 @@ def _predict(args: list[str]) -> int:
     return 0
 
 
+def _options(args: list[str], allowed: set[str], usage: str) -> dict[str, str]:
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(options) - allowed)
+    if unknown or len(options) != len(args):
+        problem = f"unknown option {unknown[0]!r}" if unknown else "options are key=value"
+        raise config.ConfigError(f"{problem}; usage: {usage}")
+    return options
+
+
+def _plot_schedule(args: list[str]) -> int:
+    from pathlib import Path
+
+    from further_pt.report import plot_schedule, schedule_curves
+
+    recipe, _ = config.split_recipe_arg(args)
+    usage = "further-pt plot-schedule recipe=NAME [steps=1000] [layers=12] [output=FILE.png]"
+    options = _options([a for a in args if not a.startswith("recipe=")],
+                       {"steps", "layers", "output"}, usage)
+    overrides = [f"{k}={v}" for k, v in options.items() if k not in ("steps", "layers", "output")]
+    cfg = config.compose(recipe, overrides)
+    curves = schedule_curves(cfg, layers=int(options.get("layers", 12)),
+                             steps=int(options.get("steps", 1000)))
+    out = Path(options.get("output", f"schedule-{Path(recipe).stem}.png"))
+    plot_schedule(curves, f"{Path(recipe).stem}: learning rate per layer group", out)
+    print(f"Schedule plot: {out}")
+    return 0
+
+
+def _plot_run(args: list[str]) -> int:
+    from pathlib import Path
+
+    from further_pt.report import plot_run
+
+    if not args or "=" in args[0]:
+        raise config.ConfigError("usage: further-pt plot-run OUTPUT_DIR [output=FILE.png]")
+    run_dir = Path(args[0])
+    options = _options(args[1:], {"output"}, "further-pt plot-run OUTPUT_DIR [output=FILE.png]")
+    out = Path(options.get("output", run_dir / "run.png"))
+    try:
+        plot_run(run_dir, out)
+    except FileNotFoundError as exc:
+        raise config.ConfigError(str(exc)) from None
+    print(f"Run plot: {out}")
+    return 0
+
+
+def _experiment(args: list[str]) -> int:
+    import logging
+
+    from further_pt.experiment import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    report = run(config.load(args, config.ExperimentSchema))
+    print(f"Report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -62,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "config":
             recipe, _ = config.split_recipe_arg(rest)
-            kind = config.recipe_kind(config.recipe_path(recipe))
-            schema = config.PretrainSchema if kind == "pretrain" else config.FinetuneSchema
+            schema = config.KINDS[config.recipe_kind(config.recipe_path(recipe))]
             print(config.to_yaml(config.load(rest, schema)), end="")
             return 0
         if command == "predict":
             return _predict(rest)
+        if command == "plot-schedule":
+            return _plot_schedule(rest)
+        if command == "plot-run":
+            return _plot_run(rest)
+        if command == "experiment":
+            return _experiment(rest)
     except config.ConfigError as exc:
         print(f"further_pt: error: {exc}", file=sys.stderr)
         return 2

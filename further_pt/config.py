@@ -25,9 +25,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from further_pt.schemas import FinetuneSchema, PretrainSchema
+from further_pt.schemas import ExperimentSchema, FinetuneSchema, PretrainSchema
 
-__all__ = ["ConfigError", "FinetuneSchema", "PretrainSchema", "available_recipes", "load"]
+__all__ = ["ConfigError", "ExperimentSchema", "FinetuneSchema", "PretrainSchema",
+           "available_recipes", "load"]
 
 
 class ConfigError(ValueError):
@@ -52,12 +53,19 @@ def available_recipes(kind: str | None = None) -> list[str]:
     return [n for n in names if kind is None or recipe_kind(recipes_dir() / f"{n}.yaml") == kind]
 
 
+KINDS = {"pretrain": PretrainSchema, "finetune": FinetuneSchema, "experiment": ExperimentSchema}
+SCRIPTS = {"pretrain": "further_pt/pretrain.py", "finetune": "further_pt/finetune.py",
+           "experiment": "further-pt experiment"}
+
+
 def recipe_kind(path: Path) -> str:
-    """Pretraining recipes have an ``objective`` section; fine-tuning recipes a ``head``."""
+    """Pretraining recipes have ``objective``, experiments ``variants``, fine-tuning ``head``."""
     import yaml
 
     raw = yaml.safe_load(path.read_text()) or {}
-    return "pretrain" if "objective" in raw else "finetune"
+    if "objective" in raw:
+        return "pretrain"
+    return "experiment" if "variants" in raw else "finetune"
 
 
 def recipe_path(name: str) -> Path:
@@ -161,19 +169,22 @@ def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
 def load(argv: list[str], schema: type = PretrainSchema) -> DictConfig:
     """Recipe + overrides -> typed, validated config. Raises ConfigError."""
     recipe, overrides = split_recipe_arg(argv)
-    wanted = "pretrain" if schema is PretrainSchema else "finetune"
+    wanted = next(kind for kind, s in KINDS.items() if s is schema)
     path = recipe_path(recipe)
-    if recipe_kind(path) != wanted:
-        script = "finetune.py" if wanted == "pretrain" else "pretrain.py"
-        raise ConfigError(f"recipe {recipe!r} is a {recipe_kind(path)} recipe: run it with "
-                          f"further_pt/{script} (recipes for this script: "
-                          f"{', '.join(available_recipes(wanted))})")
+    kind = recipe_kind(path)
+    if kind != wanted:
+        raise ConfigError(f"recipe {recipe!r} is a {kind} recipe: run it with {SCRIPTS[kind]} "
+                          f"(recipes for this command: {', '.join(available_recipes(wanted))})")
     known = _all_keys(OmegaConf.structured(schema))
     cfg = apply_schema(compose(recipe, overrides, known), schema)
     if schema is PretrainSchema:
         validate_pretrain(cfg)
     elif schema is FinetuneSchema:
         validate_finetune(cfg)
+    elif schema is ExperimentSchema:
+        from further_pt.experiment import validate
+
+        validate(cfg)
     return cfg
 
 

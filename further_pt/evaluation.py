@@ -126,3 +126,45 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     tmp.replace(out)
     return compute_metrics(preds, refs, names) if has_labels else {}
 
+
+
+@torch.no_grad()
+def mlm_loss(model_dir: str | Path, texts: list[str], *, max_seq_length: int, seed: int,
+             batch_size: int = 16) -> float:
+    """Mean MLM loss of a pretrained encoder on ``texts`` (packed blocks, fixed masks).
+
+    The forgetting measure of the experiment report: the same texts, blocks and
+    masks for every model (given the same tokenizer), so the losses compare.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    from further_pt.instances import pack_documents
+    from further_pt.masking import mask_tokens, special_ids_tensor
+    from further_pt.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    blocks = pack_documents([x for x in ids if x], max_seq_length=max_seq_length,
+                            cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
+    gen = torch.Generator().manual_seed(seed)
+    special = special_ids_tensor(tokenizer)
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        chunk = blocks[i:i + batch_size]
+        longest = max(len(b) for b in chunk)
+        input_ids = torch.full((len(chunk), longest), tokenizer.pad_token_id)
+        attention = torch.zeros_like(input_ids)
+        for j, b in enumerate(chunk):
+            input_ids[j, :len(b)] = torch.tensor(b)
+            attention[j, :len(b)] = 1
+        masked, labels = mask_tokens(input_ids, attention, special_ids=special,
+                                     mask_token_id=tokenizer.mask_token_id,
+                                     vocab_size=len(tokenizer), masked_lm_prob=0.15,
+                                     max_predictions=max_seq_length, generator=gen)
+        logits = model(input_ids=masked, attention_mask=attention).logits
+        chosen = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[chosen], labels[chosen],
+                                                   reduction="sum").item()
+        count += int(chosen.sum())
+    return total / max(count, 1)

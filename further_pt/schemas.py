@@ -174,3 +174,51 @@ class FinetuneSchema:
     train: FinetuneTrainSchema = field(default_factory=FinetuneTrainSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
     checkpoint: FinetuneCheckpointSchema = field(default_factory=FinetuneCheckpointSchema)
+
+
+@dataclass
+class ExperimentTaskSchema:
+    train_file: str = MISSING
+    eval_file: str = MISSING
+    text_column: str = MISSING
+    label_column: str = MISSING
+
+
+@dataclass
+class CorporaSchema:
+    within_task: list[str] | None = MISSING  # null: the task's training text
+    in_domain: list[str] = MISSING
+    cross_domain: list[str] = MISSING
+
+
+@dataclass
+class StageSchema:
+    recipe: str = MISSING
+    overrides: list[str] = MISSING
+
+
+@dataclass
+class PretrainStageSchema:
+    overrides: list[str] = MISSING
+
+
+@dataclass
+class ForgettingSchema:
+    docs: int = MISSING
+    max_seq_length: int = MISSING
+
+
+@dataclass
+class ExperimentSchema:
+    output_dir: str = MISSING
+    seeds: list[int] = MISSING
+    variants: list[str] = MISSING
+    base_model: str | None = MISSING
+    general_pretraining: StageSchema | None = MISSING
+    task: ExperimentTaskSchema = field(default_factory=ExperimentTaskSchema)
+    corpora: CorporaSchema = field(default_factory=CorporaSchema)
+    pretrain: PretrainStageSchema = field(default_factory=PretrainStageSchema)
+    finetune: StageSchema = field(default_factory=StageSchema)
+    forgetting: ForgettingSchema = field(default_factory=ForgettingSchema)
+    launcher: list[str] = MISSING
+

@@ -132,3 +132,15 @@ def test_collate_pads_dynamically() -> None:
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]
     assert batch["next_sentence_label"].tolist() == [1, 0]
     assert collate(rows, pad_id=0, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
+
+
+def test_vectorised_packing_equals_the_reference_packing() -> None:
+    from further_pt.instances import pack_arrow
+
+    rng = random.Random(0)
+    for _ in range(20):
+        docs = [[rng.randint(5, 99) for _ in range(rng.randint(0, 300))]
+                for _ in range(rng.randint(1, 30))]
+        want = pack_documents([d for d in docs if d], max_seq_length=32, cls_id=CLS, sep_id=SEP)
+        got = pack_arrow(docs, max_seq_length=32, cls_id=CLS, sep_id=SEP)
+        assert got.column("input_ids").to_pylist() == want
