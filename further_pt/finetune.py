@@ -235,7 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return results
 
     log = training.MetricsLog(accelerator, output_dir / "logs", "finetune", resolved)
-    step, nonfinite_run, window_loss, window_steps = state["step"], 0, 0.0, 0
+    step, window_loss, window_steps = state["step"], 0.0, 0
     window_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not is_main)
     classifier.train()
@@ -264,22 +264,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 step_loss += loss.detach() / accum
             if unfreezing is not None:
                 unfreezing.drop_frozen_grads(step)
-            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(
-                [p for p in classifier.parameters() if p.grad is not None], max_norm)
-            if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
-                optimizer.step()
-                nonfinite_run = 0
-            else:
-                nonfinite_run += 1
-                state["nonfinite_steps"] += 1
-                logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
-                if nonfinite_run >= t.max_nonfinite_steps:
-                    raise training.TrainingFailed(
-                        f"{nonfinite_run} non-finite steps in a row at step {step + 1}; stopped. "
-                        f"The last good checkpoint is kept in {ckpt_root}")
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            training.optimizer_step(
+                accelerator, classifier.parameters(), optimizer, scheduler, step_loss,
+                max_grad_norm=t.max_grad_norm, max_nonfinite=t.max_nonfinite_steps,
+                state=state, step=step, ckpt_root=ckpt_root)
             step += 1
             window_loss += step_loss.item()
             window_steps += 1

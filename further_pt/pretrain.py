@@ -208,7 +208,6 @@ def run(cfg: DictConfig) -> Path:
     stream = training.micro_batches(loader, sampler, batch_size, state["epoch"],
                                     state["position"])
     step = state["step"]
-    nonfinite_run = 0
     window = {"mlm": 0.0, "nsp": 0.0, "correct": 0.0, "pairs": 0.0, "tokens": 0.0, "steps": 0}
     window_start = time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step",
@@ -243,21 +242,10 @@ def run(cfg: DictConfig) -> Path:
                     window["correct"] += losses.nsp_correct.item()
                     window["pairs"] += labels.shape[0]
                 window["tokens"] += batch["attention_mask"].sum().item()
-            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_norm)
-            if torch.isfinite(grad_norm) and torch.isfinite(step_loss):
-                optimizer.step()
-                nonfinite_run = 0
-            else:  # DDP all-reduced the gradients, so every rank takes this branch together
-                nonfinite_run += 1
-                state["nonfinite_steps"] += 1
-                logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
-                if nonfinite_run >= t.max_nonfinite_steps:
-                    raise training.TrainingFailed(
-                        f"{nonfinite_run} non-finite steps in a row at step {step + 1}; stopped. "
-                        f"The last good checkpoint is kept in {ckpt_root}")
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = training.optimizer_step(
+                accelerator, objective.parameters(), optimizer, scheduler, step_loss,
+                max_grad_norm=t.max_grad_norm, max_nonfinite=t.max_nonfinite_steps,
+                state=state, step=step, ckpt_root=ckpt_root)
             step += 1
             window["steps"] += 1
             bar.update(1)

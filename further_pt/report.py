@@ -137,8 +137,10 @@ def plot_schedule(group_lrs: dict[str, list[float]], title: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, lrs in group_lrs.items():
-        ax.plot(range(len(lrs)), lrs, label=name, linewidth=1.2)
+    colors = plt.cm.viridis([i / max(len(group_lrs) - 1, 1) for i in range(len(group_lrs))])
+    for color, (name, lrs) in zip(colors, group_lrs.items(), strict=True):
+        ax.plot(range(len(lrs)), lrs, label=name, linewidth=1.2,
+                color="#c0392b" if name == "head" else color)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title(title)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -23,9 +24,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from further_pt.config import ConfigError, flatten
 
+logger = logging.getLogger("further_pt.training")
+
 __all__ = ["MetricsLog", "Preempted", "PreemptionWatch", "ResumableSampler", "TrainingFailed",
            "checkpoint_bytes", "make_accelerator", "micro_batches", "nullcontext",
-           "param_groups", "step_seed"]
+           "optimizer_step", "param_groups", "step_seed"]
 
 
 class TrainingFailed(RuntimeError):
@@ -137,6 +140,34 @@ def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed that is a pure function of (seed, step, rank, ...)."""
     text = "-".join(str(p) for p in (seed, *parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def optimizer_step(accelerator: Any, params: Iterator[torch.nn.Parameter], optimizer: Any,
+                   scheduler: Any, loss: torch.Tensor, *, max_grad_norm: float,
+                   max_nonfinite: int, state: dict[str, Any], step: int, ckpt_root: Path
+                   ) -> torch.Tensor:
+    """Clip, then step, unless the loss or the gradient is non-finite: then skip and count.
+
+    ``max_nonfinite`` skipped steps in a row raise :class:`TrainingFailed`. DDP
+    all-reduced the gradients, so every process takes the same branch. The
+    schedule advances either way: a skipped step is still a step.
+    """
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    if torch.isfinite(grad_norm) and torch.isfinite(loss):
+        optimizer.step()
+        state["nonfinite_run"] = 0
+    else:
+        state["nonfinite_run"] = state.get("nonfinite_run", 0) + 1
+        state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
+        logger.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
+        if state["nonfinite_run"] >= max_nonfinite:
+            raise TrainingFailed(
+                f"{state['nonfinite_run']} non-finite steps in a row at step {step + 1}; "
+                f"stopped. The last good checkpoint is kept in {ckpt_root}")
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:

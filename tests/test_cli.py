@@ -14,8 +14,8 @@ def test_recipes_lists_every_recipe(capsys: pytest.CaptureFixture) -> None:
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in out]
-    assert names == ["cross_domain", "demo", "feat", "fit", "in_domain", "multitask", "ulmfit",
-                     "within_task"]
+    assert names == ["cross_domain", "demo", "feat", "fit", "in_domain", "multitask",
+                     "paper_grid", "ulmfit", "within_task"]
     assert any("IDPT" in line for line in out)
 
 
