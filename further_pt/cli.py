@@ -104,10 +104,14 @@ def _plot_run(args: list[str]) -> int:
 def _experiment(args: list[str]) -> int:
     import logging
 
-    from further_pt.experiment import run
+    from further_pt.experiment import StageFailed, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    report = run(config.load(args, config.ExperimentSchema))
+    try:
+        report = run(config.load(args, config.ExperimentSchema))
+    except StageFailed as exc:
+        print(f"further_pt: experiment stopped: {exc}", file=sys.stderr)
+        return 3
     print(f"Report: {report}")
     return 0
 

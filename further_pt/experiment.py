@@ -51,6 +51,10 @@ def launcher(words: list[str]) -> list[str]:
     return list(words)
 
 
+class StageFailed(RuntimeError):
+    """A stage exited non-zero; finished stages are kept and a re-run continues."""
+
+
 class Runner:
     """Runs stages as subprocesses, skips finished ones, records their wall time."""
 
@@ -72,8 +76,9 @@ class Runner:
         self.record[name] = {"seconds": seconds, "finished": proc.returncode == 0}
         checkpoint.atomic_write_text(self.record_path, json.dumps(self.record, indent=1))
         if proc.returncode != 0:
-            raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); fix the cause and "
-                               "re-run the same command: finished stages are kept")
+            raise StageFailed(f"stage {name} failed (exit {proc.returncode}); fix the cause and "
+                              "re-run the same command: finished stages are kept and the "
+                              "interrupted one resumes")
 
 
 def split_general(cfg: DictConfig, out: Path) -> tuple[list[str], Path | None]:

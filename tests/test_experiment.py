@@ -105,3 +105,30 @@ def test_plot_run(experiment, tmp_path) -> None:
         assert main(["plot-run", str(out / run), f"output={png}"]) == 0
         assert png.stat().st_size > 1000
     assert main(["plot-run", str(tmp_path)]) == 2
+
+
+def test_a_killed_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_model_dir,
+                                                           corpus_file, monkeypatch,
+                                                           capsys) -> None:
+    train, dev = write_task(tmp_path / "t.jsonl", 48, 0), write_task(tmp_path / "d.jsonl", 16, 1)
+    out = tmp_path / "exp"
+    argv = ["experiment", "recipe=paper_grid", f"output_dir={out}", "seeds=[1]",
+            "variants=[fit,itpt]", f"base_model={tiny_model_dir}", f"task.train_file={train}",
+            f"task.eval_file={dev}", "forgetting.docs=0", "launcher=[python]",
+            _overrides("pretrain", "train.max_steps=4", "train.warmup_steps=1",
+                       "train.batch_size=4", "data.max_seq_length=64", "checkpoint.every_steps=2",
+                       "train.log_every_steps=1", "model.attn_implementation=eager"),
+            _overrides("finetune", "data.max_seq_length=32", "data.head_tokens=8",
+                       "train.epochs=1", "train.batch_size=16", "model.attn_implementation=eager")]
+    monkeypatch.setenv("FURTHER_PT_FAULT", "step:3")  # pretrain-itpt dies after step 3
+    assert main(argv) == 3
+    assert "stage pretrain-itpt failed (exit -9)" in capsys.readouterr().err
+    assert (out / "pretrain-itpt" / "checkpoints" / "step-000002").is_dir()
+    monkeypatch.delenv("FURTHER_PT_FAULT")
+    assert main(argv) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert all(s["finished"] for s in stages.values())
+    log = [json.loads(x) for x in (out / "pretrain-itpt" / "logs" / "metrics.jsonl")
+           .read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4]  # killed after 3, resumed from 2: once each
+    assert (out / "report.csv").is_file()
