@@ -126,3 +126,36 @@ def test_predict_writes_one_line_per_row_cut_as_in_training(fit_run, task, tmp_p
         sum(r["prediction"] == r["label"] for r in rows) / 40)
     assert main(["predict", f"model={out / 'final'}", f"input={task[1]}"]) == 2
     assert "missing output=..." in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny_model_dir,
+                                                                 task) -> None:
+    """T = epochs x optimizer steps per epoch of one process's shard, after accumulation."""
+    import socket
+    import sys
+
+    from further_pt.schedules import stlr_factor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(port)]
+    out = tmp_path / "ddp"
+    args = _args("ulmfit", out, tiny_model_dir, *task, **{
+        "train.epochs": 2, "train.batch_size": 8, "train.gradient_accumulation_steps": 2,
+        "train.log_every_steps": 1, "train.unfreeze": "none", "head.pooling": "cls",
+        "train.layer_decay": 1.0})
+    proc = run_script(args, script="finetune.py", launcher=launcher,
+                      env={"ACCELERATE_USE_CPU": "true"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = 160 // 2
+    total = 2 * math.ceil(math.ceil(per_rank / 8) / 2)  # 2 epochs x 5 steps
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == total == 10
+    lrs = {x["step"]: x["lr/head"] for x in map(json.loads, (out / "logs" / "metrics.jsonl")
+                                                .read_text().splitlines()) if "lr/head" in x}
+    for step, lr in lrs.items():  # logged after `step` updates: the lr of the next step
+        assert lr == pytest.approx(3e-3 * stlr_factor(step, total, 0.1, 32))
