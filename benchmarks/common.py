@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -75,6 +76,25 @@ def run_worker(script: Path, args: list[str]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def training_parser(doc: str, *, batch: int, steps: int) -> argparse.ArgumentParser:
+    """The options every training benchmark takes: worker mode, path, batch shape, repeats."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=["reference", "further_pt"])
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    return parser
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """The shared options, as a worker's command line."""
+    return ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--threads", str(args.threads)]
 
 
 def peak_rss_mb() -> float:

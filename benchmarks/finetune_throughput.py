@@ -105,15 +105,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--path", choices=["reference", "further_pt"])
+    parser = common.training_parser(__doc__, batch=16, steps=12)
     parser.add_argument("--max-seq-length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -123,8 +116,7 @@ def main() -> None:
         for path in runs:
             runs[path].append(common.run_worker(Path(__file__), [
                 "--path", path, "--max-seq-length", str(args.max_seq_length),
-                "--batch", str(args.batch), "--steps", str(args.steps),
-                "--warmup", str(args.warmup), "--threads", str(args.threads)]))
+                *common.worker_args(args)]))
     summary = {path: {"examples_per_s": statistics.median(r["examples_per_s"] for r in rs),
                       "padded_tokens_per_batch": statistics.median(
                           r["padded_tokens_per_batch"] for r in rs),

@@ -119,16 +119,9 @@ def model_flops(size: str, batch: int, vocab: int, encoder_params: int, scored: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--path", choices=["reference", "further_pt"])
+    parser = common.training_parser(__doc__, batch=8, steps=8)
     parser.add_argument("--size", choices=list(SIZES), default="minilm-6x384")
     parser.add_argument("--blocks", type=Path, default=Path("/tmp/further_pt_bench/blocks.pt"))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -145,8 +138,7 @@ def main() -> None:
             for path in runs:  # interleaved: A B A B ...
                 runs[path].append(common.run_worker(Path(__file__), [
                     "--path", path, "--size", size, "--blocks", str(args.blocks),
-                    "--batch", str(args.batch), "--steps", str(args.steps),
-                    "--warmup", str(args.warmup), "--threads", str(args.threads)]))
+                    *common.worker_args(args)]))
         summary = {}
         for path, rs in runs.items():
             sec = statistics.median(r["seconds_per_step"] for r in rs)

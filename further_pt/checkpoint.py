@@ -244,17 +244,21 @@ def complete_checkpoints(root: Path, *, check: bool = True) -> list[Path]:
     return [p for p in found if verify(p) is None]
 
 
-def latest_checkpoint(root: Path, *, clean: bool = True) -> Path | None:
+def remove_partial(root: Path) -> None:
+    """Main process only: delete ``.tmp-*`` folders an interrupted write left behind."""
+    for tmp in root.glob(".tmp-*") if root.is_dir() else ():
+        logger.warning("removing the partial checkpoint %s left by an interrupted write", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint that passes verification; broken ones are named in a warning.
 
-    With ``clean`` (the main process), partial ``.tmp-*`` folders of an interrupted
-    write are removed.
+    Read-only (partial ``.tmp-*`` folders are ignored here; :func:`remove_partial`
+    deletes them), so every process can call it.
     """
     if not root.is_dir():
         return None
-    for tmp in root.glob(".tmp-*") if clean else ():
-        logger.warning("removing the partial checkpoint %s left by an interrupted write", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
     candidates = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0),
                         key=step_of, reverse=True)
     for folder in candidates:

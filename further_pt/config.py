@@ -236,7 +236,7 @@ def validate_pretrain(cfg: DictConfig) -> None:
                  f"{fs.max_position_embeddings} is below data.max_seq_length={d.max_seq_length}")
     _require(len(d.train_files) > 0, "data.train_files", "is empty: give at least one file")
     for i, pattern in enumerate(d.train_files):
-        if not expand_paths(pattern) and not _looks_like_hub_dataset(pattern):
+        if not expand_paths(pattern):  # hf:/builtin: names pass through expand_paths
             raise ConfigError(
                 f"config key 'data.train_files[{i}]': no file matches {pattern!r}"
             )
@@ -347,11 +347,6 @@ def validate_finetune(cfg: DictConfig) -> None:
     _choice("eval.metric", e.metric, ("accuracy", "macro_f1", "error_rate"))
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-
-
-def _looks_like_hub_dataset(pattern: str) -> bool:
-    """``hf:owner/name`` names a hub dataset (loaded online); anything else must be a file."""
-    return pattern.startswith("hf:") and len(pattern) > 3
 
 
 def flatten(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:

@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resuming = checkpoint.prepare_output_dir(
         output_dir, resolved, overwrite=cfg.overwrite_output_dir, may_differ=RESUMABLE_KEYS)
     ckpt_root = output_dir / "checkpoints"
-    resume_from = checkpoint.latest_checkpoint(ckpt_root, clean=False) if resuming else None
+    resume_from = checkpoint.latest_checkpoint(ckpt_root) if resuming else None
     if resuming and (output_dir / "metrics.json").is_file():
         logging.getLogger("further_pt").warning("%s already holds a finished run", output_dir)
         return json.loads((output_dir / "metrics.json").read_text())
@@ -143,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if is_main:
         if not resuming:
             checkpoint.write_config(output_dir, resolved, overwrite=cfg.overwrite_output_dir)
-        checkpoint.latest_checkpoint(ckpt_root, clean=True)
+        checkpoint.remove_partial(ckpt_root)
     accelerator.wait_for_everyone()
 
     # Data: one resumable stream per task; a step draws its task in proportion to task size.
@@ -235,7 +235,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return results
 
     log = training.MetricsLog(accelerator, output_dir / "logs", "finetune", resolved)
-    step, window_loss, window_steps = state["step"], 0.0, 0
+    step, window_steps = state["step"], 0
+    window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # no sync/step
     window_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not is_main)
     classifier.train()
@@ -269,19 +270,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 max_grad_norm=t.max_grad_norm, max_nonfinite=t.max_nonfinite_steps,
                 state=state, step=step, ckpt_root=ckpt_root)
             step += 1
-            window_loss += step_loss.item()
+            window_loss += step_loss
             window_steps += 1
             bar.update(1)
             faults.point("step", step, rank)
             stop = watch.requested(accelerator)
             if step % t.log_every_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                values = {"train/loss": window_loss / window_steps,
+                values = {"train/loss": window_loss.item() / window_steps,
                           "train/steps_per_s": window_steps / elapsed,
                           **{f"lr/{k}": v for k, v in layerwise.group_lrs(optimizer).items()}}
                 log.log(step, values)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}")
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if epoch_end or stop:
                 epoch_no = math.ceil(step / steps_per_epoch)

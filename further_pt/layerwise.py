@@ -87,15 +87,10 @@ def layer_groups(model: nn.Module, *, lr: float, xi: float, head_lr: float) -> l
 
 def optimizer_groups(groups: list[LayerGroup], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups: per layer group, one with weight decay (matrices), one without."""
-    out = []
-    for group in groups:
-        decay = [p for _, p in group.params if p.ndim >= 2]
-        no_decay = [p for _, p in group.params if p.ndim < 2]
-        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            if params:
-                out.append({"params": params, "lr": group.lr, "weight_decay": wd,
-                            "name": group.name})
-    return out
+    from further_pt.training import param_groups
+
+    return [g for group in groups for g in param_groups(
+        (p for _, p in group.params), weight_decay, lr=group.lr, name=group.name)]
 
 
 class GradualUnfreezing:

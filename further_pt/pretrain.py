@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> Path:
         output_dir, resolved, overwrite=cfg.overwrite_output_dir, may_differ=RESUMABLE_KEYS)
     sources = corpus.resolve_sources(cfg.data.train_files)
     ckpt_root = output_dir / "checkpoints"
-    resume_from = checkpoint.latest_checkpoint(ckpt_root, clean=False) if resuming else None
+    resume_from = checkpoint.latest_checkpoint(ckpt_root) if resuming else None
     if resume_from is not None:
         model_config = model.load_config(str(resume_from))
     elif cfg.model.from_scratch is None:
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> Path:
     if is_main:
         if not resuming:
             checkpoint.write_config(output_dir, resolved, overwrite=cfg.overwrite_output_dir)
-        checkpoint.latest_checkpoint(ckpt_root, clean=True)  # drop partial writes
+        checkpoint.remove_partial(ckpt_root)
     accelerator.wait_for_everyone()
     if tokenizer is None:
         tokenizer = prepare_tokenizer(cfg, docs, output_dir, resume_from, accelerator)
@@ -176,7 +176,7 @@ def run(cfg: DictConfig) -> Path:
     objective = PretrainingObjective(net, nsp=cfg.objective.nsp)
     t = cfg.train
     optimizer = torch.optim.AdamW(
-        training.param_groups(objective, t.weight_decay), lr=t.lr,
+        training.param_groups(objective.parameters(), t.weight_decay), lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=on_gpu or None)
     from transformers import get_linear_schedule_with_warmup
     scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
@@ -208,8 +208,9 @@ def run(cfg: DictConfig) -> Path:
     stream = training.micro_batches(loader, sampler, batch_size, state["epoch"],
                                     state["position"])
     step = state["step"]
-    window = {"mlm": 0.0, "nsp": 0.0, "correct": 0.0, "pairs": 0.0, "tokens": 0.0, "steps": 0}
-    window_start = time.perf_counter()
+    # Logging window, on the device: MLM loss, NSP loss, NSP correct, NSP pairs, tokens.
+    window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+    window_steps, window_start = 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step",
                disable=not is_main, dynamic_ncols=True)
     objective.train()
@@ -236,30 +237,29 @@ def run(cfg: DictConfig) -> Path:
                 if micro == 0:
                     faults.point("micro", step + 1, rank)
                 step_loss += losses.total.detach() / accum
-                window["mlm"] += losses.mlm.item() / accum
+                # Summed on the device; read once per logging interval (no sync per step).
+                window[0] += losses.mlm.detach() / accum
                 if losses.nsp is not None:
-                    window["nsp"] += losses.nsp.item() / accum
-                    window["correct"] += losses.nsp_correct.item()
-                    window["pairs"] += labels.shape[0]
-                window["tokens"] += batch["attention_mask"].sum().item()
+                    window[1] += losses.nsp.detach() / accum
+                    window[2] += losses.nsp_correct
+                    window[3] += labels.shape[0]
+                window[4] += batch["attention_mask"].sum()
             grad_norm = training.optimizer_step(
                 accelerator, objective.parameters(), optimizer, scheduler, step_loss,
                 max_grad_norm=t.max_grad_norm, max_nonfinite=t.max_nonfinite_steps,
                 state=state, step=step, ckpt_root=ckpt_root)
             step += 1
-            window["steps"] += 1
+            window_steps += 1
             bar.update(1)
             faults.point("step", step, rank)
             stop = watch.requested(accelerator)
             if step % t.log_every_steps == 0 or step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
-                totals = accelerator.reduce(torch.tensor(
-                    [window["mlm"], window["nsp"], window["correct"], window["pairs"],
-                     window["tokens"]], device=accelerator.device), reduction="sum").tolist()
-                n = window["steps"] * world
+                totals = accelerator.reduce(window, reduction="sum").tolist()
+                n = window_steps * world
                 values = {"train/mlm_loss": totals[0] / n, "train/lr": scheduler.get_last_lr()[0],
                           "train/tokens_per_s": totals[4] / elapsed,
-                          "train/steps_per_s": window["steps"] / elapsed,
+                          "train/steps_per_s": window_steps / elapsed,
                           "train/grad_norm": float(grad_norm)}
                 if cfg.objective.nsp:
                     values["train/nsp_loss"] = totals[1] / n
@@ -268,9 +268,8 @@ def run(cfg: DictConfig) -> Path:
                 log.log(step, values)
                 bar.set_postfix(mlm=f"{values['train/mlm_loss']:.3f}",
                                 tok_s=f"{values['train/tokens_per_s']:.0f}")
-                window = dict.fromkeys(window, 0.0)
-                window["steps"] = 0
-                window_start = time.perf_counter()
+                window.zero_()
+                window_steps, window_start = 0, time.perf_counter()
             if step % cfg.checkpoint.every_steps == 0 or step == t.max_steps or stop:
                 if is_main:
                     saved = checkpoint.save_checkpoint(

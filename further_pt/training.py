@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -176,14 +176,17 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return int(2 * 3 * 4 * params * 1.1)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: weight decay on matrices, none on biases and LayerNorm (1-D) weights."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float, **extra: Any
+                 ) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on biases and LayerNorm (1-D) weights.
+
+    ``extra`` keys (an ``lr``, a group ``name``) go into both groups; empty groups are left out.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    return [{"params": group, "weight_decay": wd, **extra}
+            for group, wd in ((decay, weight_decay), (no_decay, 0.0)) if group]
 
 
 class ResumableSampler(Sampler[int]):

@@ -57,7 +57,9 @@ def test_partial_and_corrupt_checkpoints_fall_back(tmp_path: Path, caplog) -> No
     assert checkpoint.latest_checkpoint(root) == good
     assert "skipping checkpoint" in caplog.text and "step-000030" in caplog.text
     assert "does not match its checksum" in caplog.text
-    assert not (root / ".tmp-step-000040").exists()
+    assert (root / ".tmp-step-000040").exists()  # discovery is read-only...
+    checkpoint.remove_partial(root)
+    assert not (root / ".tmp-step-000040").exists()  # ...cleaning is the main process's job
     (good / "optimizer.pt").write_bytes(b"")  # truncated
     newest = checkpoint.latest_checkpoint(root)
     assert newest is not None and newest.name == "step-000010"
