@@ -23,13 +23,18 @@ every rank, so the main process writes it and every rank reads it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +42,19 @@ import torch
 import yaml
 
 from further_pt import faults
-from further_pt.config import ConfigError, flatten
+from further_pt.config import flatten
+from further_pt.errors import CheckpointWriteError, ConfigError, SetupError
+
+try:  # POSIX only; elsewhere OutputDirLock warns and does not lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions); older ones are intact."""
-
-
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -67,7 +75,7 @@ def prepare_output_dir(
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
     _existing_folder(output_dir)
-    if not output_dir.exists() or not any(output_dir.iterdir()):
+    if not output_dir.exists() or all(p.name == LOCK_FILE for p in output_dir.iterdir()):
         return False
     if overwrite:
         return False
@@ -115,7 +123,13 @@ def check_writable(output_dir: Path, needed_bytes: int) -> None:
 def write_config(output_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
     """Main process only: (discard the old run if asked, then) write the resolved config."""
     if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
+        for child in output_dir.iterdir():  # keep the held OutputDirLock's file (same inode)
+            if child.name == LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
@@ -276,3 +290,98 @@ def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, schedule
         torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return json.loads((folder / STATE).read_text())
+
+
+# --------------------------------------------------------------------------- one run per dir
+
+
+class OutputDirLock:
+    """An exclusive, non-blocking ``flock`` on ``<output_dir>/.lock`` for the life of a run.
+
+    Two runs writing one output dir would interleave checkpoints and each resume the
+    other's. The lock is held by an open file, so the OS drops it when the process dies
+    (kill -9 included): there is never a stale lock to clean up, and the file itself is
+    never deleted (deleting it would let a third run lock a new inode while a second
+    still holds the old one). The file holds JSON ``{pid, host, started, argv}`` of the
+    holder, which a refused run names in its SetupError.
+
+    Acquire it on the main process only, before anything writes to ``output_dir``.
+    Without ``fcntl`` (Windows) it warns and does not lock; a filesystem that refuses
+    ``flock`` (some Lustre/NFS mounts) gets the same treatment. On NFS the Linux client
+    emulates ``flock`` with byte-range locks, so runs on different nodes also exclude
+    each other there. Forked children (DataLoader workers) inherit the descriptor and so
+    keep the lock until they exit too.
+    """
+
+    def __init__(self, output_dir: Path | str) -> None:
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> OutputDirLock:
+        """Take the lock (creating the output dir); SetupError naming the holder if it is taken."""
+        if self._fd is not None:
+            return self
+        if fcntl is None:
+            logger.warning("no fcntl on this platform: output_dir %s is not locked against a "
+                           "second run", self.output_dir)
+            return self
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise SetupError(f"output_dir {self.output_dir}: cannot create the lock file "
+                             f"{self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = _describe_holder(fd)
+                os.close(fd)
+                raise SetupError(
+                    f"output_dir {self.output_dir} is in use by {holder} (lock file {self.path}); "
+                    "wait for it or use another output_dir") from None
+            os.close(fd)
+            logger.warning("output_dir %s is not locked against a second run: flock on %s "
+                           "failed (%s)", self.output_dir, self.path, exc.strerror or exc)
+            return self
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "argv": list(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays, see the class docstring). Safe to call twice."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> OutputDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _describe_holder(fd: int) -> str:
+    """'pid P on host H since T' from the lock file, tolerating a holder still writing it."""
+    for attempt in range(5):
+        try:
+            info = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace"))
+            return f"pid {info['pid']} on host {info['host']} since {info['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if attempt < 4:
+                time.sleep(0.05)  # the holder locks first, then writes: give it a moment
+    return "another process (its lock file holds no readable owner)"

@@ -6,6 +6,12 @@ pairs) hold the text, ``label_column`` the label. Labels are mapped to ids from
 the training set, sorted; a label in evaluation data that training never saw
 is an error naming the file, the row and the label.
 
+Data quality is checked as a class, not case by case: every text must be a
+non-blank string and every label a non-blank string or an integer; a bad value
+is a :class:`DataError` naming file, line (row index for parquet), column and
+value, or, with ``invalid_rows="skip"``, a dropped and counted row. The
+low-label regime (``stratified_subsample``) keeps a seeded, stratified sample.
+
 Long texts (Sun et al. 2019, sec. 5.3.1, Table 2), ``max_seq_length`` counting
 ``[CLS]`` and ``[SEP]``:
 
@@ -22,22 +28,60 @@ Text pairs are truncated longest-first by the tokenizer.
 
 from __future__ import annotations
 
+import csv
 import hashlib
-from collections.abc import Sequence
+import io
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import torch
 
-from further_pt.config import ConfigError
-from further_pt.corpus import builder_for, check_file, load_files
+from further_pt import instances
+from further_pt.corpus import builder_for, check_file, load_files, open_bytes
+from further_pt.errors import ConfigError, DataError
 
+logger = logging.getLogger("further_pt.classification_data")
 STRATEGIES = ("head", "tail", "head_tail", "segments")
 
 
-def read_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | None = None
-                  ) -> datasets.Dataset:
-    """Read a labelled file (or ``hf:name[:split]``) keeping ``columns``; name what is missing."""
+def read_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | None = None,
+                  text_columns: Sequence[str] = (), label_column: str | None = None,
+                  invalid_rows: str = "error") -> datasets.Dataset:
+    """Read a labelled file (or ``hf:name[:split]``) keeping ``columns``; name what is missing.
+
+    Naming ``text_columns``/``label_column`` checks their values (see :func:`load_labelled`,
+    which also returns how many rows ``invalid_rows="skip"`` dropped).
+    """
+    return load_labelled(path, columns=columns, cache_dir=cache_dir, text_columns=text_columns,
+                         label_column=label_column, invalid_rows=invalid_rows)[0]
+
+
+def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | None = None,
+                  text_columns: Sequence[str] = (), label_column: str | None = None,
+                  invalid_rows: str = "error") -> tuple[datasets.Dataset, int]:
+    """Read and check a labelled file: (the rows kept, the number of invalid rows dropped).
+
+    Texts must be non-blank strings, labels non-blank strings or integers (see
+    :func:`value_problem`). A bad row is a :class:`DataError` naming file, line (row index
+    for parquet and hub data), column and value; ``invalid_rows="skip"`` drops and counts
+    bad rows instead (logged once). JSON lines are scanned with :mod:`json` before
+    ``datasets`` reads them: datasets 5 silently JSON-encodes a column whose values mix
+    types (a number among texts), so mixed columns must never reach it.
+    """
+    if invalid_rows not in INVALID_ROWS:
+        raise ConfigError(f"config key 'data.invalid_rows': {invalid_rows!r} is not one of "
+                          f"{', '.join(INVALID_ROWS)}")
+    roles = {c: "text" for c in text_columns} | ({label_column: "label"} if label_column else {})
+    checked = list(dict.fromkeys([*(columns or ()), *roles]))
+    bad: dict[int, _Bad] = {}
+    scanned = prefiltered = False
     if path.startswith("hf:"):
         name, _, split = path.removeprefix("hf:").partition(":")
         ds = datasets.load_dataset(name, split=split or "train")
@@ -46,20 +90,66 @@ def read_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
         if builder == "text":
             raise ConfigError(f"{path}: labelled data must be .jsonl, .csv, .tsv or .parquet")
         check_file(path, "labelled data")
+        mixed = False
+        if builder == "json" and checked and _is_json_lines(path):
+            bad, mixed, rows = _scan_json_lines(path, checked, roles)
+            scanned = True
+            if bad and invalid_rows == "error":
+                raise DataError(_describe(path, bad) + _SKIP_HINT)
         kwargs: dict[str, Any] = {"delimiter": "\t"} if ".tsv" in path.lower() else {}
-        ds = load_files(builder, [path], "labelled data", cache_dir=cache_dir, **kwargs)
+        if builder == "csv":  # "NA", "null", "None" are texts and labels, not missing values
+            kwargs["keep_default_na"] = False
+        if mixed:  # skip mode: datasets would JSON-encode the mixed column, so build it here
+            if len(bad) == rows:
+                raise DataError(f"{path}: every row is invalid; first: {_describe(path, bad)}")
+            prefiltered = True
+            ds = datasets.Dataset.from_list([{c: obj.get(c) for c in checked} for i, (_, obj)
+                                             in enumerate(_json_rows(path)) if i not in bad])
+        else:
+            ds = load_files(builder, [path], "labelled data", cache_dir=cache_dir, **kwargs)
     if len(ds) == 0:
         raise ConfigError(f"{path}: holds no rows")
-    if columns is None:  # keep every column
-        return ds
-    for column in columns:
+    for column in checked:
         if column not in ds.column_names:
             raise ConfigError(f"{path}: no column {column!r} (columns: "
                               f"{', '.join(ds.column_names)})")
-    return ds.select_columns(list(columns))
+    if roles and not scanned:
+        bad = _find_bad_rows(ds, roles, stop_at_first=invalid_rows == "error")
+        if bad and invalid_rows == "error":
+            raise DataError(_describe(path, bad) + _SKIP_HINT)
+    if columns is not None:
+        ds = ds.select_columns(list(columns))
+    if bad:
+        logger.warning("%s: dropped %d invalid rows (data.invalid_rows=skip); first: %s", path,
+                       len(bad), _describe(path, bad))
+        if not prefiltered and len(bad) == len(ds):
+            raise DataError(f"{path}: every row is invalid; first: {_describe(path, bad)}")
+        if not prefiltered:
+            ds = ds.select([i for i in range(len(ds)) if i not in bad])
+    return ds, len(bad)
+
+
+def value_problem(value: Any, role: str) -> str | None:
+    """Why ``value`` cannot be a text or a label, or ``None`` when it can.
+
+    A text is a string with a non-space character. A label is a string with a
+    non-space character, an int or a bool (class names are ``str(value)``); null,
+    "" and floats (NaN from a blank csv cell) are refused: none may become a class.
+    """
+    if value is None:
+        return "is null"
+    if isinstance(value, str):
+        return None if value.strip() else ("is empty" if not value else "is blank")
+    if role == "label" and isinstance(value, int):  # bool is an int
+        return None
+    wanted = "a string" if role == "text" else "a string or an integer"
+    name = type(value).__name__
+    return f"holds {'an' if name[0] in 'aeiou' else 'a'} {name}, not {wanted}"
 
 
 def label_names(train: datasets.Dataset, label_column: str, path: str) -> list[str]:
+    """The class names of the training data, sorted; a null or blank label is a DataError."""
+    _raise_bad_labels(train, label_column, path)
     names = sorted({str(v) for v in train[label_column]})
     if len(names) < 2:
         raise ConfigError(f"{path}: the training data has a single class ({names[0]!r}); "
@@ -69,6 +159,8 @@ def label_names(train: datasets.Dataset, label_column: str, path: str) -> list[s
 
 def encode_labels(ds: datasets.Dataset, label_column: str, names: list[str], path: str
                   ) -> list[int]:
+    """Label ids by ``names``; a label training never saw is an error naming the row."""
+    _raise_bad_labels(ds, label_column, path)
     index = {name: i for i, name in enumerate(names)}
     ids = []
     for row, value in enumerate(ds[label_column]):
@@ -77,6 +169,191 @@ def encode_labels(ds: datasets.Dataset, label_column: str, names: list[str], pat
                               f"training data does not have (labels: {', '.join(names)})")
         ids.append(index[str(value)])
     return ids
+
+
+# --------------------------------------------------------------------------- row checks
+
+INVALID_ROWS = ("error", "skip")
+_SKIP_HINT = " (data.invalid_rows=skip drops such rows)"
+_JSON_SUFFIXES = tuple(f".{e}{c}" for e in ("jsonl", "json") for c in ("", ".gz", ".bz2", ".xz"))
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """One unusable value; ``line`` is known when a JSON-lines scan found it."""
+
+    column: str
+    value: Any
+    problem: str
+    line: int | None = None
+
+
+def _describe(path: str, bad: dict[int, _Bad]) -> str:
+    """The message of the first bad row (its position looked up only now: it may cost a scan)."""
+    row, first = next(iter(bad.items()))
+    where = f"{path}:{first.line}" if first.line is not None else _position(path, row)
+    return f"{where}: column {first.column!r} {first.problem}: {_show(first.value)}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _json_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line, as pyarrow reads them (blank lines skipped)."""
+    with open_bytes(path) as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise ConfigError(f"labelled data: {path} line {number}: {exc}") from None
+            yield number, obj if isinstance(obj, dict) else {}
+
+
+def _is_json_lines(path: str) -> bool:
+    """A JSON-lines file we can scan (not a JSON array, not .zst)."""
+    if not path.lower().endswith(_JSON_SUFFIXES):
+        return False
+    with open_bytes(path) as fh:
+        return not fh.read(4096).lstrip().startswith(b"[")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return "number" if isinstance(value, int | float) else type(value).__name__
+
+
+def _scan_json_lines(path: str, columns: Sequence[str], roles: dict[str, str]
+                     ) -> tuple[dict[int, _Bad], bool, int]:
+    """Check every row of a JSON-lines file: (bad rows, whether types mix, rows).
+
+    A column whose non-null values are of several JSON types is a bad row at the
+    first deviating line, whatever its role.
+    """
+    bad: dict[int, _Bad] = {}
+    first: dict[str, tuple[str, int]] = {}
+    mixed, row = False, -1
+    for row, (number, obj) in enumerate(_json_rows(path)):
+        for column in columns:
+            value = obj.get(column)
+            problem = value_problem(value, roles[column]) if column in roles else None
+            if value is not None:
+                kind = _kind(value)
+                seen, line = first.setdefault(column, (kind, number))
+                if kind != seen:
+                    mixed = True
+                    problem = problem or f"holds a {kind} where line {line} holds a {seen}"
+            if problem and row not in bad:
+                bad[row] = _Bad(column, value, problem, number)
+    return bad, mixed, row + 1
+
+
+def _find_bad_rows(ds: datasets.Dataset, roles: dict[str, str], *, stop_at_first: bool
+                   ) -> dict[int, _Bad]:
+    """{row: message} of rows whose text/label values are unusable (Arrow-vectorised for text)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    bad: dict[int, _Bad] = {}
+    for column, role in roles.items():
+        data = ds.data.column(column)
+        if role == "text" and data.type in (pa.string(), pa.large_string()):
+            empty = pc.or_kleene(pc.is_null(data), pc.equal(pc.utf8_trim_whitespace(data), ""))
+            rows = pc.indices_nonzero(pc.fill_null(empty, True)).to_pylist()
+            values = data.take(rows).to_pylist() if rows else []
+        else:
+            rows, values = [], []
+            for i, value in enumerate(ds[column]):
+                if value_problem(value, role):
+                    rows.append(i)
+                    values.append(value)
+                    if stop_at_first:
+                        break
+        for row, value in zip(rows, values, strict=True):
+            if row not in bad:
+                bad[row] = _Bad(column, value, value_problem(value, role) or "")
+            if stop_at_first:
+                break
+    return dict(sorted(bad.items()))
+
+
+def _raise_bad_labels(ds: datasets.Dataset, label_column: str, path: str) -> None:
+    bad = _find_bad_rows(ds, {label_column: "label"}, stop_at_first=True)
+    if bad:
+        raise DataError(_describe(path, bad) + _SKIP_HINT)
+
+
+def _position(path: str, row: int) -> str:
+    """``file:line`` of data row ``row`` (0-based) of a text file, else ``file row index N``."""
+    if not path.startswith("hf:") and builder_for(path) == "json" and _is_json_lines(path):
+        for i, (number, _) in enumerate(_json_rows(path)):
+            if i == row:
+                return f"{path}:{number}"
+    if not path.startswith("hf:") and builder_for(path) == "csv" and os.path.isfile(path):
+        delimiter = "\t" if ".tsv" in path.lower() else ","
+        with io.TextIOWrapper(open_bytes(path), encoding="utf-8", errors="replace",
+                              newline="") as fh:
+            reader = csv.reader(fh, delimiter=delimiter)
+            start, records = 1, -1  # the header is record -1
+            for record in reader:
+                if record:
+                    if records == row:
+                        return f"{path}:{start}"
+                    records += 1
+                start = reader.line_num + 1
+    return f"{path} row index {row}"
+
+
+# --------------------------------------------------------------------------- low-label regime
+
+
+def stratified_subsample(labels: Sequence[int], n: int, seed: int, *, num_classes: int,
+                         where: str) -> list[int]:
+    """Sorted row indices of a seeded, stratified sample of ``n`` rows (the low-label regime).
+
+    Each class present gets a share proportional to its size (largest remainder,
+    ties to the larger class, then the lower id) and at least one row. Only
+    (labels, n, seed) decide the sample, never a model or tokenizer, so every
+    starting model of an experiment fine-tunes on the same examples for a seed.
+    """
+    key = "config key 'data.max_train_examples'"
+    if n < 1:
+        raise ConfigError(f"{key}: {n} must be at least 1")
+    by_class: dict[int, list[int]] = {}
+    for row, label in enumerate(labels):
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{where}: row {row} has label id {label}, not in [0, {num_classes})")
+        by_class.setdefault(label, []).append(row)
+    if n < len(by_class):
+        raise ConfigError(f"{key}: {n} is below the {len(by_class)} classes of {where}: every "
+                          "class needs an example")
+    if n > len(labels):
+        raise ConfigError(f"{key}: {n} exceeds the {len(labels)} rows of {where}")
+    quota = {c: n * len(rows) / len(labels) for c, rows in by_class.items()}
+    take = {c: max(1, int(q)) for c, q in quota.items()}
+    while sum(take.values()) < n:  # the largest remainders get one more
+        c = max((c for c in take if take[c] < len(by_class[c])),
+                key=lambda c: (quota[c] - take[c], len(by_class[c]), -c))
+        take[c] += 1
+    while sum(take.values()) > n:  # minimums of 1 overshot: the largest surpluses give one back
+        c = max((c for c in take if take[c] > 1),
+                key=lambda c: (take[c] - quota[c], len(by_class[c]), -c))
+        take[c] -= 1
+    rng = random.Random(seed)
+    chosen = [row for c in sorted(by_class) for row in rng.sample(by_class[c], take[c])]
+    return sorted(chosen)
+
+
+def describe_subsample(labels_kept: Sequence[int], names: Sequence[str], total: int) -> str:
+    """The one log line of a subsample: ``kept 40 of 4037 training examples: admin 4, ...``."""
+    counts = Counter(labels_kept)
+    shares = ", ".join(f"{name} {counts[i]}" for i, name in enumerate(names) if counts[i])
+    return f"kept {len(labels_kept)} of {total} training examples: {shares}"
 
 
 def truncate(ids: list[int], strategy: str, budget: int, head_tokens: int) -> list[int]:
@@ -126,8 +403,7 @@ def tokenize(
             return {"input_ids": enc["input_ids"],
                     "token_type_ids": enc.get("token_type_ids", [[0] * len(x) for x in
                                                                  enc["input_ids"]])}
-        encoded = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(
-            texts, add_special_tokens=False)]
+        encoded = instances.encode_plain(tokenizer, texts)
         if strategy == "segments":
             ids = [[[cls_id, *piece, sep_id] for piece in segment(x, budget, max_segments)]
                    for x in encoded]
@@ -142,9 +418,8 @@ def tokenize(
 
 
 def _tok_fingerprint(tokenizer: Any) -> str:
-    from further_pt.instances import tokenizer_fingerprint
 
-    return tokenizer_fingerprint(tokenizer)
+    return instances.tokenizer_fingerprint(tokenizer)
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,9 +13,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from further_pt import config
+from further_pt import config, experiment, finetune, pretrain
+from further_pt.errors import ConfigError, FurtherPTError
+from further_pt.evaluation import predict_file
+from further_pt.report import plot_run, plot_schedule, schedule_curves
 
 USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 
@@ -30,6 +37,21 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 """
 
 
+# The recipe kinds: the top-level key that marks a composed recipe as one of them, the loader
+# that validates it, and the command that runs it.
+KINDS: dict[str, tuple[str, Callable[[list[str]], Any], str]] = {
+    "pretrain": ("objective", pretrain.load, "accelerate launch further_pt/pretrain.py"),
+    "finetune": ("head", finetune.load, "accelerate launch further_pt/finetune.py"),
+    "experiment": ("variants", experiment.load, "further-pt experiment"),
+}
+
+
+def recipe_kind(recipe: str) -> str:
+    """The kind of a recipe, from the keys of its composed form (bases included)."""
+    keys = set(config.compose(recipe, []))
+    return next((kind for kind, (marker, _, _) in KINDS.items() if marker in keys), "unknown")
+
+
 def _describe(name: str) -> str:
     lines = (config.recipes_dir() / f"{name}.yaml").read_text().splitlines()
     first = next((line for line in lines if line.startswith("#")), "#")
@@ -37,15 +59,13 @@ def _describe(name: str) -> str:
 
 
 def _predict(args: list[str]) -> int:
-    from further_pt.evaluation import predict_file
-
     options = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(options) - {"model", "input", "output", "batch_size"})
     missing = [k for k in ("model", "input", "output") if k not in options]
     if unknown or missing or len(options) != len(args):
         problem = f"unknown option {unknown[0]!r}" if unknown else (
             f"missing {missing[0]}=..." if missing else "options are key=value")
-        raise config.ConfigError(f"predict: {problem}; usage: further-pt predict model=DIR "
+        raise ConfigError(f"predict: {problem}; usage: further-pt predict model=DIR "
                                  "input=FILE output=FILE [batch_size=64]")
     metrics = predict_file(options["model"], options["input"], options["output"],
                            batch_size=int(options.get("batch_size", 64)))
@@ -60,15 +80,11 @@ def _options(args: list[str], allowed: set[str], usage: str) -> dict[str, str]:
     unknown = sorted(set(options) - allowed)
     if unknown or len(options) != len(args):
         problem = f"unknown option {unknown[0]!r}" if unknown else "options are key=value"
-        raise config.ConfigError(f"{problem}; usage: {usage}")
+        raise ConfigError(f"{problem}; usage: {usage}")
     return options
 
 
 def _plot_schedule(args: list[str]) -> int:
-    from pathlib import Path
-
-    from further_pt.report import plot_schedule, schedule_curves
-
     recipe, _ = config.split_recipe_arg(args)
     usage = "further-pt plot-schedule recipe=NAME [steps=1000] [layers=12] [output=FILE.png]"
     options = _options([a for a in args if not a.startswith("recipe=")],
@@ -84,32 +100,24 @@ def _plot_schedule(args: list[str]) -> int:
 
 
 def _plot_run(args: list[str]) -> int:
-    from pathlib import Path
-
-    from further_pt.report import plot_run
-
     if not args or "=" in args[0]:
-        raise config.ConfigError("usage: further-pt plot-run OUTPUT_DIR [output=FILE.png]")
+        raise ConfigError("usage: further-pt plot-run OUTPUT_DIR [output=FILE.png]")
     run_dir = Path(args[0])
     options = _options(args[1:], {"output"}, "further-pt plot-run OUTPUT_DIR [output=FILE.png]")
     out = Path(options.get("output", run_dir / "run.png"))
     try:
         plot_run(run_dir, out)
     except FileNotFoundError as exc:
-        raise config.ConfigError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     print(f"Run plot: {out}")
     return 0
 
 
 def _experiment(args: list[str]) -> int:
-    import logging
-
-    from further_pt.experiment import StageFailed, run
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        report = run(config.load(args, config.ExperimentSchema))
-    except StageFailed as exc:
+        report = experiment.run(experiment.load(args))
+    except experiment.StageFailed as exc:
         print(f"further_pt: experiment stopped: {exc}", file=sys.stderr)
         return 3
     print(f"Report: {report}")
@@ -125,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "recipes":
             for name in config.available_recipes():
-                print(f"{name:14s} {_describe(name)}")
+                print(f"{name:14s} {recipe_kind(name):10s} {_describe(name)}")
             return 0
         if command == "config":
             recipe, _ = config.split_recipe_arg(rest)
-            schema = config.KINDS[config.recipe_kind(config.recipe_path(recipe))]
-            print(config.to_yaml(config.load(rest, schema)), end="")
+            kind = recipe_kind(recipe)
+            if kind not in KINDS:
+                raise ConfigError(f"recipe {recipe!r} has none of the keys that mark a recipe "
+                                  f"kind ({', '.join(m for m, _, _ in KINDS.values())})")
+            print(config.to_yaml(KINDS[kind][1](rest)), end="")
+            print(f"# run it with: {KINDS[kind][2]} recipe={recipe}", file=sys.stderr)
             return 0
         if command == "predict":
             return _predict(rest)
@@ -140,17 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             return _plot_run(rest)
         if command == "experiment":
             return _experiment(rest)
-    except config.ConfigError as exc:
+    except FurtherPTError as exc:
         print(f"further_pt: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     if command == "pretrain":
-        from further_pt.pretrain import main as pretrain_main
-
-        return pretrain_main(rest)
+        return pretrain.main(rest)
     if command == "finetune":
-        from further_pt.finetune import main as finetune_main
-
-        return finetune_main(rest)
+        return finetune.main(rest)
     print(f"further_pt: error: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

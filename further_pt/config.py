@@ -19,20 +19,21 @@ import difflib
 import glob
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from further_pt.errors import ConfigError
 from further_pt.schemas import ExperimentSchema, FinetuneSchema, PretrainSchema
 
 __all__ = ["ConfigError", "ExperimentSchema", "FinetuneSchema", "PretrainSchema",
-           "available_recipes", "load"]
-
-
-class ConfigError(ValueError):
-    """A bad recipe, override, path or value. The message is one line that names the culprit."""
+           "available_recipes", "load", "validate_finetune", "validate_pretrain"]
 
 
 # --------------------------------------------------------------------------- recipes
@@ -47,25 +48,9 @@ def recipes_dir() -> Path:
     raise ConfigError(f"no recipes folder found next to {here}; reinstall further_pt")
 
 
-def available_recipes(kind: str | None = None) -> list[str]:
-    """Shipped recipe names; ``kind`` ("pretrain" or "finetune") keeps one kind."""
-    names = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-    return [n for n in names if kind is None or recipe_kind(recipes_dir() / f"{n}.yaml") == kind]
-
-
-KINDS = {"pretrain": PretrainSchema, "finetune": FinetuneSchema, "experiment": ExperimentSchema}
-SCRIPTS = {"pretrain": "further_pt/pretrain.py", "finetune": "further_pt/finetune.py",
-           "experiment": "further-pt experiment"}
-
-
-def recipe_kind(path: Path) -> str:
-    """Pretraining recipes have ``objective``, experiments ``variants``, fine-tuning ``head``."""
-    import yaml
-
-    raw = yaml.safe_load(path.read_text()) or {}
-    if "objective" in raw:
-        return "pretrain"
-    return "experiment" if "variants" in raw else "finetune"
+def available_recipes() -> list[str]:
+    """Shipped recipe names (``base/*`` are building blocks, not recipes)."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
 def recipe_path(name: str) -> Path:
@@ -112,14 +97,14 @@ def compose(recipe: str, overrides: list[str], known: list[str] | None = None) -
     ``known`` (the schema's keys) turns an override of a key the recipe lacks into
     an "unknown config key" error with a did-you-mean.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
 
     path = recipe_path(recipe)
+    # The shipped recipes' folder is on the search path, so a user's own recipe file can start
+    # from `defaults: [base/pretrain@_here_, _self_]` like the shipped ones.
+    search = f"hydra.searchpath=[file://{recipes_dir()}]"
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
-            cfg = hydra_compose(config_name=path.stem, overrides=overrides)
+            cfg = hydra_compose(config_name=path.stem, overrides=[search, *overrides])
     except HydraException as exc:
         match = re.search(r"Could not override '([^']+)'", str(exc))
         if match and known is not None and match.group(1) not in known:
@@ -166,24 +151,22 @@ def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
     return merged
 
 
-def load(argv: list[str], schema: type = PretrainSchema) -> DictConfig:
-    """Recipe + overrides -> typed, validated config. Raises ConfigError."""
+def load(argv: list[str], schema: type, *, kind: str,
+         validate: Callable[[DictConfig], None] | None = None) -> DictConfig:
+    """Recipe + overrides -> typed, validated config. Raises ConfigError.
+
+    ``kind`` names the job (``pretrain``, ``finetune``, ...) in the error for a recipe
+    of another kind: one whose top-level keys the schema does not know.
+    """
     recipe, overrides = split_recipe_arg(argv)
-    wanted = next(kind for kind, s in KINDS.items() if s is schema)
-    path = recipe_path(recipe)
-    kind = recipe_kind(path)
-    if kind != wanted:
-        raise ConfigError(f"recipe {recipe!r} is a {kind} recipe: run it with {SCRIPTS[kind]} "
-                          f"(recipes for this command: {', '.join(available_recipes(wanted))})")
+    raw = compose(recipe, [])
+    foreign = sorted(set(raw) - set(OmegaConf.structured(schema)))
+    if foreign:
+        raise ConfigError(f"recipe {recipe!r} is not a {kind} recipe (it has {foreign[0]!r}); "
+                          "`further-pt recipes` lists each recipe with its kind")
     known = _all_keys(OmegaConf.structured(schema))
     cfg = apply_schema(compose(recipe, overrides, known), schema)
-    if schema is PretrainSchema:
-        validate_pretrain(cfg)
-    elif schema is FinetuneSchema:
-        validate_finetune(cfg)
-    elif schema is ExperimentSchema:
-        from further_pt.experiment import validate
-
+    if validate is not None:
         validate(cfg)
     return cfg
 
@@ -214,7 +197,7 @@ def expand_paths(pattern: str) -> list[str]:
 
 def validate_pretrain(cfg: DictConfig) -> None:
     """Value checks that types cannot express. Files are checked here, before any work."""
-    m, d, o, t, c = cfg.model, cfg.data, cfg.objective, cfg.train, cfg.checkpoint
+    m, d, o, t = cfg.model, cfg.data, cfg.objective, cfg.train
     _require(bool(cfg.output_dir), "output_dir", "must be a folder path")
     _require(
         (m.name_or_path is None) != (m.from_scratch is None),
@@ -260,23 +243,36 @@ def validate_pretrain(cfg: DictConfig) -> None:
              f"must be in (0, 1), got {o.masked_lm_prob}")
     _require(o.max_predictions_per_seq >= 1, "objective.max_predictions_per_seq",
              f"must be >= 1, got {o.max_predictions_per_seq}")
+    _choice("objective.masking", o.masking, ("token", "whole_word", "span"))
+    _require(0.0 < o.span_geometric_p <= 1.0, "objective.span_geometric_p",
+             f"must be in (0, 1], got {o.span_geometric_p}")
+    _require(o.span_max_words >= 1, "objective.span_max_words",
+             f"must be >= 1, got {o.span_max_words}")
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
+    _require(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps",
+             f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
+    _validate_loop(cfg)
+
+
+def _validate_loop(cfg: DictConfig) -> None:
+    """The keys of the training loop, optimizer and checkpoints that every kind shares."""
+    t, c = cfg.train, cfg.checkpoint
     _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
     _require(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
              f"must be > 0, got {t.gradient_accumulation_steps}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    _require(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps",
-             f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _require(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1",
              "adam betas must be in [0, 1)")
+    _require(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     _require(t.mixed_precision in (None, "no", "fp16", "bf16"), "train.mixed_precision",
              f"must be null (from the accelerate config), no, fp16 or bf16; got "
              f"{t.mixed_precision!r}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
-    _require(c.every_steps > 0, "checkpoint.every_steps", f"must be > 0, got {c.every_steps}")
+    _require(c.every_steps is None or c.every_steps > 0, "checkpoint.every_steps",
+             f"must be > 0 or null (every epoch), got {c.every_steps}")
     _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
 
 
@@ -323,10 +319,6 @@ def validate_finetune(cfg: DictConfig) -> None:
     _require(len(h.layers) >= 1, "head.layers", "list at least one layer, e.g. [-1]")
     _require(0 <= h.dropout < 1, "head.dropout", "must be in [0, 1)")
     _require(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
-    _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
-    _require(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
-             "must be > 0")
-    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(t.head_lr > 0, "train.head_lr", f"must be > 0, got {t.head_lr}")
     _require(0 < t.layer_decay <= 1, "train.layer_decay", f"must be in (0, 1], got {t.layer_decay}")
     _choice("train.schedule", t.schedule, ("stlr", "linear", "cosine", "constant"))
@@ -338,15 +330,9 @@ def validate_finetune(cfg: DictConfig) -> None:
              "train.unfreeze_every_steps", "must be > 0 when train.unfreeze=steps")
     _require(not (t.freeze_encoder and t.unfreeze != "none"), "train.freeze_encoder",
              "conflicts with train.unfreeze (a frozen encoder is never unfrozen)")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-    _require(t.mixed_precision in (None, "no", "fp16", "bf16"), "train.mixed_precision",
-             f"must be null, no, fp16 or bf16; got {t.mixed_precision!r}")
-    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
-    _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _choice("eval.metric", e.metric, ("accuracy", "macro_f1", "error_rate"))
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
-    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _validate_loop(cfg)
 
 
 def flatten(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:

@@ -15,7 +15,10 @@ Rows of ``.jsonl``/``.csv``/``.parquet`` files are documents, read from
 Bad input fails before any training with one line naming the file: an empty or
 binary file (NUL bytes in its first 8 KB), a JSON line that does not parse (with
 its line number), a missing column, a "document" over ``MAX_DOCUMENT_CHARS``
-(a file that is not one document per line). Bytes that are not valid UTF-8 are
+(a file that is not one document per line). A text value that is not a string
+(a number in a JSON line, a numeric csv column) is a :class:`DataError` naming
+the file and the line (row index for parquet); null and blank documents are
+dropped. Bytes that are not valid UTF-8 are
 replaced with U+FFFD, as Python's ``errors="replace"`` does: one stray byte in a
 40 GB corpus should not stop a run.
 """
@@ -38,6 +41,7 @@ from typing import IO
 import datasets
 
 from further_pt.config import ConfigError, expand_paths
+from further_pt.errors import DataError
 
 _BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
@@ -105,8 +109,34 @@ def first_bad_json_line(path: str) -> str | None:
     return None
 
 
-def load_files(builder: str, files: list[str], where: str, **kwargs: object) -> datasets.Dataset:
-    """``datasets.load_dataset`` on local files, its errors turned into one line naming the file."""
+def first_non_text(path: str, column: str) -> tuple[int, object] | None:
+    """(line number, value) of the first JSON line whose ``column`` is neither a string nor null."""
+    with open_bytes(path) as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                row = json.loads(raw.decode("utf-8", errors="replace"))
+            except ValueError:
+                continue
+            value = row.get(column) if isinstance(row, dict) else None
+            if value is not None and not isinstance(value, str):
+                return number, value
+    return None
+
+
+def _non_text_message(path_line: str, column: str, value: object) -> str:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    name = type(value).__name__
+    return (f"{path_line}: column {column!r} holds {'an' if name[0] in 'aeiou' else 'a'} {name}, "
+            f"not a text: {shown}")
+
+
+def load_files(builder: str, files: list[str], where: str, *, text_column: str | None = None,
+               **kwargs: object) -> datasets.Dataset:
+    """``datasets.load_dataset`` on local files, its errors turned into one line naming the file.
+
+    A JSON file whose ``text_column`` holds a number can crash inside pyarrow; the
+    file is then scanned with :mod:`json` for the line, a :class:`DataError`.
+    """
     if builder in ("text", "json", "csv"):
         kwargs.setdefault("encoding_errors", "replace")
     try:
@@ -117,6 +147,11 @@ def load_files(builder: str, files: list[str], where: str, **kwargs: object) -> 
                 bad = first_bad_json_line(path)
                 if bad:
                     raise ConfigError(f"{where}: {path} {bad}") from None
+            for path in files if text_column else ():
+                hit = first_non_text(path, text_column)
+                if hit:
+                    raise DataError(_non_text_message(f"{path}:{hit[0]}", text_column,
+                                                      hit[1])) from None
         cause = exc.__cause__ or exc
         raise ConfigError(f"{where}: {', '.join(files)[:200]} cannot be read "
                           f"({' '.join(str(cause).split())[:200]})") from None
@@ -168,9 +203,10 @@ def load_documents(
                 kwargs["sample_by"] = "paragraph" if txt_documents == "blank_line" else "line"
             if builder == "csv" and all(f.lower().split(".gz")[0].endswith(".tsv") for f in files):
                 kwargs["delimiter"] = "\t"
+            column = text_column if builder != "text" else "text"
             ds = load_files(builder, files, source.spec, cache_dir=str(cache_dir / "datasets"),
-                            **kwargs)
-            parts.append(_text_only(ds, text_column if builder != "text" else "text", files[0]))
+                            text_column=column, **kwargs)
+            parts.append(_text_only(ds, column, files[0], files=files, builder=builder))
     docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     _check_document_lengths(docs, source.spec)
     docs = docs.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]],
@@ -197,12 +233,31 @@ def _check_document_lengths(docs: datasets.Dataset, where: str) -> None:
             "data.txt_documents=blank_line for blank-line separated documents")
 
 
-def _text_only(ds: datasets.Dataset, column: str, where: str) -> datasets.Dataset:
+def _text_only(ds: datasets.Dataset, column: str, where: str, *, files: Sequence[str] = (),
+               builder: str = "") -> datasets.Dataset:
+    """The text column alone, renamed ``text``; a value that is not a string is a DataError.
+
+    Null and blank documents are not errors: load_documents drops them.
+    """
     if column not in ds.column_names:
         raise ConfigError(
             f"{where}: no column {column!r} (columns: {', '.join(ds.column_names)}); "
             "set data.text_column"
         )
+    import pyarrow as pa
+
+    kind = ds.data.column(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        for path in files if builder == "json" else ():
+            hit = first_non_text(path, column)
+            if hit:
+                raise DataError(_non_text_message(f"{path}:{hit[0]}", column, hit[1]))
+        for row, value in enumerate(v for batch in ds.select_columns([column]).iter(1000)
+                                    for v in batch[column]):
+            if value is not None and not isinstance(value, str):
+                place = f"{where} row index {row}" + (" (of the files read together)"
+                                                      if len(files) > 1 else "")
+                raise DataError(_non_text_message(place, column, value))
     ds = ds.select_columns([column])
     if column != "text":
         ds = ds.rename_column(column, "text")

@@ -15,6 +15,14 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import AutoModelForMaskedLM
+
+from further_pt import classification_data, instances
+from further_pt.errors import ConfigError
+from further_pt.heads import load_classifier
+from further_pt.instances import pack_documents
+from further_pt.masking import mask_tokens, special_ids_tensor
+from further_pt.model import load_tokenizer
 
 MODULES = Path(__file__).resolve().parent / "metric_modules"
 PREPROCESSING = "preprocessing.json"  # how the model's training text was cut: predict does the same
@@ -83,10 +91,6 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     """
     import json
 
-    from further_pt import classification_data
-    from further_pt.config import ConfigError
-    from further_pt.heads import load_classifier
-    from further_pt.model import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -136,15 +140,11 @@ def mlm_loss(model_dir: str | Path, texts: list[str], *, max_seq_length: int, se
     The forgetting measure of the experiment report: the same texts, blocks and
     masks for every model (given the same tokenizer), so the losses compare.
     """
-    from transformers import AutoModelForMaskedLM
 
-    from further_pt.instances import pack_documents
-    from further_pt.masking import mask_tokens, special_ids_tensor
-    from further_pt.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
-    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    ids = instances.encode_plain(tokenizer, texts)
     blocks = pack_documents([x for x in ids if x], max_seq_length=max_seq_length,
                             cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
     gen = torch.Generator().manual_seed(seed)

@@ -32,8 +32,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from further_pt import checkpoint, corpus, evaluation
-from further_pt.config import ConfigError, expand_paths
+from further_pt import checkpoint, config, corpus, evaluation, report
+from further_pt.config import expand_paths
+from further_pt.errors import ConfigError
 
 logger = logging.getLogger("further_pt.experiment")
 SCRIPTS = Path(__file__).resolve().parent
@@ -159,9 +160,12 @@ def run(cfg: DictConfig) -> Path:
                 forgetting[variant] = evaluation.mlm_loss(
                     model_dir, texts, max_seq_length=cfg.forgetting.max_seq_length, seed=0)
         checkpoint.atomic_write_text(cached, json.dumps(forgetting, indent=1))
-    from further_pt import report
-
     return report.write(out, cfg, runner.record, forgetting)
+
+
+def load(argv: list[str]) -> DictConfig:
+    """Recipe + overrides -> a validated experiment config (ConfigError otherwise)."""
+    return config.load(argv, config.ExperimentSchema, kind="experiment", validate=validate)
 
 
 def validate(cfg: DictConfig) -> None:

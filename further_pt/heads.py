@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
 HEAD_CONFIG = "head_config.json"
 HEAD_WEIGHTS = "head.safetensors"
@@ -149,8 +151,6 @@ def _pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Te
 
 def load_classifier(folder: str | Path, **kwargs: Any) -> Classifier:
     """Load a fine-tuned model saved by further_pt, custom head included."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification
 
     folder = Path(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)

@@ -139,10 +139,19 @@ def pack_documents(
     return [[cls_id, *stream[i:i + block], sep_id] for i in range(0, len(stream), block)]
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids straight from the Rust tokenizer (no offsets, masks or BatchEncoding)."""
+def encode_plain(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids straight from the Rust tokenizer (no offsets, masks or BatchEncoding).
+
+    Whole texts, never truncated or padded: a transformers tokenizer leaves the
+    truncation/padding of its last ``__call__`` set on the Rust backend, which would
+    otherwise cut every text here at that call's ``max_length``.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -204,7 +213,7 @@ def build_instances(
     def nsp_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rng = random.Random(f"{seed}-{indices[0]}")  # independent of num_proc
         sentences = [split_sentences(t, txt_documents) for t in batch["text"]]
-        flat = _encode(tokenizer, [s for doc in sentences for s in doc])
+        flat = encode_plain(tokenizer, [s for doc in sentences for s in doc])
         docs, k = [], 0
         for doc in sentences:
             tokenized = [ids for ids in flat[k:k + len(doc)] if ids]
@@ -219,7 +228,7 @@ def build_instances(
 
     def packed_batch(batch: dict[str, list], indices: list[int]) -> pa.Table:
         # One segment per block: token types are all 0 (collate fills them).
-        return pack_arrow(_encode(tokenizer, batch["text"]), max_seq_length=max_seq_length,
+        return pack_arrow(encode_plain(tokenizer, batch["text"]), max_seq_length=max_seq_length,
                           cls_id=cls_id, sep_id=sep_id)
 
     features: dict[str, Any] = {"input_ids": datasets.Sequence(datasets.Value("int32"))}

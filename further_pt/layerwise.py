@@ -18,6 +18,7 @@ embeddings. An architecture with no such list is a clear error.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +88,6 @@ def layer_groups(model: nn.Module, *, lr: float, xi: float, head_lr: float) -> l
 
 def optimizer_groups(groups: list[LayerGroup], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups: per layer group, one with weight decay (matrices), one without."""
-    from further_pt.training import param_groups
-
     return [g for group in groups for g in param_groups(
         (p for _, p in group.params), weight_decay, lr=group.lr, name=group.name)]
 
@@ -117,6 +116,19 @@ class GradualUnfreezing:
         for group in self.order[self.stage(step) + 1:]:
             for _, param in group.params:
                 param.grad = None
+
+
+def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float, **extra: Any
+                 ) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on biases and LayerNorm (1-D) weights.
+
+    ``extra`` keys (an ``lr``, a group ``name``) go into both groups; empty groups are left out.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    return [{"params": group, "weight_decay": wd, **extra}
+            for group, wd in ((decay, weight_decay), (no_decay, 0.0)) if group]
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

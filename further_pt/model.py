@@ -2,9 +2,14 @@
 
 Everything goes through the Auto* classes. With ``objective.nsp: true`` the
 model is loaded as ``AutoModelForPreTraining`` (``BertForPreTraining``: MLM and
-NSP heads); otherwise as ``AutoModelForMaskedLM``. The checks that need only the
-model's config (NSP head present, sequence length within the position
-embeddings, tokenizer and embedding sizes agree) run before any weight loads.
+NSP heads); otherwise as ``AutoModelForMaskedLM`` - BERT, RoBERTa, DistilBERT,
+ELECTRA (the generator), DeBERTa-v2/v3 and ModernBERT are tested. The checks that
+need only the model's config (an MLM/NSP head exists, sequence length within the
+position embeddings, tokenizer and embedding sizes agree) run before any weight loads.
+
+``attn_implementation="sdpa"`` is taken as a preference: DeBERTa-v2 has only the
+eager kernel, so there it falls back to eager with a warning rather than making
+every DeBERTa run override the recipe. Any other unsupported choice is a ConfigError.
 
 ``model.from_scratch`` builds a ``BertConfig`` and trains a WordPiece tokenizer
 with the ``tokenizers`` library on the training corpus: offline runs, tests and
@@ -32,7 +37,7 @@ from transformers import (
     PretrainedConfig,
 )
 
-from further_pt.config import ConfigError
+from further_pt.errors import ConfigError, SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +100,25 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False) -> Pretra
         ) from None
 
 
+def _concrete_class(auto_cls: Any, config: PretrainedConfig) -> type | None:
+    """The class an Auto* class builds for ``config``; None for remote code or no mapping."""
+    try:
+        return auto_cls._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
 def pretraining_class(config: PretrainedConfig, nsp: bool) -> type:
-    """The Auto* class for the objective; ConfigError if NSP is asked of a model without it."""
+    """The Auto* class for the objective; ConfigError if the model lacks the head it needs."""
     if not nsp:
+        remote = "AutoModelForMaskedLM" in (getattr(config, "auto_map", None) or {})
+        if _concrete_class(AutoModelForMaskedLM, config) is None and not remote:
+            raise ConfigError(
+                f"model.name_or_path: {config.model_type!r} models have no masked-LM class in "
+                "transformers: MLM pretraining needs an encoder (BERT, RoBERTa, DeBERTa, ...)"
+            )
         return AutoModelForMaskedLM
-    model_cls = AutoModelForPreTraining._model_mapping.get(type(config), None)
+    model_cls = _concrete_class(AutoModelForPreTraining, config)
     if model_cls is None or "next_sentence_label" not in inspect.signature(
             model_cls.forward).parameters:
         raise ConfigError(
@@ -109,16 +128,34 @@ def pretraining_class(config: PretrainedConfig, nsp: bool) -> type:
     return AutoModelForPreTraining
 
 
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's positions allow; None where they set no limit.
+
+    RoBERTa-style embeddings number positions from ``pad_token_id + 1`` (2 for RoBERTa), so
+    ``max_position_embeddings - pad - 1`` tokens fit. DeBERTa-v3 (``position_biased_input:
+    false``) has only bucketed relative positions: no table to overrun. ModernBERT's rotary
+    positions have no table either; its ``max_position_embeddings`` is the trained context
+    length, which is kept as the limit.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if config.model_type == "deberta-v2" and not getattr(config, "position_biased_input", True):
+        return None
+    if config.model_type in _POSITION_OFFSET:
+        pad = getattr(config, "pad_token_id", None)
+        return limit - (pad + 1 if isinstance(pad, int) else _POSITION_OFFSET[config.model_type])
+    return limit
+
+
 def check_compatible(config: PretrainedConfig, tokenizer: Any, max_seq_length: int, *,
                      needs_mask: bool = True) -> None:
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None:
-        limit -= _POSITION_OFFSET.get(config.model_type, 0)
-        if max_seq_length > limit:
-            raise ConfigError(
-                f"data.max_seq_length={max_seq_length} exceeds the model's {limit} position "
-                "embeddings"
-            )
+    limit = position_limit(config)
+    if limit is not None and max_seq_length > limit:
+        raise ConfigError(
+            f"data.max_seq_length={max_seq_length} exceeds the model's {limit} position "
+            "embeddings"
+        )
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(
@@ -129,21 +166,68 @@ def check_compatible(config: PretrainedConfig, tokenizer: Any, max_seq_length: i
         raise ConfigError("model.tokenizer has no mask token: it cannot be used for MLM")
 
 
+def resolve_attn_implementation(config: PretrainedConfig, nsp: bool,
+                                requested: str | None) -> str | None:
+    """The attention kernel to ask for: ``requested``, but eager where sdpa is not supported.
+
+    None (or "auto") lets transformers choose (sdpa where supported, else eager).
+    """
+    if not requested or requested == "auto":
+        return None
+    auto_cls = AutoModelForPreTraining if nsp else AutoModelForMaskedLM
+    model_cls = _concrete_class(auto_cls, config)
+    if requested == "sdpa" and model_cls is not None and not getattr(
+            model_cls, "_supports_sdpa", False):
+        logger.warning("%s has no sdpa attention: using eager (model.attn_implementation)",
+                       model_cls.__name__)
+        return "eager"
+    return requested
+
+
+def _build(make: Any, what: str) -> Any:
+    """Run ``make()``, turning transformers' attention-choice errors into one-line ours."""
+    try:
+        return make()
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        raise SetupError(f"model.attn_implementation: {' '.join(str(exc).split())[:200]}"
+                         ) from None
+    except ValueError as exc:
+        if "attention" not in str(exc).lower():
+            raise
+        raise ConfigError(f"model.attn_implementation: {what}: "
+                          f"{' '.join(str(exc).split())[:200]}") from None
+
+
 def load_pretraining_model(name_or_path: str | Path, config: PretrainedConfig, *, nsp: bool,
                            attn_implementation: str | None, trust_remote_code: bool) -> Any:
+    """Load the weights; warns when the MLM/NSP head is not in them (newly initialised).
+
+    An ELECTRA *discriminator* checkpoint loaded as ``ElectraForMaskedLM`` is the common case:
+    its generator head starts random, which the warning makes visible.
+    """
     model_cls = pretraining_class(config, nsp)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    return model_cls.from_pretrained(str(name_or_path), **kwargs)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code,
+                              "output_loading_info": True}
+    attn = resolve_attn_implementation(config, nsp, attn_implementation)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    model, info = _build(lambda: model_cls.from_pretrained(str(name_or_path), **kwargs),
+                         str(name_or_path))
+    missing = info.get("missing_keys") or []
+    if missing:
+        logger.warning("%d weights not in %s were newly initialised (e.g. %s): the head "
+                       "starts untrained", len(missing), name_or_path, sorted(missing)[0])
+    return model
 
 
 def new_pretraining_model(config: PretrainedConfig, *, nsp: bool,
                           attn_implementation: str | None) -> Any:
+    """A randomly initialised model of ``config``'s architecture (any of the tested ones)."""
     model_cls = pretraining_class(config, nsp)
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    return model_cls.from_config(config)
+    attn = resolve_attn_implementation(config, nsp, attn_implementation)
+    if attn:
+        config._attn_implementation = attn
+    return _build(lambda: model_cls.from_config(config), config.model_type)
 
 
 def save_folder(model: Any, tokenizer: Any, folder: Path) -> None:

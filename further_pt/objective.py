@@ -9,20 +9,28 @@ tokens, with 20 predictions, the vocabulary projection shrinks ~6x.
 
 :class:`PretrainingObjective` wraps the HF model (so the wrapper is what DDP
 sees and gradients still synchronise) and returns the losses. It uses the
-sparse path when it knows where the model keeps its encoder and MLM head
-(BERT-, RoBERTa- and similar models) and the model's own full forward pass
-otherwise; ``sparse=False`` forces the dense path. Saved weights are the HF
-model's own, untouched layout.
+sparse path when :data:`SPARSE_LAYOUTS` knows the model class - where its
+encoder is and which modules map hidden states to logits, read off each class's
+``forward`` in transformers v5 - and the model's own full forward pass otherwise
+(``sparse=False`` forces it). Classes are named exactly rather than detected by
+attribute, so a look-alike with another head signature falls back to the dense
+path instead of computing something else. Saved weights are the HF model's own,
+untouched layout.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -33,14 +41,81 @@ class Losses:
     nsp_correct: torch.Tensor | None = None
 
 
-def _mlm_head(model: nn.Module) -> nn.Module | None:
-    cls = getattr(model, "cls", None)
-    if cls is not None and hasattr(cls, "predictions"):  # BERT family
-        return cls.predictions
-    lm_head = getattr(model, "lm_head", None)  # RoBERTa family
-    if isinstance(lm_head, nn.Module):
-        return lm_head
-    return None
+def _bert(m: Any) -> tuple[nn.Module, Head]:
+    return m.bert, m.cls.predictions  # transform -> decoder
+
+
+def _roberta(m: Any) -> tuple[nn.Module, Head]:
+    return m.roberta, m.lm_head  # dense -> gelu -> layer_norm -> decoder
+
+
+def _distilbert_head(m: Any, h: torch.Tensor) -> torch.Tensor:
+    return m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h))))
+
+
+def _distilbert(m: Any) -> tuple[nn.Module, Head]:
+    return m.distilbert, partial(_distilbert_head, m)
+
+
+def _electra_head(m: Any, h: torch.Tensor) -> torch.Tensor:
+    return m.generator_lm_head(m.generator_predictions(h))
+
+
+def _electra(m: Any) -> tuple[nn.Module, Head]:  # the generator
+    return m.electra, partial(_electra_head, m)
+
+
+def _deberta_v2_head(m: Any, h: torch.Tensor) -> torch.Tensor:
+    # lm_predictions projects onto the (tied) input embeddings, passed at call time
+    return m.lm_predictions(h, m.deberta.embeddings.word_embeddings)
+
+
+def _deberta_v2(m: Any) -> tuple[nn.Module, Head]:
+    if m.legacy:  # the default: cls.predictions, transform -> decoder
+        return m.deberta, m.cls
+    return m.deberta, partial(_deberta_v2_head, m)
+
+
+def _modernbert_head(m: Any, h: torch.Tensor) -> torch.Tensor:
+    return m.decoder(m.head(h))
+
+
+def _modernbert(m: Any) -> tuple[nn.Module, Head]:
+    # transformers v5 ModernBERT runs padded (no unpadding inside the model), so the
+    # hidden state at each real position is the one its own forward feeds the head.
+    return m.model, partial(_modernbert_head, m)
+
+
+#: HF class name -> (encoder, head) of a model of that class. Each head maps hidden states
+#: of shape (N, hidden) to logits (N, vocab), as the class's own forward does.
+SPARSE_LAYOUTS: dict[str, Callable[[Any], tuple[nn.Module, Head]]] = {
+    "BertForPreTraining": _bert,
+    "BertForMaskedLM": _bert,
+    "RobertaForMaskedLM": _roberta,
+    "XLMRobertaForMaskedLM": _roberta,
+    "CamembertForMaskedLM": _roberta,
+    "DistilBertForMaskedLM": _distilbert,
+    "ElectraForMaskedLM": _electra,
+    "DebertaV2ForMaskedLM": _deberta_v2,
+    "ModernBertForMaskedLM": _modernbert,
+}
+
+
+def sparse_layout(model: nn.Module) -> tuple[nn.Module, Head] | None:
+    """``(encoder, head)`` for the sparse path, or None where the class is not in the table."""
+    layout = SPARSE_LAYOUTS.get(type(model).__name__)
+    return layout(model) if layout is not None else None
+
+
+def _takes_token_types(model: nn.Module) -> bool:
+    """Token types only where the model has several and its forward accepts them.
+
+    DistilBERT and ModernBERT have none; RoBERTa and DeBERTa-v2 keep one (or zero) types, so
+    passing all-zero ids would change nothing but the embedding lookup's cost.
+    """
+    if getattr(model.config, "type_vocab_size", 0) <= 1:
+        return False
+    return "token_type_ids" in inspect.signature(model.forward).parameters
 
 
 def _nsp_head(model: nn.Module) -> nn.Module | None:
@@ -55,20 +130,25 @@ class PretrainingObjective(nn.Module):
         super().__init__()
         self.model = model
         self.nsp = nsp
-        self.mlm_head = _mlm_head(model) if sparse else None
+        layout = sparse_layout(model) if sparse else None
+        # A tuple is a plain attribute, not a submodule: parameters stay named `model.*` only.
+        self._layout = layout
         self.nsp_head = _nsp_head(model) if nsp else None
-        self.sparse = self.mlm_head is not None and (not nsp or self.nsp_head is not None)
+        self.sparse = layout is not None and (not nsp or self.nsp_head is not None)
+        self.token_types = _takes_token_types(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor, labels: torch.Tensor,
+                token_type_ids: torch.Tensor | None, labels: torch.Tensor,
                 next_sentence_label: torch.Tensor | None = None) -> Losses:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if getattr(self.model.config, "type_vocab_size", 0) > 1:
+        if self.token_types and token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         chosen = labels != -100
         if self.sparse:
-            out = self.model.base_model(**inputs)
-            mlm_logits = self.mlm_head(out.last_hidden_state[chosen])
+            assert self._layout is not None
+            encoder, head = self._layout
+            out = encoder(**inputs)
+            mlm_logits = head(out.last_hidden_state[chosen])
             nsp_logits = self.nsp_head(out.pooler_output) if self.nsp else None
         else:
             out = self.model(**inputs)

@@ -18,6 +18,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from further_pt import schedules
+from further_pt.checkpoint import atomic_write_text
+
 NAMES = {"fit": "BERT-FiT", "itpt": "BERT-ITPT-FiT", "idpt": "BERT-IDPT-FiT",
          "cdpt": "BERT-CDPT-FiT", "feat": "BERT-Feat"}
 
@@ -79,7 +82,6 @@ def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
 
 
 def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float]) -> Path:
-    from further_pt.checkpoint import atomic_write_text
 
     table = rows(out, cfg, stages, forgetting)
     buffer = io.StringIO()
@@ -189,7 +191,6 @@ def schedule_curves(cfg: Any, *, layers: int, steps: int) -> dict[str, list[floa
     """
     import torch
 
-    from further_pt import schedules
 
     t = cfg.train
     if "objective" in cfg:  # pretraining: warmup + linear decay over max_steps

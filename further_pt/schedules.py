@@ -25,6 +25,7 @@ import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
 
 SCHEDULES = ("stlr", "linear", "cosine", "constant")
 
@@ -42,8 +43,6 @@ def build(name: str, optimizer: Optimizer, *, total_steps: int, warmup_steps: in
     """A LambdaLR for the named schedule."""
     if name == "stlr":
         return LambdaLR(optimizer, lambda s: stlr_factor(s, total_steps, cut_frac, ratio))
-    from transformers import get_scheduler
-
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     hf_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]

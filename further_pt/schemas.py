@@ -56,7 +56,9 @@ class ObjectiveSchema:
     nsp: bool = MISSING
     masked_lm_prob: float = MISSING
     max_predictions_per_seq: int = MISSING
-    whole_word_masking: bool = MISSING
+    masking: str = MISSING  # token | whole_word | span
+    span_geometric_p: float = MISSING
+    span_max_words: int = MISSING
 
 
 @dataclass
@@ -84,7 +86,7 @@ class PretrainTrainSchema(OptimizerSchema):
 
 @dataclass
 class CheckpointSchema:
-    every_steps: int = MISSING
+    every_steps: int | None = MISSING  # null: at the end of every epoch
     keep_last: int = MISSING
 
 
@@ -158,11 +160,6 @@ class EvalSchema:
 
 
 @dataclass
-class FinetuneCheckpointSchema:
-    keep_last: int = MISSING
-
-
-@dataclass
 class FinetuneSchema:
     output_dir: str = MISSING
     overwrite_output_dir: bool = MISSING
@@ -173,7 +170,7 @@ class FinetuneSchema:
     head: HeadSchema = field(default_factory=HeadSchema)
     train: FinetuneTrainSchema = field(default_factory=FinetuneTrainSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
-    checkpoint: FinetuneCheckpointSchema = field(default_factory=FinetuneCheckpointSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""Training: the pieces both loops (pretrain, finetune) share.
+"""Training primitives the Trainer is built from, each testable alone.
 
-One Accelerate setup, one optimizer recipe, one resumable sampler, one way to
-seed a step and one metrics log. The loops themselves stay in the entry
-scripts, top to bottom, so a reader sees every step of training in one place.
+One Accelerate setup, one resumable sampler, one way to seed a step, one
+optimizer-step guard, one preemption watch, one metrics log, and the shell
+contract of the entry points (errors -> exit codes). The loop itself is
+:class:`further_pt.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -12,31 +13,25 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 
-from further_pt.config import ConfigError, flatten
+from further_pt.config import flatten
+from further_pt.errors import FurtherPTError, SetupError, TrainingFailed
 
 logger = logging.getLogger("further_pt.training")
 
-__all__ = ["MetricsLog", "Preempted", "PreemptionWatch", "ResumableSampler", "TrainingFailed",
-           "checkpoint_bytes", "make_accelerator", "micro_batches", "nullcontext",
-           "optimizer_step", "param_groups", "step_seed"]
-
-
-class TrainingFailed(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is kept."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM/SIGINT arrived: the step was finished and checkpointed; re-run to resume."""
+__all__ = ["MetricsLog", "PreemptionWatch", "ResumableSampler", "checkpoint_bytes",
+           "entry_point", "make_accelerator", "micro_batches", "optimizer_step", "step_seed"]
 
 
 class PreemptionWatch:
@@ -81,9 +76,6 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     Fails loudly when the launcher's WORLD_SIZE and the processes Accelerate sees disagree:
     on CPU, ``accelerate launch --cpu --num_processes 2`` silently starts one process.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
     kwargs: dict[str, Any] = {}
     if find_unused_parameters:  # custom heads leave the pooler or HF head without gradients
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
@@ -96,7 +88,7 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        raise ConfigError(
+        raise SetupError(
             f"WORLD_SIZE={launched} but Accelerate runs {accelerator.num_processes} process(es); "
             "on CPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             "--num_processes N"
@@ -104,34 +96,22 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     return accelerator
 
 
-EXIT_CONFIG_ERROR, EXIT_TRAINING_FAILED, EXIT_PREEMPTED = 2, 3, 75
+def entry_point(argv: list[str], load: Callable[[list[str]], Any], run: Callable[[Any], Any],
+                report: Callable[[Any, Any], str]) -> int:
+    """The shell contract of every entry point: config -> run -> report, errors as exit codes.
 
-
-def entry_point(argv: list[str], schema: type, run: Any, report: Any) -> int:
-    """The shell contract of both scripts: config -> run -> report, errors as exit codes.
-
-    A ConfigError (bad recipe, key, file or value) exits 2 with one line; a
-    TrainingFailed or a failed checkpoint write exits 3; a preemption (SIGTERM,
-    SIGINT) exits 75 after its checkpoint; success prints ``report(cfg, result)``
-    and exits 0.
+    A :class:`~further_pt.errors.FurtherPTError` prints one line and exits with
+    its code (2: invalid input, found before any work; 3: training failed, the
+    last checkpoint is kept; 75: preempted after a checkpoint, run again);
+    success prints ``report(cfg, result)`` and exits 0.
     """
-    import sys
-
-    from further_pt import config
-    from further_pt.checkpoint import CheckpointWriteError
-
     try:
-        cfg = config.load(argv, schema)
+        cfg = load(argv)
         result = run(cfg)
-    except ConfigError as exc:
-        print(f"further_pt: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except (TrainingFailed, CheckpointWriteError) as exc:
-        print(f"further_pt: training failed: {exc}", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
-    except Preempted as exc:
-        print(f"further_pt: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED
+    except FurtherPTError as exc:
+        kind = {2: "error: ", 3: "training failed: "}.get(exc.exit_code, "")
+        print(f"further_pt: {kind}{exc}", file=sys.stderr)
+        return exc.exit_code
     print(report(cfg, result))
     return 0
 
@@ -174,19 +154,6 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     """Disk two checkpoints need: fp32 weights + two AdamW moments, each, with a margin."""
     params = sum(p.numel() for p in model.parameters())
     return int(2 * 3 * 4 * params * 1.1)
-
-
-def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float, **extra: Any
-                 ) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices, none on biases and LayerNorm (1-D) weights.
-
-    ``extra`` keys (an ``lr``, a group ``name``) go into both groups; empty groups are left out.
-    """
-    trainable = [p for p in params if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    return [{"params": group, "weight_decay": wd, **extra}
-            for group, wd in ((decay, weight_decay), (no_decay, 0.0)) if group]
 
 
 class ResumableSampler(Sampler[int]):

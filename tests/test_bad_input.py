@@ -157,7 +157,7 @@ CASES: list[Case] = [
     ("bad txt layout", P, lambda e: e.pretrain(**{"data.txt_documents": "paragraph"}),
      "must be 'line' or 'blank_line'"),
     ("broken override syntax", P, lambda e: [*e.pretrain(), "train.lr=[1,"], "bad override"),
-    ("fine-tuning recipe to pretrain", P, lambda e: ["recipe=fit"], "is a finetune recipe"),
+    ("fine-tuning recipe to pretrain", P, lambda e: ["recipe=fit"], "is not a pretrain recipe"),
     ("eval label unseen in train", F, lambda e: e.finetune(**{
         "data.eval_file": e.labelled("dev.jsonl", ["a", "b", "c"])}),
      "row 3 has label 'c', which the training data does not have (labels: a, b)"),

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from further_pt import config
+from further_pt.cli import recipe_kind
 from further_pt.config import ConfigError
-from further_pt.pretrain import main
+from further_pt.pretrain import load, main
 
 PAPER = {"model.name_or_path": "bert-base-uncased", "train.max_steps": 100000,
          "train.batch_size": 32, "data.max_seq_length": 128, "train.lr": 5e-5,
@@ -20,28 +20,39 @@ PAPER = {"model.name_or_path": "bert-base-uncased", "train.max_steps": 100000,
 
 @pytest.mark.parametrize("recipe", ["within_task", "in_domain", "cross_domain"])
 def test_paper_recipes_carry_the_paper_defaults(recipe: str, corpus_file: Path) -> None:
-    cfg = config.load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]"])
+    cfg = load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]"])
     flat = config.flatten(config.OmegaConf.to_container(cfg))
     assert {k: flat[k] for k in PAPER} == PAPER
 
 
 def test_every_shipped_recipe_is_complete_for_the_schema() -> None:
-    names = config.available_recipes("pretrain")
+    names = [n for n in config.available_recipes() if recipe_kind(n) == "pretrain"]
     assert names == ["cross_domain", "demo", "in_domain", "within_task"]
     for name in names:
-        raw = yaml.safe_load((config.recipes_dir() / f"{name}.yaml").read_text())
-        if raw["data"]["train_files"] == "???":  # the user must name the corpus
+        cfg = config.compose(name, [])
+        if config.OmegaConf.is_missing(cfg.data, "train_files"):  # the user names the corpus
             with pytest.raises(ConfigError, match=r"'data\.train_files' is not set"):
-                config.apply_schema(config.OmegaConf.create(raw), config.PretrainSchema)
-            raw["data"]["train_files"] = ["corpus.txt"]
-        config.apply_schema(config.OmegaConf.create(raw), config.PretrainSchema)
+                config.apply_schema(cfg, config.PretrainSchema)
+            cfg.data.train_files = ["corpus.txt"]
+        config.apply_schema(cfg, config.PretrainSchema)
+
+
+def test_corpus_recipes_are_thin_compositions_of_one_base() -> None:
+    """ITPT/IDPT/CDPT differ from the base only in output_dir: nothing is copied."""
+    base = config.flatten(config.OmegaConf.to_container(config.compose("in_domain", [])))
+    for name in ("within_task", "cross_domain"):
+        other = config.flatten(config.OmegaConf.to_container(config.compose(name, [])))
+        assert {k for k in base if base[k] != other[k]} == {"output_dir"}
+    for name in ("within_task", "in_domain", "cross_domain"):
+        text = (config.recipes_dir() / f"{name}.yaml").read_text()
+        assert "base/pretrain@_here_" in text and len(text.splitlines()) < 12
 
 
 def test_glob_override_and_weights(tmp_path: Path) -> None:
     for name in ("a.txt", "b.txt", "c.txt.gz"):
         (tmp_path / name).write_text("x\n")
     files = f"data.train_files=[{tmp_path}/*.txt,{tmp_path}/c.txt.gz]"
-    cfg = config.load(["recipe=cross_domain", files, "data.source_weights=[1,3]",
+    cfg = load(["recipe=cross_domain", files, "data.source_weights=[1,3]",
                        "train.max_steps=70000"])
     assert list(cfg.data.train_files) == [f"{tmp_path}/*.txt", f"{tmp_path}/c.txt.gz"]
     assert config.expand_paths(cfg.data.train_files[0]) == [str(tmp_path / "a.txt"),
@@ -49,12 +60,13 @@ def test_glob_override_and_weights(tmp_path: Path) -> None:
     assert list(cfg.data.source_weights) == [1.0, 3.0] and cfg.train.max_steps == 70000
 
 
-def test_recipe_from_a_file_path(tmp_path: Path, corpus_file: Path) -> None:
+def test_recipe_from_a_file_path_composes_the_shipped_base(tmp_path: Path,
+                                                           corpus_file: Path) -> None:
     recipe = tmp_path / "mine.yaml"
-    text = (config.recipes_dir() / "in_domain.yaml").read_text().replace("seed: 42", "seed: 7")
-    recipe.write_text(text)
-    cfg = config.load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]"])
-    assert cfg.seed == 7
+    recipe.write_text("defaults:\n  - base/pretrain@_here_\n  - _self_\n"
+                      "output_dir: runs/mine\nseed: 7\ntrain:\n  lr: 1.0e-4\n")
+    cfg = load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]"])
+    assert (cfg.seed, cfg.train.lr, cfg.train.max_steps) == (7, 1e-4, 100000)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +90,7 @@ def test_bad_values_name_the_key(override: str, expected: str, corpus_file: Path
     recipe = "demo" if override.startswith("model.from_scratch") else "in_domain"
     argv = [f"recipe={recipe}", f"data.train_files=[{corpus_file}]", override]
     with pytest.raises(ConfigError) as err:
-        config.load(argv)
+        load(argv)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -86,12 +98,12 @@ def test_bad_values_name_the_key(override: str, expected: str, corpus_file: Path
 def test_unknown_recipe_suggests_a_name() -> None:
     with pytest.raises(ConfigError,
                        match=r"unknown recipe 'in_domian' \(did you mean 'in_domain'\?\)"):
-        config.load(["recipe=in_domian"])
+        load(["recipe=in_domian"])
 
 
 def test_missing_recipe_argument_lists_recipes() -> None:
     with pytest.raises(ConfigError, match=r"no recipe given: add recipe=NAME .*demo"):
-        config.load(["train.max_steps=3"])
+        load(["train.max_steps=3"])
 
 
 def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, corpus_file: Path,

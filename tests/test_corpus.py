@@ -67,3 +67,40 @@ def test_unweighted_mixing_is_concatenation() -> None:
     a = datasets.Dataset.from_dict({"src": ["a"] * 10})
     b = datasets.Dataset.from_dict({"src": ["b"] * 30})
     assert mix([a, b], None, seed=0)["src"] == ["a"] * 10 + ["b"] * 30
+
+
+def test_a_text_that_is_not_a_string_is_a_data_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from further_pt.errors import DataError
+
+    rows = [{"body": "a b"}, {"body": None}, {"body": "  "}, {"body": 7}, {"body": "c d"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"mixed.jsonl:4: column 'body' holds an int, not a "
+                                        r"text: 7"):
+        _load(tmp_path, str(tmp_path / "mixed.jsonl"), text_column="body")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "nums.parquet")
+    with pytest.raises(DataError, match=r"nums.parquet row index 0: column 'text' holds an int"):
+        _load(tmp_path, str(tmp_path / "nums.parquet"))
+    # null and blank documents are still dropped, not errors
+    (tmp_path / "gaps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert _load(tmp_path, str(tmp_path / "gaps.jsonl"), text_column="body")["text"] == ["a b"]
+
+
+def test_a_pyarrow_crash_on_a_number_becomes_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    import pyarrow as pa
+
+    from further_pt.corpus import load_files
+    from further_pt.errors import DataError
+
+    path = tmp_path / "t.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write('{"text": "a"}\n\n{"text": 3.5}\n')
+
+    def crash(*args, **kwargs):
+        raise pa.ArrowInvalid("JSON parse error: Column(/text) changed from string to number")
+
+    monkeypatch.setattr(datasets, "load_dataset", crash)
+    with pytest.raises(DataError, match=r"t.jsonl.gz:3: column 'text' holds a float, not a text"):
+        load_files("json", [str(path)], "data.train_files[0]", text_column="text")

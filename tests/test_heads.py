@@ -23,7 +23,7 @@ def test_truncation_strategies_keep_exact_ids() -> None:
 
 
 def test_tokenize_adds_cls_sep_per_segment(tokenizer) -> None:
-    text = " ".join(["word"] * 100)
+    text = " ".join(["the"] * 100)  # one token in any vocabulary trained on English
     ds = datasets.Dataset.from_dict({"text": [text, "short"]})
     kw = dict(text_column="text", text_pair_column=None, labels=[0, 1], max_seq_length=32,
               head_tokens=8, max_segments=3)

@@ -47,7 +47,7 @@ def test_run_writes_loadable_checkpoints_and_logs(finished_run) -> None:
     fill = pipeline("fill-mask", model=str(out / "final"))
     assert len(fill(f"return the {fill.tokenizer.mask_token} of the list.")) == 5
     state = json.loads((out / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["position"] > 0
+    assert state["step"] == 6 and state["streams"]["corpus"][1] > 0  # [epoch, micro-batch]
     lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6]
     assert all(x["train/mlm_loss"] > 0 and 0 <= x["train/nsp_accuracy"] <= 1 for x in lines)
@@ -96,7 +96,7 @@ def test_from_scratch_packed_whole_word(tmp_path: Path, corpus_file: Path) -> No
     out = tmp_path / "scratch"
     args = ["recipe=demo", f"output_dir={out}", f"data.train_files=[{corpus_file}]",
             f"data.cache_dir={tmp_path / 'cache'}", "data.max_seq_length=64",
-            "objective.nsp=false", "objective.whole_word_masking=true",
+            "objective.nsp=false", "objective.masking=whole_word",
             "model.from_scratch.vocab_size=400", "model.from_scratch.hidden_size=32",
             "model.from_scratch.intermediate_size=64", "train.max_steps=4",
             "train.warmup_steps=1", "train.batch_size=4", "checkpoint.every_steps=4",

@@ -1,0 +1,207 @@
+"""Fine-tuning objective: text classification with Sun et al.'s and ULMFiT's strategies.
+
+:class:`Classification` brings what is fine-tuning's own: labelled data read,
+checked and tokenized per task (long texts truncated head / tail / head+tail or
+cut into segments), a classifier with its pooling and layer selection (one head
+per task in multi-task training), layer groups with their own learning rates
+(layer-wise decay), BERT-Feat's frozen encoder, gradual unfreezing, the
+schedule (STLR, warmup + linear / cosine / constant), the cross-entropy loss,
+evaluation on the dev set at each epoch end, and the saved model folder. The
+Trainer (:mod:`further_pt.trainer`) runs the loop and keeps the best epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification
+
+from further_pt import classification_data, evaluation, instances, layerwise, model, schedules
+from further_pt.heads import Classifier, HeadSpec, load_classifier
+from further_pt.trainer import Stream, Trainer
+
+logger = logging.getLogger("further_pt.finetuning")
+
+RESUMABLE_KEYS = ("output_dir", "overwrite_output_dir", "train.log_every_steps",
+                  "checkpoint.keep_last", "data.dataloader_workers", "data.cache_dir",
+                  "eval.batch_size")
+
+
+@dataclass
+class Task:
+    name: str
+    labels: list[str]
+    train: Any  # tokenized datasets.Dataset
+    eval: Any | None
+    eval_file: str | None
+
+
+def load_tasks(cfg: DictConfig, tokenizer: Any) -> list[Task]:
+    """Read, label and tokenize every task (one unless ``tasks`` lists several)."""
+    d = cfg.data
+    specs = cfg.tasks or [{"name": "main", "train_file": d.train_file, "eval_file": d.eval_file,
+                           "text_column": d.text_column, "label_column": d.label_column}]
+    cache = str(Path(d.cache_dir).expanduser() / "datasets") if d.cache_dir else None
+    tasks = []
+    for spec in specs:
+        columns = [spec["text_column"], spec["label_column"]]
+        if d.text_pair_column:
+            columns.insert(1, d.text_pair_column)
+        train = classification_data.read_labelled(spec["train_file"], columns=columns,
+                                                  cache_dir=cache)
+        names = classification_data.label_names(train, spec["label_column"], spec["train_file"])
+        encode = partial(classification_data.tokenize, tokenizer=tokenizer,
+                         text_column=spec["text_column"], text_pair_column=d.text_pair_column,
+                         strategy=d.truncation, max_seq_length=d.max_seq_length,
+                         head_tokens=d.head_tokens, max_segments=d.max_segments)
+        labels = classification_data.encode_labels(train, spec["label_column"], names,
+                                                   spec["train_file"])
+        evaluated = None
+        if spec["eval_file"]:
+            raw = classification_data.read_labelled(spec["eval_file"], columns=columns,
+                                                    cache_dir=cache)
+            eval_labels = classification_data.encode_labels(raw, spec["label_column"], names,
+                                                            spec["eval_file"])
+            evaluated = encode(raw, labels=eval_labels)
+        tasks.append(Task(spec["name"], names, encode(train, labels=labels), evaluated,
+                          spec["eval_file"]))
+    return tasks
+
+
+def build_classifier(cfg: DictConfig, tasks: list[Task], source: str | Path) -> Classifier:
+    """A sequence classifier from any encoder folder or hub id, with the recipe's head."""
+    first = tasks[0].labels
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        str(source), num_labels=len(first), id2label=dict(enumerate(first)),
+        label2id={n: i for i, n in enumerate(first)}, **kwargs)
+    h = cfg.head
+    spec = HeadSpec(pooling=h.pooling, layers=list(h.layers), layer_combine=h.layer_combine,
+                    segment_pooling=h.segment_pooling, dropout=h.dropout,
+                    tasks={t.name: t.labels for t in tasks})
+    return Classifier(hf, spec, hierarchical=cfg.data.truncation == "segments")
+
+
+class Classification:
+    """Fine-tuning for classification. ``Classification(cfg, resume_from)`` checks; ``build``."""
+
+    name = "finetune"
+    find_unused_parameters = True  # custom heads leave the pooler or the HF head without grads
+
+    def __init__(self, cfg: DictConfig, resume_from: Path | None) -> None:
+        """Read-only checks: the model's config and tokenizer exist and fit the data."""
+        self.cfg, self.resume_from = cfg, resume_from
+        self.metric = cfg.eval.metric
+        m = cfg.model
+        source = str(resume_from or m.name_or_path)
+        self.model_config = model.load_config(source, trust_remote_code=m.trust_remote_code)
+        self.tokenizer = model.load_tokenizer(str(resume_from or m.tokenizer or source),
+                                              trust_remote_code=m.trust_remote_code)
+        model.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length,
+                               needs_mask=False)
+        self.unfreezing: layerwise.GradualUnfreezing | None = None
+
+    def build(self, trainer: Trainer) -> None:
+        """Tasks -> (claim the output dir) -> streams -> classifier -> layer groups."""
+        cfg, t = self.cfg, self.cfg.train
+        with trainer.accelerator.main_process_first():
+            self.tasks = load_tasks(cfg, self.tokenizer)
+        trainer.claim()
+        self.device = trainer.accelerator.device
+        collate = partial(classification_data.collate, pad_id=self.tokenizer.pad_token_id)
+        self.streams = [Stream(task.name, task.train, collate, drop_last=False,
+                               lengths=instances.lengths(task.train) if cfg.data.group_by_length
+                               else None) for task in self.tasks]
+
+        torch.manual_seed(cfg.seed)
+        if self.resume_from is not None:
+            extra = ({"attn_implementation": cfg.model.attn_implementation}
+                     if cfg.model.attn_implementation else {})
+            classifier = load_classifier(self.resume_from, **extra)
+        else:
+            classifier = build_classifier(cfg, self.tasks, cfg.model.name_or_path)
+        if classifier.custom:  # the HF head is unused beside a custom one: keep it out of DDP
+            base_ids = {id(p) for p in classifier.model.base_model.parameters()}
+            for p in classifier.model.parameters():
+                if id(p) not in base_ids:
+                    p.requires_grad_(False)
+        groups = layerwise.layer_groups(classifier, lr=t.lr, xi=t.layer_decay, head_lr=t.head_lr)
+        if t.freeze_encoder:  # BERT-Feat: only the head learns
+            for group in groups[:-1]:
+                for _, p in group.params:
+                    p.requires_grad_(False)
+        self.groups = [layerwise.LayerGroup(g.name, [(n, p) for n, p in g.params
+                                                     if p.requires_grad], g.lr) for g in groups]
+        self.module = classifier
+
+    # ------------------------------------------------------------------ the Trainer's interface
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.cfg.train.epochs * steps_per_epoch
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        return layerwise.optimizer_groups([g for g in self.groups if g.params],
+                                          self.cfg.train.weight_decay)
+
+    def schedule(self, optimizer: Any, *, total_steps: int, steps_per_epoch: int) -> Any:
+        """The lr schedule; and, under gradual unfreezing, which groups train when."""
+        t = self.cfg.train
+        if t.unfreeze != "none":
+            every = steps_per_epoch if t.unfreeze == "epoch" else t.unfreeze_every_steps
+            self.unfreezing = layerwise.GradualUnfreezing(self.groups, every)
+        return schedules.build(t.schedule, optimizer, total_steps=total_steps,
+                               warmup_steps=round(t.warmup_ratio * total_steps),
+                               cut_frac=t.stlr_cut_frac, ratio=t.stlr_ratio)
+
+    def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
+             micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
+        labels = batch.pop("labels")
+        logits = module(**batch, task=stream).float()
+        correct = (logits.detach().argmax(-1) == labels).sum()
+        return F.cross_entropy(logits, labels), {"accuracy": (correct, labels.shape[0])}
+
+    def before_optimizer_step(self, step: int) -> None:
+        if self.unfreezing is not None:
+            self.unfreezing.drop_frozen_grads(step)
+
+    def evaluate(self, classifier: Any) -> dict[str, Any]:
+        """Every task's dev metrics (``eval_*``); with several tasks, their means too."""
+        results: dict[str, Any] = {}
+        for task in self.tasks:
+            if task.eval is None:
+                continue
+            loader = DataLoader(task.eval, batch_size=self.cfg.eval.batch_size, collate_fn=partial(
+                classification_data.collate, pad_id=self.tokenizer.pad_token_id))
+            preds, refs, _ = evaluation.predict(classifier, loader, self.device, task.name)
+            prefix = "eval_" if len(self.tasks) == 1 else f"eval_{task.name}_"
+            results.update(evaluation.compute_metrics(preds, refs, task.labels, prefix))
+        if len(self.tasks) > 1 and results:
+            for key in ("accuracy", "error_rate", "macro_f1"):
+                values = [results[f"eval_{t.name}_{key}"] for t in self.tasks
+                          if t.eval is not None]
+                results[f"eval_{key}"] = sum(values) / len(values)
+        return results
+
+    def better(self, new: float, best: float | None) -> bool:
+        return evaluation.is_better(self.metric, new, best)
+
+    def export(self, classifier: Any, folder: Path) -> None:
+        """The classifier's HF folder plus the preprocessing that predict mode must repeat."""
+        classifier.save(folder, self.tokenizer)
+        resolved = OmegaConf.to_container(self.cfg.data, resolve=True)
+        preprocessing = {k: resolved[k] for k in evaluation.PREPROCESSING_KEYS}
+        (folder / evaluation.PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
+
+    def summary(self) -> dict[str, Any]:
+        return {}

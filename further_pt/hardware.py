@@ -1,0 +1,240 @@
+"""Hardware: the precision, thread count and FLOP/s figures a run derives from its machine.
+
+Pure functions (detection is passed in) so every branch is testable on any box:
+
+- :func:`choose_precision` turns ``train.mixed_precision`` (``auto`` included) and
+  what ``accelerate launch`` asked for into the value for
+  ``accelerate.Accelerator(mixed_precision=...)``;
+- :func:`configure_cpu_threads` gives a CPU run all the cores it may use, because
+  ``accelerate launch`` without ``--num_cpu_threads_per_process`` pins a process to
+  one thread (see :func:`user_chose_threads`);
+- :func:`matmul_peak_flops` and :func:`encoder_flops_per_token` are the denominator
+  and numerator of MFU (model FLOPs utilisation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from further_pt.errors import ConfigError
+
+__all__ = ["BF16_CPU_FLAGS", "choose_precision", "configure_cpu_threads", "cpu_bf16_flags",
+           "cpu_threads", "detect_precision", "encoder_flops_per_token", "matmul_peak_flops",
+           "user_chose_threads"]
+
+#: x86 CPU flags that make bf16 matmuls fast (oneDNN uses them); without them bf16 on a CPU
+#: is emulated and slower than fp32, so ``auto`` keeps fp32 there.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+PRECISIONS = ("no", "fp16", "bf16")
+_LAUNCHER_CHOICES = ("fp16", "bf16", "fp8")
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def cpu_bf16_flags(cpuinfo_text: str | None = None) -> set[str]:
+    """Which of :data:`BF16_CPU_FLAGS` the CPU reports in ``/proc/cpuinfo``'s ``flags`` lines.
+
+    Reads ``/proc/cpuinfo`` when ``cpuinfo_text`` is None; where that file does not
+    exist (macOS, Windows) the answer is the empty set, i.e. "no fast bf16".
+    """
+    if cpuinfo_text is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo_text = fh.read()
+        except OSError:
+            return set()
+    found: set[str] = set()
+    for line in cpuinfo_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            found.update(set(value.split()) & set(BF16_CPU_FLAGS))
+    return found
+
+
+def choose_precision(
+    requested: str | None, *, device_type: str, cuda_bf16: bool, cpu_flags: set[str],
+    launcher: str | None,
+) -> tuple[str | None, str]:
+    """The ``mixed_precision`` for ``accelerate.Accelerator`` and a one-line reason for the log.
+
+    ``requested`` is ``train.mixed_precision``:
+
+    - ``"no"``/``"fp16"``/``"bf16"``: used as is. An explicit recipe value also beats
+      ``accelerate launch --mixed_precision`` (``Accelerator``'s argument wins over the
+      environment), and the reason says so when they differ.
+    - ``None``: returns None, so accelerate uses ``ACCELERATE_MIXED_PRECISION`` (set by
+      ``accelerate launch`` from its flag or config file), else ``"no"``.
+    - ``"auto"``: ``"bf16"`` on a CUDA GPU that supports it (Ampere and newer) and on a
+      CPU with AMX-BF16 or AVX512-BF16, ``"no"`` elsewhere. fp16 is never chosen
+      automatically: it needs loss scaling and can overflow, so it is only used when asked.
+
+    ``launcher`` is the ``ACCELERATE_MIXED_PRECISION`` environment value. Every
+    ``accelerate launch`` sets it, to ``"no"`` when neither ``--mixed_precision`` nor a
+    config file gave a value (``commands/launch.py`` fills in ``"no"``;
+    ``utils/launch.py`` exports it), so ``"no"`` cannot be told apart from "nothing
+    asked". The rule is therefore: under ``auto``, a launcher value of ``fp16``,
+    ``bf16`` or ``fp8`` wins (somebody asked for it); ``"no"`` or unset lets ``auto``
+    decide. To force fp32 on a bf16-capable machine, set ``train.mixed_precision: no``.
+
+    ``device_type`` is ``"cuda"``, ``"cpu"`` or another torch device type (``auto``
+    picks ``"no"`` for those). Raises ConfigError for an unknown ``requested`` value.
+    """
+    launched = (launcher or "").strip().lower() or None
+    if requested is not None and requested not in (*PRECISIONS, "auto"):
+        raise ConfigError(f"train.mixed_precision: {requested!r} is not one of "
+                          f"no, fp16, bf16, auto or null")
+    if requested in PRECISIONS:
+        note = (f"; overrides accelerate launch's {launched}"
+                if launched not in (None, "no", requested) else "")
+        return requested, f"train.mixed_precision={requested} (set in the recipe{note})"
+    if requested is None:
+        return None, (f"train.mixed_precision=null: accelerate's setting "
+                      f"({launched or 'no'}, from ACCELERATE_MIXED_PRECISION)")
+    if launched in _LAUNCHER_CHOICES:
+        return launched, (f"auto: accelerate launch asked for {launched} "
+                          "(ACCELERATE_MIXED_PRECISION), which wins over auto")
+    if device_type == "cuda":
+        if cuda_bf16:
+            return "bf16", "auto: bf16, the CUDA GPU supports bfloat16"
+        return "no", "auto: fp32, the CUDA GPU has no bfloat16 (fp16 only when asked)"
+    if device_type == "cpu":
+        fast = sorted(cpu_flags & set(BF16_CPU_FLAGS))
+        if fast:
+            return "bf16", f"auto: bf16, the CPU has {'/'.join(fast)}"
+        return "no", "auto: fp32, the CPU has neither amx_bf16 nor avx512_bf16"
+    return "no", f"auto: fp32 on device type {device_type!r} (set bf16/fp16 explicitly)"
+
+
+def detect_precision(requested: str | None, *, cpu: bool = False) -> tuple[str | None, str]:
+    """:func:`choose_precision` with this machine's detection filled in.
+
+    ``cpu`` is the run's "force CPU" setting; ``ACCELERATE_USE_CPU`` (from
+    ``accelerate launch --cpu``) forces it too. Call before creating the Accelerator.
+    """
+    use_cpu = cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    on_cuda = not use_cpu and torch.cuda.is_available()
+    return choose_precision(
+        requested, device_type="cuda" if on_cuda else "cpu",
+        cuda_bf16=bool(on_cuda and torch.cuda.is_bf16_supported()),
+        cpu_flags=set() if on_cuda else cpu_bf16_flags(),
+        launcher=os.environ.get("ACCELERATE_MIXED_PRECISION"))
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def cpu_threads(local_processes: int, affinity: set[int] | None = None) -> int:
+    """Cores one process may use: the CPUs it may run on, split among this machine's processes.
+
+    ``affinity`` defaults to ``os.sched_getaffinity(0)`` (which honours taskset, cgroups
+    cpusets and container CPU pinning, unlike ``os.cpu_count()``, the fallback where
+    it does not exist). At least 1.
+    """
+    if affinity is None:
+        try:
+            affinity = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            affinity = set(range(os.cpu_count() or 1))
+    return max(1, len(affinity) // max(1, local_processes))
+
+
+def user_chose_threads(env: Mapping[str, str]) -> bool:
+    """Whether ``OMP_NUM_THREADS`` in ``env`` is the user's choice rather than a launcher's fill-in.
+
+    ``accelerate launch`` always exports ``OMP_NUM_THREADS``: without
+    ``--num_cpu_threads_per_process`` it uses the inherited ``OMP_NUM_THREADS`` or **1**,
+    raising it to physical cores / local processes only with ``--cpu`` (and then only
+    when that is > 1, so a 2-vCPU VM with one physical core stays at 1). ``torchrun``
+    likewise sets 1 for more than one process per node. So ``"1"`` in a process started
+    by a launcher (``ACCELERATE_MIXED_PRECISION`` or ``TORCHELASTIC_RUN_ID`` set) is taken
+    as a default, not a choice; any other value, or ``"1"`` without a launcher, is the
+    user's. (A user who really wants one thread under a launcher says so another way,
+    e.g. the ``requested`` argument of :func:`configure_cpu_threads`.)
+    """
+    value = env.get("OMP_NUM_THREADS", "").strip()
+    if not value:
+        return False
+    launched = "ACCELERATE_MIXED_PRECISION" in env or "TORCHELASTIC_RUN_ID" in env
+    return not (launched and value == "1")
+
+
+def configure_cpu_threads(local_processes: int, requested: int | None = None,
+                          env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """CPU runs: set ``torch.set_num_threads`` to this process's share of cores; return (n, reason).
+
+    ``requested`` (a recipe value, if the lead adds one) wins; then an ``OMP_NUM_THREADS``
+    the user chose (see :func:`user_chose_threads`) is kept; otherwise
+    :func:`cpu_threads` cores. Call once, early, on every process of a CPU run.
+    """
+    env = os.environ if env is None else env
+    if requested is not None:
+        n, why = max(1, int(requested)), "set in the recipe"
+    elif user_chose_threads(env):
+        return torch.get_num_threads(), (f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} kept (the "
+                                         "user's, or accelerate launch --cpu's core split)")
+    else:
+        n = cpu_threads(local_processes)
+        why = f"the cores this process may use, split among {max(1, local_processes)} process(es)"
+        if env.get("OMP_NUM_THREADS"):
+            why += f"; OMP_NUM_THREADS={env['OMP_NUM_THREADS']} was the launcher's default"
+    torch.set_num_threads(n)
+    return n, why
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", n: int = 1024,
+                      seconds: float = 1.0) -> float:
+    """Measured dense-matmul FLOP/s of ``n x n`` matrices in ``dtype``: the MFU denominator.
+
+    Measured rather than taken from a datasheet because on CPUs the peak depends on the
+    ISA and dtype (bf16 with AMX can be ~6x fp32) and on the thread count already set
+    (:func:`configure_cpu_threads` first). Best of as many repeats as fit in ``seconds``
+    (at least 3), after one warm-up.
+    """
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=dev, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=dev, dtype=dtype)
+    with torch.no_grad():
+        torch.mm(a, b)
+        sync()
+        best, spent, runs = math.inf, 0.0, 0
+        while runs < 3 or spent < seconds:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            sync()
+            took = time.perf_counter() - start
+            best, spent, runs = min(best, took), spent + took, runs + 1
+    return 2 * n**3 / max(best, 1e-9)
+
+
+def encoder_flops_per_token(config: Any, seq_len: int, *, head_fraction: float = 0.0) -> float:
+    """Training FLOPs per token of a BERT-style encoder (forward + backward = 3 x forward).
+
+    ``6 * N + 12 * L * H * S`` as in nanoGPT's ``estimate_mfu`` (from the PaLM paper,
+    appendix B): N = non-embedding parameters of the encoder layers (attention
+    Q/K/V/output, feed-forward, LayerNorms, biases included; word/position/type
+    embeddings excluded, they are lookups), L layers, H hidden size, S = ``seq_len``
+    (the attention scores and mixing, which grow with sequence length).
+    ``head_fraction`` adds the MLM head's matmuls, ``6 * (H*H + H*V)``, for that fraction
+    of tokens: 0 for the encoder alone, the masked share (~0.15) for a head that scores
+    masked positions only, 1 for a head that scores every position.
+    """
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    per_layer = (4 * (h * h + h)        # query, key, value, attention output dense
+                 + h * inter + inter    # intermediate dense
+                 + inter * h + h        # output dense
+                 + 2 * 2 * h)           # two LayerNorms (weight + bias)
+    flops = 6 * layers * per_layer + 12 * layers * h * seq_len
+    return float(flops + 6 * (h * h + h * config.vocab_size) * head_fraction)

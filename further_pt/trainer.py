@@ -1,0 +1,385 @@
+"""Trainer: the one training loop every objective runs in.
+
+An objective (masked-LM pretraining, classification fine-tuning, ...) brings
+what is its own; the Trainer owns what every run shares:
+
+- the output dir: checked read-only before any work, claimed (config.yaml)
+  once the inputs have been read, a finished run recognised and left alone;
+- Accelerate: processes, devices, mixed precision, DDP and ``no_sync``;
+- data order: one :class:`~further_pt.training.ResumableSampler` per stream,
+  resumable at any micro-batch, a stream drawn per step by size (multi-task);
+- the step: accumulation, the optimizer-step guard (non-finite losses are
+  skipped and counted), the schedule, fault-injection points;
+- named-metric logging (TensorBoard + ``logs/metrics.jsonl``), progress bar;
+- evaluation at epoch ends with the best model kept in ``best/``;
+- checkpoints, resume, preemption (SIGTERM -> checkpoint, exit 75), the final
+  export to ``final/`` and ``metrics.json``.
+
+The objective's interface (duck-typed, see :class:`Objective`)::
+
+    module: nn.Module                    # what trains; Accelerate wraps it
+    streams: list[Stream]                # datasets to draw batches from
+    find_unused_parameters: bool         # DDP flag (custom heads leave params unused)
+    optimizer_groups() -> list[dict]     # AdamW parameter groups, each with its own lr
+    schedule(optimizer, total_steps=, steps_per_epoch=) -> LR scheduler
+    total_steps(steps_per_epoch) -> int
+    loss(module, batch, stream=, step=, micro=) -> (loss, {name: (numerator, denominator)})
+    before_optimizer_step(step) -> None  # e.g. gradual unfreezing drops frozen gradients
+    evaluate(model) -> dict              # at epoch ends, main process; {} = no evaluation
+    better(new, best) -> bool            # compares evaluate()[objective.metric]
+    export(model, folder) -> None        # a Hugging Face folder that from_pretrained loads
+    summary() -> dict                    # extra keys for metrics.json
+
+The loop (:meth:`Trainer.fit`) reads top to bottom, as nanoGPT's does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from further_pt import checkpoint, faults, layerwise, training
+from further_pt.errors import Preempted, SetupError, TrainingFailed
+
+logger = logging.getLogger("further_pt.trainer")
+
+METRICS = "metrics.json"
+
+
+@dataclass
+class Stream:
+    """A dataset the Trainer draws batches from (one per task in multi-task fine-tuning)."""
+
+    name: str
+    dataset: Any
+    collate: Any
+    lengths: torch.Tensor | None = None  # per-example lengths: batches of similar length
+    drop_last: bool = False  # pretraining: only full batches; fine-tuning: every example
+
+
+class Objective(Protocol):
+    name: str
+    module: torch.nn.Module
+    streams: list[Stream]
+    metric: str | None
+    find_unused_parameters: bool
+
+    def optimizer_groups(self) -> list[dict[str, Any]]: ...
+    def schedule(self, optimizer: Any, *, total_steps: int, steps_per_epoch: int) -> Any: ...
+    def total_steps(self, steps_per_epoch: int) -> int: ...
+    def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
+             micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]: ...
+    def before_optimizer_step(self, step: int) -> None: ...
+    def evaluate(self, model: Any) -> dict[str, Any]: ...
+    def better(self, new: float, best: float | None) -> bool: ...
+    def export(self, model: Any, folder: Path) -> None: ...
+    def summary(self) -> dict[str, Any]: ...
+
+
+class Trainer:
+    """One run in one output dir: ``Trainer(cfg)`` -> ``start()`` -> ``fit(objective)``."""
+
+    def __init__(self, cfg: DictConfig, *, resumable_keys: tuple[str, ...]) -> None:
+        """Read-only checks of the output dir, on every process, before any work."""
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir).expanduser().resolve()
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.resuming = checkpoint.prepare_output_dir(
+            self.output_dir, self.resolved, overwrite=cfg.overwrite_output_dir,
+            may_differ=resumable_keys)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.resume_from = (checkpoint.latest_checkpoint(self.ckpt_root) if self.resuming
+                            else None)
+        self.accelerator: Any = None
+        self._claimed = False
+
+    # ------------------------------------------------------------------ before training
+
+    def finished(self) -> dict[str, Any] | None:
+        """The metrics of a finished run in this output dir (nothing to do), else None."""
+        path = self.output_dir / METRICS
+        if not self.resuming or not path.is_file():
+            return None
+        metrics = json.loads(path.read_text())
+        max_steps = self.cfg.train.max_steps if "max_steps" in self.cfg.train else None
+        if checkpoint.verify(self.output_dir / "final") is not None or (
+                max_steps is not None and metrics.get("steps", 0) < max_steps):
+            return None  # final/ broken, or the run was extended: resume
+        logging.getLogger("further_pt").warning(
+            "%s already holds a finished run of %d steps: nothing to do", self.output_dir,
+            metrics.get("steps", 0))
+        return metrics
+
+    def start(self, *, find_unused_parameters: bool = False) -> None:
+        """Accelerate and logging. Call once the read-only checks have passed."""
+        self.accelerator = training.make_accelerator(
+            self.cfg.train.mixed_precision, self.output_dir / "logs",
+            find_unused_parameters=find_unused_parameters)
+        logging.basicConfig(
+            level=logging.INFO if self.is_main else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def claim(self) -> None:
+        """Write config.yaml (discarding an old run under overwrite) once the inputs are read.
+
+        Objectives call it after reading their data and before writing into the
+        output dir (a tokenizer trained from scratch), so a bad input never leaves
+        a half-made run behind. Idempotent.
+        """
+        if self._claimed:
+            return
+        if self.is_main:
+            if not self.resuming:
+                checkpoint.write_config(self.output_dir, self.resolved,
+                                        overwrite=self.cfg.overwrite_output_dir)
+            checkpoint.remove_partial(self.ckpt_root)
+        self.accelerator.wait_for_everyone()
+        self._claimed = True
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, objective: Objective) -> dict[str, Any]:
+        """Train ``objective`` to its last step; return what metrics.json holds."""
+        cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
+        self.claim()
+        device, on_gpu = acc.device, acc.device.type == "cuda"
+        batch_size, accum = t.batch_size, t.gradient_accumulation_steps
+
+        # Data: one resumable stream per dataset; a step draws its stream in proportion to size.
+        samplers, loaders = {}, {}
+        for s in objective.streams:
+            samplers[s.name] = training.ResumableSampler(
+                len(s.dataset), seed=cfg.seed, rank=self.rank, world_size=self.world,
+                lengths=s.lengths, batch_size=batch_size)
+            loaders[s.name] = DataLoader(
+                s.dataset, batch_size=batch_size, sampler=samplers[s.name], drop_last=s.drop_last,
+                collate_fn=s.collate, num_workers=cfg.data.dataloader_workers, pin_memory=on_gpu,
+                # Its own generator: a new iterator otherwise draws from the global RNG,
+                # which would shift dropout after a resume.
+                generator=torch.Generator().manual_seed(cfg.seed))
+        micro_per_epoch = {s.name: (samplers[s.name].per_rank // batch_size if s.drop_last
+                                    else math.ceil(samplers[s.name].per_rank / batch_size))
+                           for s in objective.streams}
+        empty = [name for name, n in micro_per_epoch.items() if n == 0]
+        if empty:
+            s = next(x for x in objective.streams if x.name == empty[0])
+            raise SetupError(
+                f"the training data ({empty[0]}) gives {len(s.dataset)} examples, fewer than one "
+                f"batch of {batch_size} x {self.world} process(es); add data or lower "
+                "train.batch_size")
+        steps_per_epoch = sum(math.ceil(n / accum) for n in micro_per_epoch.values())
+        total_steps = objective.total_steps(steps_per_epoch)
+        every = cfg.checkpoint.every_steps or steps_per_epoch
+        sizes = torch.tensor([float(len(s.dataset)) for s in objective.streams])
+
+        optimizer = torch.optim.AdamW(
+            objective.optimizer_groups(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_epsilon, fused=on_gpu or None)
+        scheduler = objective.schedule(optimizer, total_steps=total_steps,
+                                       steps_per_epoch=steps_per_epoch)
+        if self.is_main:
+            checkpoint.check_writable(self.output_dir,
+                                      training.checkpoint_bytes(objective.module))
+        module, optimizer = acc.prepare(objective.module, optimizer)
+
+        state: dict[str, Any] = {"step": 0, "streams": {s.name: [0, 0] for s in objective.streams},
+                                 "tokens": 0, "nonfinite_steps": 0, "best": None,
+                                 "best_epoch": None, "history": []}
+        if self.resume_from is not None:
+            state.update(checkpoint.load_training_state(self.resume_from, optimizer, scheduler))
+            logger.info("resuming from %s (step %d)", self.resume_from, state["step"])
+        elif self.resuming:
+            logger.info("no complete checkpoint in %s: starting from step 0", self.ckpt_root)
+        iters = {s.name: training.micro_batches(loaders[s.name], samplers[s.name], batch_size,
+                                                *state["streams"][s.name])
+                 for s in objective.streams}
+        names = [s.name for s in objective.streams]
+
+        def save_model(folder: Path) -> None:
+            objective.export(acc.unwrap_model(module), folder)
+
+        log = training.MetricsLog(acc, self.output_dir / "logs", objective.name, self.resolved)
+        step = state["step"]
+        window: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator], on the device
+        window_steps, window_start = 0, time.perf_counter()
+        bar = tqdm(total=total_steps, initial=step, desc=objective.name, unit="step",
+                   disable=not self.is_main, dynamic_ncols=True)
+        module.train()
+        watch = training.PreemptionWatch()
+        try:
+            while step < total_steps:
+                torch.manual_seed(training.step_seed(cfg.seed, step, self.rank))  # dropout
+                gen = torch.Generator().manual_seed(training.step_seed(cfg.seed, step))
+                name = names[int(torch.multinomial(sizes, 1, generator=gen))] if len(
+                    names) > 1 else names[0]  # the same draw on every process
+                step_loss = torch.zeros((), device=device)
+                for micro in range(accum):
+                    epoch, position, batch = next(iters[name])
+                    state["streams"][name] = [epoch, position]
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    sync = (acc.no_sync(module) if micro < accum - 1
+                            else contextlib.nullcontext())
+                    with sync, acc.autocast():
+                        loss, metrics = objective.loss(module, batch, stream=name, step=step,
+                                                       micro=micro)
+                        if faults.nan_from(step + 1):
+                            loss = loss * float("nan")
+                        acc.backward(loss / accum)
+                    if micro == 0:
+                        faults.point("micro", step + 1, self.rank)
+                    step_loss += loss.detach() / accum
+                    # Summed on the device; read once per logging interval (no sync per step).
+                    metrics = {"loss": (loss.detach(), 1),
+                               "tokens": (batch["attention_mask"].sum(), 0), **metrics}
+                    for key, (num, den) in metrics.items():
+                        pair = torch.stack([_scalar(num, device), _scalar(den, device)])
+                        window[key] = window[key] + pair if key in window else pair
+                objective.before_optimizer_step(step)
+                grad_norm = training.optimizer_step(
+                    acc, module.parameters(), optimizer, scheduler, step_loss,
+                    max_grad_norm=t.max_grad_norm, max_nonfinite=t.max_nonfinite_steps,
+                    state=state, step=step, ckpt_root=self.ckpt_root)
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                faults.point("step", step, self.rank)
+                stop = watch.requested(acc)
+                if step % t.log_every_steps == 0 or step == total_steps:
+                    values = self._window_values(window, window_steps, window_start, optimizer,
+                                                 grad_norm, state)
+                    log.log(step, values)
+                    bar.set_postfix(loss=f"{values['train/loss']:.4f}",
+                                    tok_s=f"{values['train/tokens_per_s']:.0f}")
+                    window.clear()
+                    window_steps, window_start = 0, time.perf_counter()
+                epoch_end = step % steps_per_epoch == 0 or step == total_steps
+                if epoch_end and self.is_main:
+                    self._evaluate(objective, module, log, state, step,
+                                   math.ceil(step / steps_per_epoch), save_model)
+                if step % every == 0 or step == total_steps or stop:
+                    if self.is_main:
+                        checkpoint.save_checkpoint(
+                            self.ckpt_root, step, write_model=save_model, optimizer=optimizer,
+                            scheduler=scheduler, state={**state, "step": step},
+                            keep_last=cfg.checkpoint.keep_last)
+                    acc.wait_for_everyone()
+                    faults.point("after_checkpoint", step, self.rank)
+                    if stop:
+                        raise Preempted(f"stopped by a signal at step {step}; checkpoint written "
+                                        f"to {self.ckpt_root}; run the same command to resume")
+        finally:
+            watch.close()
+            bar.close()
+        self._check_replicas(module)
+        result = self._finish(objective, state, step, save_model)
+        log.close()  # ends Accelerate's trackers and the process group: last
+        return result
+
+    # ------------------------------------------------------------------ pieces of the loop
+
+    def _window_values(self, window: dict[str, torch.Tensor], steps: int, start: float,
+                       optimizer: Any, grad_norm: torch.Tensor, state: dict[str, Any]
+                       ) -> dict[str, float]:
+        """Reduce the logging window across processes (one all-reduce) into named scalars."""
+        elapsed = time.perf_counter() - start
+        keys = sorted(window)
+        totals = self.accelerator.reduce(torch.stack([window[k] for k in keys]), "sum").tolist()
+        sums = dict(zip(keys, totals, strict=True))
+        tokens = sums.pop("tokens")[0]
+        state["tokens"] += int(tokens)
+        values = {f"train/{k}": num / max(den, 1e-12) for k, (num, den) in sums.items()}
+        lrs = layerwise.group_lrs(optimizer)
+        values.update({"train/lr": next(iter(lrs.values())),
+                       "train/tokens_per_s": tokens / elapsed,
+                       "train/steps_per_s": steps / elapsed,
+                       "train/grad_norm": float(grad_norm)})
+        if len(lrs) > 1:
+            values.update({f"lr/{k}": v for k, v in lrs.items()})
+        return values
+
+    def _evaluate(self, objective: Objective, module: Any, log: Any, state: dict[str, Any],
+                  step: int, epoch: int, save_model: Any) -> None:
+        """Main process, at an epoch end: evaluate, log, keep the best model in ``best/``."""
+        results = objective.evaluate(self.accelerator.unwrap_model(module))
+        if not results:
+            return
+        scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
+        log.log(step, scalars)
+        state["history"].append({"epoch": epoch, "step": step, **scalars})
+        logger.info("epoch %d: %s", epoch, ", ".join(
+            f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2))
+        score = results[f"eval_{objective.metric}"]
+        if objective.better(score, state["best"]):
+            state["best"], state["best_epoch"] = score, epoch
+
+            def save_best(folder: Path) -> None:
+                save_model(folder)
+                (folder / "eval_results.json").write_text(json.dumps(results, indent=1))
+
+            checkpoint.save_model_folder(self.output_dir / "best", save_best)
+
+    def _check_replicas(self, module: Any) -> None:
+        """DDP keeps replicas in sync; prove it before the final model is written."""
+        checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+        sums = self.accelerator.gather(checksum.reshape(1)).tolist()
+        if len(set(sums)) != 1:
+            raise TrainingFailed(f"the {self.world} processes ended with different weights: "
+                                 f"{sums}")
+        if self.world > 1:
+            logger.info("weights identical on all %d processes (checksum %.6f)", self.world,
+                        sums[0])
+
+    def _finish(self, objective: Objective, state: dict[str, Any], step: int,
+                save_model: Any) -> dict[str, Any]:
+        """``final/``: the best evaluated model if there is one, else the last; metrics.json."""
+        metrics: dict[str, Any] = {}
+        if self.is_main:
+            best, final = self.output_dir / "best", self.output_dir / "final"
+            if best.is_dir():
+                metrics = json.loads((best / "eval_results.json").read_text())
+                final_from = f"best epoch {state['best_epoch']} by eval_{objective.metric}"
+                checkpoint.save_model_folder(
+                    final, lambda f: shutil.copytree(best, f, dirs_exist_ok=True))
+            else:
+                final_from = f"last step ({step})"
+                checkpoint.save_model_folder(final, save_model)
+            metrics.update({"final_model": final_from, "best_epoch": state["best_epoch"],
+                            "steps": step, "tokens": state["tokens"],
+                            "nonfinite_steps": state["nonfinite_steps"],
+                            "history": state["history"], **objective.summary(),
+                            "config": self.resolved})
+            checkpoint.atomic_write_text(self.output_dir / METRICS,
+                                         json.dumps(metrics, indent=1))
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+
+def _scalar(value: Any, device: torch.device) -> torch.Tensor:
+    """A float64 scalar on ``device``; a Python number is filled there (no blocking copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=device)

@@ -1,0 +1,174 @@
+"""Hardware choices: precision table, cpuinfo flags, thread split, FLOPs formula, measured peak."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from further_pt import hardware
+from further_pt.errors import ConfigError
+from further_pt.hardware import (
+    choose_precision,
+    configure_cpu_threads,
+    cpu_bf16_flags,
+    cpu_threads,
+    encoder_flops_per_token,
+    matmul_peak_flops,
+    user_chose_threads,
+)
+
+AMX = {"amx_bf16"}
+NONE: set[str] = set()
+
+# (requested, device_type, cuda_bf16, cpu_flags, launcher) -> expected mixed_precision
+TABLE = [
+    # explicit recipe values win over everything, launcher included
+    ("no", "cuda", True, NONE, "bf16", "no"),
+    ("fp16", "cpu", False, AMX, None, "fp16"),
+    ("bf16", "cpu", False, NONE, "fp16", "bf16"),
+    ("bf16", "cuda", False, NONE, "no", "bf16"),
+    # null: accelerate's own setting (the env / its default)
+    (None, "cuda", True, AMX, "fp16", None),
+    (None, "cpu", False, AMX, None, None),
+    # auto: an explicit launcher precision wins
+    ("auto", "cpu", False, NONE, "bf16", "bf16"),
+    ("auto", "cuda", True, NONE, "fp16", "fp16"),
+    ("auto", "cuda", False, NONE, "FP8", "fp8"),
+    # auto: the launcher's default "no" (or nothing) does not stop detection
+    ("auto", "cuda", True, NONE, "no", "bf16"),
+    ("auto", "cuda", True, NONE, None, "bf16"),
+    ("auto", "cuda", False, AMX, "no", "no"),
+    ("auto", "cpu", False, AMX, "no", "bf16"),
+    ("auto", "cpu", False, {"avx512_bf16"}, None, "bf16"),
+    ("auto", "cpu", False, NONE, "", "no"),
+    ("auto", "cpu", True, NONE, None, "no"),  # cuda_bf16 is irrelevant on a CPU run
+    ("auto", "mps", False, AMX, None, "no"),
+]
+
+
+@pytest.mark.parametrize(("requested", "device", "cuda_bf16", "flags", "launcher", "expected"),
+                         TABLE)
+def test_precision_choice_table(requested, device, cuda_bf16, flags, launcher, expected) -> None:
+    chosen, reason = choose_precision(requested, device_type=device, cuda_bf16=cuda_bf16,
+                                      cpu_flags=flags, launcher=launcher)
+    assert chosen == expected
+    assert reason and "\n" not in reason
+
+
+def test_precision_reasons_name_the_cause() -> None:
+    _, why = choose_precision("no", device_type="cuda", cuda_bf16=True, cpu_flags=NONE,
+                              launcher="bf16")
+    assert "overrides accelerate launch's bf16" in why
+    _, why = choose_precision("auto", device_type="cpu", cuda_bf16=False,
+                              cpu_flags={"avx512_bf16", "amx_bf16"}, launcher=None)
+    assert why == "auto: bf16, the CPU has amx_bf16/avx512_bf16"
+    _, why = choose_precision("auto", device_type="cpu", cuda_bf16=False, cpu_flags=NONE,
+                              launcher="bf16")
+    assert "wins over auto" in why
+
+
+@pytest.mark.parametrize("bad", ["fp32", "AUTO", "", "bfloat16"])
+def test_unknown_precision_is_a_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision"):
+        choose_precision(bad, device_type="cpu", cuda_bf16=False, cpu_flags=NONE, launcher=None)
+
+
+CPUINFO = """\
+processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8 avx512_fp16
+vmx flags\t: vnmi preemption_timer amx_bf16_fake
+bugs\t\t: spectre_v1
+
+processor\t: 1
+flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+
+
+def test_cpuinfo_flags() -> None:
+    assert cpu_bf16_flags(CPUINFO) == {"amx_bf16", "avx512_bf16"}
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    assert cpu_bf16_flags(zen4) == {"avx512_bf16"}
+    old = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    assert cpu_bf16_flags(old) == set()
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16 sve\n"
+    assert cpu_bf16_flags(arm) == set()
+    assert cpu_bf16_flags("") == set()
+
+
+def test_cpuinfo_missing_means_no_flags(monkeypatch) -> None:
+    assert cpu_bf16_flags() <= set(hardware.BF16_CPU_FLAGS)  # this machine: whatever it has
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "/proc/cpuinfo")
+
+    monkeypatch.setattr(hardware, "open", missing, raising=False)
+    assert cpu_bf16_flags() == set()
+
+
+def test_thread_split() -> None:
+    assert cpu_threads(1, {0, 1}) == 2
+    assert cpu_threads(2, {0, 1}) == 1
+    assert cpu_threads(2, {0}) == 1
+    assert cpu_threads(3, set(range(8))) == 2
+    assert cpu_threads(0, {0, 1, 2}) == 3  # a nonsense process count still gives the cores
+
+
+@pytest.mark.parametrize(("env", "chosen"), [
+    ({}, False),
+    ({"OMP_NUM_THREADS": "1"}, True),  # plain python with OMP_NUM_THREADS=1: the user's
+    ({"OMP_NUM_THREADS": "1", "ACCELERATE_MIXED_PRECISION": "no"}, False),  # accelerate's 1
+    ({"OMP_NUM_THREADS": "1", "TORCHELASTIC_RUN_ID": "x"}, False),  # torchrun's 1
+    ({"OMP_NUM_THREADS": "4", "ACCELERATE_MIXED_PRECISION": "no"}, True),
+    ({"OMP_NUM_THREADS": " "}, False),
+])
+def test_who_chose_the_thread_count(env: dict[str, str], chosen: bool) -> None:
+    assert user_chose_threads(env) is chosen
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_configure_cpu_threads(restore_threads) -> None:
+    share = cpu_threads(1)
+    n, why = configure_cpu_threads(1, env={"OMP_NUM_THREADS": "1",
+                                           "ACCELERATE_MIXED_PRECISION": "no"})
+    assert n == share == torch.get_num_threads()
+    assert "launcher's default" in why
+    n, why = configure_cpu_threads(1, requested=1, env={})
+    assert (n, torch.get_num_threads(), why) == (1, 1, "set in the recipe")
+    n, why = configure_cpu_threads(1, env={"OMP_NUM_THREADS": "3"})
+    assert n == 1 and why.startswith("OMP_NUM_THREADS=3 kept")  # kept, not changed
+    n, _ = configure_cpu_threads(share * 4, env={})
+    assert n == 1 == torch.get_num_threads()
+
+
+def test_flops_per_token_is_the_hand_computation() -> None:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64)
+    # per layer: Q,K,V,O 4*(32*32+32)=4224; FFN in 32*64+64=2112; FFN out 64*32+32=2080;
+    # two LayerNorms 2*2*32=128 -> 8544; two layers -> 17088 non-embedding parameters
+    torch.manual_seed(0)
+    n_params = sum(p.numel() for p in BertModel(config).encoder.parameters())
+    assert n_params == 17088
+    assert encoder_flops_per_token(config, 16) == 6 * 17088 + 12 * 2 * 32 * 16 == 114816
+    # MLM head on half the tokens: 6 * (32*32 + 32*100) * 0.5 = 12672 more
+    assert encoder_flops_per_token(config, 16, head_fraction=0.5) == 114816 + 12672
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peak_is_positive_finite_and_quick(dtype: torch.dtype) -> None:
+    start = time.perf_counter()
+    peak = matmul_peak_flops(dtype, n=64, seconds=0.01)
+    assert time.perf_counter() - start < 2.0
+    assert math.isfinite(peak) and peak > 1e6  # any CPU does > 1 MFLOP/s on a 64x64 matmul

@@ -1,0 +1,109 @@
+"""One run per output dir: OutputDirLock refuses a second holder and never goes stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from further_pt import checkpoint
+from further_pt.checkpoint import LOCK_FILE, OutputDirLock, prepare_output_dir, write_config
+from further_pt.errors import SetupError
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLDER = ("import sys, time\n"
+          "from further_pt.checkpoint import OutputDirLock\n"
+          "lock = OutputDirLock(sys.argv[1]).acquire()\n"
+          "print('ready', flush=True)\n"
+          "time.sleep(120)\n")
+
+
+@pytest.fixture
+def holder(tmp_path: Path):
+    """A separate process that holds the lock on ``tmp_path / 'run'`` until killed."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read()
+        yield out, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_second_acquirer_is_refused_naming_the_holder(holder) -> None:
+    out, proc = holder
+    info = json.loads((out / LOCK_FILE).read_text())
+    assert info["pid"] == proc.pid
+    assert info["host"] == socket.gethostname()
+    assert info["argv"][-1] == str(out)
+    with pytest.raises(SetupError) as caught:
+        OutputDirLock(out).acquire()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (f"output_dir {out} is in use by pid {proc.pid} on host "
+                       f"{socket.gethostname()} since {info['started']} (lock file "
+                       f"{out / LOCK_FILE}); wait for it or use another output_dir")
+    # the refused attempt did not overwrite the holder's record
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == proc.pid
+
+
+def test_kill_9_leaves_no_stale_lock(holder) -> None:
+    out, proc = holder
+    with pytest.raises(SetupError, match=f"pid {proc.pid}"):
+        OutputDirLock(out).acquire()
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    with OutputDirLock(out) as lock:
+        assert lock.held
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_release_then_reacquire_and_same_process_exclusion(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b"  # created by acquire
+    first = OutputDirLock(out).acquire()
+    assert first.held and (out / LOCK_FILE).is_file()
+    with pytest.raises(SetupError, match=f"pid {os.getpid()} on host"):
+        OutputDirLock(out).acquire()  # flock is per open file, so this conflicts too
+    first.release()
+    first.release()  # idempotent
+    assert not first.held
+    second = OutputDirLock(out).acquire()
+    assert second.held
+    second.release()
+    assert (out / LOCK_FILE).is_file()  # the file stays; only the flock goes
+
+
+def test_lock_file_does_not_count_as_content_and_survives_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = {"seed": 1}
+    with OutputDirLock(out):
+        assert prepare_output_dir(out, config, overwrite=False) is False  # only .lock: empty
+        write_config(out, config, overwrite=False)
+        (out / "checkpoints" / "step-000001").mkdir(parents=True)
+        (out / "stray.txt").write_text("x")
+        write_config(out, {"seed": 2}, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "config.yaml"]
+        with pytest.raises(SetupError):  # the same inode is still locked
+            OutputDirLock(out).acquire()
+
+
+def test_without_fcntl_it_warns_and_does_not_lock(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(checkpoint, "fcntl", None)
+    with caplog.at_level("WARNING", logger="further_pt.checkpoint"):
+        a = OutputDirLock(tmp_path).acquire()
+        b = OutputDirLock(tmp_path).acquire()
+    assert not a.held and not b.held
+    assert "not locked" in caplog.text
+    a.release()
