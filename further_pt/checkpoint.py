@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -72,10 +71,8 @@ def prepare_output_dir(
     not write anything: call :func:`write_config` from the main process.
     """
     saved = output_dir / "config.yaml"
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
-    _existing_folder(output_dir)
-    if not output_dir.exists() or all(p.name == LOCK_FILE for p in output_dir.iterdir()):
+    check_output_dir_path(output_dir)
+    if not output_dir.exists() or not any(output_dir.iterdir()):
         return False
     if overwrite:
         return False
@@ -97,6 +94,13 @@ def prepare_output_dir(
             "overwrite_output_dir=true to discard that run"
         )
     return True
+
+
+def check_output_dir_path(output_dir: Path) -> None:
+    """The output dir is a folder (or can become one) in a writable place. Writes nothing."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
+    _existing_folder(output_dir)
 
 
 def _existing_folder(output_dir: Path) -> Path:
@@ -123,13 +127,7 @@ def check_writable(output_dir: Path, needed_bytes: int) -> None:
 def write_config(output_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
     """Main process only: (discard the old run if asked, then) write the resolved config."""
     if overwrite and output_dir.exists():
-        for child in output_dir.iterdir():  # keep the held OutputDirLock's file (same inode)
-            if child.name == LOCK_FILE:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
@@ -295,8 +293,17 @@ def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, schedule
 # --------------------------------------------------------------------------- one run per dir
 
 
+def lock_path(output_dir: Path) -> Path:
+    """Where the lock of ``output_dir`` lives: a hidden file beside it."""
+    return output_dir.parent / f".{output_dir.name}.lock"
+
+
 class OutputDirLock:
-    """An exclusive, non-blocking ``flock`` on ``<output_dir>/.lock`` for the life of a run.
+    """An exclusive, non-blocking ``flock`` on ``<parent>/.<name>.lock`` for the life of a run.
+
+    The lock file sits beside the output dir, not in it: a run refused for bad input
+    leaves its output dir untouched, and ``overwrite_output_dir`` can delete the whole
+    folder while the lock stays held.
 
     Two runs writing one output dir would interleave checkpoints and each resume the
     other's. The lock is held by an open file, so the OS drops it when the process dies
@@ -315,7 +322,7 @@ class OutputDirLock:
 
     def __init__(self, output_dir: Path | str) -> None:
         self.output_dir = Path(output_dir)
-        self.path = self.output_dir / LOCK_FILE
+        self.path = lock_path(self.output_dir)
         self._fd: int | None = None
 
     @property
@@ -331,7 +338,7 @@ class OutputDirLock:
                            "second run", self.output_dir)
             return self
         try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             raise SetupError(f"output_dir {self.output_dir}: cannot create the lock file "

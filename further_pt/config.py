@@ -248,6 +248,19 @@ def validate_pretrain(cfg: DictConfig) -> None:
              f"must be in (0, 1], got {o.span_geometric_p}")
     _require(o.span_max_words >= 1, "objective.span_max_words",
              f"must be >= 1, got {o.span_max_words}")
+    hw = o.head_warmup
+    _require(hw.steps == "auto" or (isinstance(hw.steps, int) and not isinstance(hw.steps, bool)
+                                    and hw.steps >= 0), "objective.head_warmup.steps",
+             f"must be auto or an integer >= 0, got {hw.steps!r}")
+    _require(hw.auto_steps >= 0, "objective.head_warmup.auto_steps", "must be >= 0")
+    _require(hw.lr > 0, "objective.head_warmup.lr", f"must be > 0, got {hw.lr}")
+    if m.extend_vocab is not None:
+        _require(m.from_scratch is None, "model.extend_vocab",
+                 "extends a pretrained tokenizer; with model.from_scratch the tokenizer is "
+                 "trained on the corpus already")
+        for key in ("max_new_tokens", "min_frequency"):
+            value = m.extend_vocab[key]
+            _require(value >= 1, f"model.extend_vocab.{key}", f"must be >= 1, got {value}")
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     _require(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps",
              f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
@@ -266,8 +279,8 @@ def _validate_loop(cfg: DictConfig) -> None:
              "adam betas must be in [0, 1)")
     _require(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-    _require(t.mixed_precision in (None, "no", "fp16", "bf16"), "train.mixed_precision",
-             f"must be null (from the accelerate config), no, fp16 or bf16; got "
+    _require(t.mixed_precision in (None, "auto", "no", "fp16", "bf16"), "train.mixed_precision",
+             f"must be auto, no, fp16, bf16 or null (from the accelerate config); got "
              f"{t.mixed_precision!r}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
@@ -290,6 +303,8 @@ def validate_finetune(cfg: DictConfig) -> None:
     """Value checks of a fine-tuning config; files are checked here, before any work."""
     m, d, h, t, e = cfg.model, cfg.data, cfg.head, cfg.train, cfg.eval
     _require(bool(cfg.output_dir), "output_dir", "must be a folder path")
+    _require(m.extend_vocab is None, "model.extend_vocab",
+             "is for pretraining; fine-tuning uses the tokenizer saved with the model")
     _require(m.name_or_path is not None and m.from_scratch is None, "model.name_or_path",
              "fine-tuning needs a pretrained model (hub id or folder); from_scratch is for "
              "pretraining")
@@ -307,8 +322,17 @@ def validate_finetune(cfg: DictConfig) -> None:
     _require(16 <= d.max_seq_length <= 65536, "data.max_seq_length",
              f"must be in [16, 65536], got {d.max_seq_length}")
     _choice("data.truncation", d.truncation, ("head", "tail", "head_tail", "segments"))
-    _require(0 <= d.head_tokens <= d.max_seq_length - 2, "data.head_tokens",
-             f"must be in [0, max_seq_length - 2 = {d.max_seq_length - 2}], got {d.head_tokens}")
+    _require(d.head_tokens == "auto" or (isinstance(d.head_tokens, int)
+                                         and not isinstance(d.head_tokens, bool)),
+             "data.head_tokens", f"must be auto or an integer, got {d.head_tokens!r}")
+    if d.truncation == "head_tail" and d.head_tokens != "auto":
+        _require(0 <= d.head_tokens <= d.max_seq_length - 2, "data.head_tokens",
+                 f"must be in [0, max_seq_length - 2 = {d.max_seq_length - 2}], got "
+                 f"{d.head_tokens}")
+    _choice("data.invalid_rows", d.invalid_rows, ("error", "skip"))
+    _require(d.max_train_examples is None or d.max_train_examples >= 1,
+             "data.max_train_examples", f"must be a positive integer or null (all), got "
+             f"{d.max_train_examples}")
     _require(d.max_segments >= 1, "data.max_segments", "must be >= 1")
     _require(d.truncation != "segments" or d.text_pair_column is None, "data.truncation",
              "segments (hierarchical) does not take text pairs")

@@ -38,14 +38,14 @@ def load(argv: list[str]) -> DictConfig:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune; return the metrics written to metrics.json."""
-    trainer = Trainer(cfg, resumable_keys=RESUMABLE_KEYS)  # read-only output-dir checks
-    metrics = trainer.finished()
-    if metrics is None:
-        objective = Classification(cfg, trainer.resume_from)  # read-only model checks
-        trainer.start(find_unused_parameters=objective.find_unused_parameters)
-        objective.build(trainer)
-        metrics = trainer.fit(objective)
-    return metrics
+    with Trainer(cfg, resumable_keys=RESUMABLE_KEYS) as trainer:  # lock, read-only checks
+        metrics = trainer.finished()
+        if metrics is None:
+            objective = Classification(cfg, trainer.resume_from)  # read-only model checks
+            trainer.start(find_unused_parameters=objective.find_unused_parameters)
+            objective.build(trainer)
+            metrics = trainer.fit(objective)
+        return metrics
 
 
 def report(cfg: DictConfig, metrics: dict[str, Any]) -> str:

@@ -25,7 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
-from further_pt import classification_data, evaluation, instances, layerwise, model, schedules
+from further_pt import (
+    classification_data,
+    evaluation,
+    hardware,
+    instances,
+    layerwise,
+    model,
+    schedules,
+)
 from further_pt.heads import Classifier, HeadSpec, load_classifier
 from further_pt.trainer import Stream, Trainer
 
@@ -45,36 +53,66 @@ class Task:
     eval_file: str | None
 
 
-def load_tasks(cfg: DictConfig, tokenizer: Any) -> list[Task]:
-    """Read, label and tokenize every task (one unless ``tasks`` lists several)."""
+def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, Any]]:
+    """Read, check, (subsample,) label and tokenize every task; and what was dropped or kept.
+
+    Every text and label is checked when read (a bad row is an error naming file,
+    row, column and value, or with ``data.invalid_rows=skip`` is dropped and
+    counted). ``data.max_train_examples`` keeps a seeded, stratified subsample of
+    each training file: the same rows for the same seed whatever the starting
+    model, so variants are compared on identical data. Eval files are never
+    subsampled.
+    """
     d = cfg.data
     specs = cfg.tasks or [{"name": "main", "train_file": d.train_file, "eval_file": d.eval_file,
                            "text_column": d.text_column, "label_column": d.label_column}]
     cache = str(Path(d.cache_dir).expanduser() / "datasets") if d.cache_dir else None
-    tasks = []
+    tasks, report = [], {}
     for spec in specs:
         columns = [spec["text_column"], spec["label_column"]]
+        texts = [spec["text_column"]]
         if d.text_pair_column:
             columns.insert(1, d.text_pair_column)
-        train = classification_data.read_labelled(spec["train_file"], columns=columns,
-                                                  cache_dir=cache)
+            texts.append(d.text_pair_column)
+        read = partial(classification_data.load_labelled, columns=columns, cache_dir=cache,
+                       text_columns=texts, label_column=spec["label_column"],
+                       invalid_rows=d.invalid_rows)
+        train, dropped = read(spec["train_file"])
         names = classification_data.label_names(train, spec["label_column"], spec["train_file"])
+        labels = classification_data.encode_labels(train, spec["label_column"], names,
+                                                   spec["train_file"])
+        entry: dict[str, Any] = {"invalid_train_rows_skipped": dropped,
+                                 "train_examples_available": len(labels)}
+        if d.max_train_examples is not None:
+            keep = classification_data.stratified_subsample(
+                labels, d.max_train_examples, cfg.seed, num_classes=len(names),
+                where=spec["train_file"])
+            logger.info("%s: %s (seed %d)", spec["name"], classification_data.describe_subsample(
+                [labels[i] for i in keep], names, len(labels)), cfg.seed)
+            train, labels = train.select(keep), [labels[i] for i in keep]
+        entry["train_examples"] = len(labels)
         encode = partial(classification_data.tokenize, tokenizer=tokenizer,
                          text_column=spec["text_column"], text_pair_column=d.text_pair_column,
                          strategy=d.truncation, max_seq_length=d.max_seq_length,
-                         head_tokens=d.head_tokens, max_segments=d.max_segments)
-        labels = classification_data.encode_labels(train, spec["label_column"], names,
-                                                   spec["train_file"])
+                         head_tokens=head_tokens(d), max_segments=d.max_segments)
         evaluated = None
         if spec["eval_file"]:
-            raw = classification_data.read_labelled(spec["eval_file"], columns=columns,
-                                                    cache_dir=cache)
+            raw, entry["invalid_eval_rows_skipped"] = read(spec["eval_file"])
             eval_labels = classification_data.encode_labels(raw, spec["label_column"], names,
                                                             spec["eval_file"])
             evaluated = encode(raw, labels=eval_labels)
         tasks.append(Task(spec["name"], names, encode(train, labels=labels), evaluated,
                           spec["eval_file"]))
-    return tasks
+        report[spec["name"]] = entry
+    return tasks, report
+
+
+def head_tokens(data: DictConfig) -> int:
+    """``data.head_tokens``, with ``auto`` = a quarter of the token budget (Sun et al.'s 128
+    of 510, rounded), so changing ``max_seq_length`` alone keeps head+tail consistent."""
+    if data.head_tokens == "auto":
+        return round((data.max_seq_length - 2) / 4)
+    return int(data.head_tokens)
 
 
 def build_classifier(cfg: DictConfig, tasks: list[Task], source: str | Path) -> Classifier:
@@ -116,7 +154,7 @@ class Classification:
         """Tasks -> (claim the output dir) -> streams -> classifier -> layer groups."""
         cfg, t = self.cfg, self.cfg.train
         with trainer.accelerator.main_process_first():
-            self.tasks = load_tasks(cfg, self.tokenizer)
+            self.tasks, self.data_report = load_tasks(cfg, self.tokenizer)
         trainer.claim()
         self.device = trainer.accelerator.device
         collate = partial(classification_data.collate, pad_id=self.tokenizer.pad_token_id)
@@ -201,7 +239,14 @@ class Classification:
         classifier.save(folder, self.tokenizer)
         resolved = OmegaConf.to_container(self.cfg.data, resolve=True)
         preprocessing = {k: resolved[k] for k in evaluation.PREPROCESSING_KEYS}
+        preprocessing["head_tokens"] = head_tokens(self.cfg.data)  # auto, resolved
         (folder / evaluation.PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
 
     def summary(self) -> dict[str, Any]:
-        return {}
+        """What was read: rows skipped as invalid, examples available and used, per task."""
+        return {"data": self.data_report if len(self.tasks) > 1 else self.data_report["main"]}
+
+    def flops_per_token(self) -> float | None:
+        """The encoder's training FLOPs per token at the recipe's sequence length."""
+        return hardware.encoder_flops_per_token(self.module.model.config,
+                                                self.cfg.data.max_seq_length)

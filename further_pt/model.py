@@ -199,8 +199,14 @@ def _build(make: Any, what: str) -> Any:
 
 
 def load_pretraining_model(name_or_path: str | Path, config: PretrainedConfig, *, nsp: bool,
-                           attn_implementation: str | None, trust_remote_code: bool) -> Any:
-    """Load the weights; warns when the MLM/NSP head is not in them (newly initialised).
+                           attn_implementation: str | None, trust_remote_code: bool
+                           ) -> tuple[Any, list[str]]:
+    """Load the weights; return the model and the names of its newly initialised heads.
+
+    The heads are the parameters outside the encoder (``base_model``) that the
+    checkpoint did not hold: a sentence-transformers, e5 or GTE folder has no MLM
+    head, an ELECTRA discriminator no generator head. Tied weights (the MLM decoder
+    shares the input embeddings) are loaded, so they are not among them.
 
     An ELECTRA *discriminator* checkpoint loaded as ``ElectraForMaskedLM`` is the common case:
     its generator head starts random, which the warning makes visible.
@@ -213,11 +219,16 @@ def load_pretraining_model(name_or_path: str | Path, config: PretrainedConfig, *
         kwargs["attn_implementation"] = attn
     model, info = _build(lambda: model_cls.from_pretrained(str(name_or_path), **kwargs),
                          str(name_or_path))
-    missing = info.get("missing_keys") or []
-    if missing:
-        logger.warning("%d weights not in %s were newly initialised (e.g. %s): the head "
-                       "starts untrained", len(missing), name_or_path, sorted(missing)[0])
-    return model
+    missing = set(info.get("missing_keys") or [])
+    return model, new_head_parameters(model, missing)
+
+
+def new_head_parameters(model: Any, missing: set[str]) -> list[str]:
+    """Names (as ``named_parameters`` gives them) of head parameters among ``missing`` keys."""
+    prefix = f"{model.base_model_prefix}."
+    tensors = model.state_dict(keep_vars=True)
+    new_ids = {id(tensors[k]) for k in missing if k in tensors and not k.startswith(prefix)}
+    return [n for n, p in model.named_parameters() if id(p) in new_ids]
 
 
 def new_pretraining_model(config: PretrainedConfig, *, nsp: bool,

@@ -20,6 +20,7 @@ untouched layout.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ class PretrainingObjective(nn.Module):
         self.nsp_head = _nsp_head(model) if nsp else None
         self.sparse = layout is not None and (not nsp or self.nsp_head is not None)
         self.token_types = _takes_token_types(model)
+        # Head warm-up: the encoder runs without building a graph; only the heads learn.
+        self.encoder_frozen = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None, labels: torch.Tensor,
@@ -147,7 +150,8 @@ class PretrainingObjective(nn.Module):
         if self.sparse:
             assert self._layout is not None
             encoder, head = self._layout
-            out = encoder(**inputs)
+            with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
+                out = encoder(**inputs)
             mlm_logits = head(out.last_hidden_state[chosen])
             nsp_logits = self.nsp_head(out.pooler_output) if self.nsp else None
         else:

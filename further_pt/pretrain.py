@@ -37,13 +37,13 @@ def load(argv: list[str]) -> DictConfig:
 
 def run(cfg: DictConfig) -> Path:
     """Train; return the path of the final model folder."""
-    trainer = Trainer(cfg, resumable_keys=RESUMABLE_KEYS)  # read-only output-dir checks
-    if trainer.finished() is None:
-        objective = MaskedLM(cfg, trainer.resume_from)  # read-only model/tokenizer checks
-        trainer.start()
-        objective.build(trainer)
-        trainer.fit(objective)
-    return trainer.output_dir / "final"
+    with Trainer(cfg, resumable_keys=RESUMABLE_KEYS) as trainer:  # lock, read-only checks
+        if trainer.finished() is None:
+            objective = MaskedLM(cfg, trainer.resume_from)  # read-only model/tokenizer checks
+            trainer.start(find_unused_parameters=objective.find_unused_parameters)
+            objective.build(trainer)
+            trainer.fit(objective)
+        return trainer.output_dir / "final"
 
 
 def report(cfg: DictConfig, final: Path) -> str:

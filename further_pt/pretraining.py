@@ -15,6 +15,7 @@ output dir, builds the instances and the model.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from functools import partial
@@ -25,7 +26,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from further_pt import corpus, instances, layerwise, masking, model, schedules
+from further_pt import (
+    checkpoint,
+    corpus,
+    hardware,
+    instances,
+    layerwise,
+    masking,
+    model,
+    schedules,
+    vocab,
+)
 from further_pt.objective import PretrainingObjective
 from further_pt.trainer import Stream, Trainer
 from further_pt.training import step_seed
@@ -45,7 +56,7 @@ class MaskedLM:
 
     name = "pretrain"
     metric = None  # no evaluation during pretraining
-    find_unused_parameters = False
+    find_unused_parameters = False  # a head warm-up under DDP computes (then drops) all grads
 
     def __init__(self, cfg: DictConfig, resume_from: Path | None) -> None:
         """Read-only checks: the model has the heads the objective needs, and fits the data."""
@@ -60,6 +71,7 @@ class MaskedLM:
         else:
             self.model_config = None  # built once the tokenizer is trained
         self.tokenizer: Any = None
+        self.new_words: list[Any] | None = None
         if self.model_config is not None:
             model.pretraining_class(self.model_config, cfg.objective.nsp)
             self.tokenizer = self._given_tokenizer()
@@ -83,10 +95,13 @@ class MaskedLM:
                                           text_column=d.text_column, cache_dir=cache_dir,
                                           max_documents=d.max_documents) for s in self.sources]
         trainer.claim()  # the input is readable: only now does the run write its output dir
+        base_tokenizer = self.tokenizer
         if self.tokenizer is None:
             self.tokenizer = self._scratch_tokenizer(docs, trainer)
             self.model_config = model.scratch_config(cfg, self.tokenizer)
             model.pretraining_class(self.model_config, o.nsp)
+        elif cfg.model.extend_vocab is not None and self.resume_from is None:
+            self.tokenizer, self.new_words = self._extend_vocabulary(docs, trainer)
         tok = self.tokenizer
         with acc.main_process_first():
             per_source = [instances.build_instances(
@@ -104,18 +119,79 @@ class MaskedLM:
 
         torch.manual_seed(cfg.seed)  # every rank builds the same weights from the same seed
         m = cfg.model
+        new_heads: list[str] = []
         if self.resume_from is not None or m.from_scratch is None:
             source = self.resume_from or m.name_or_path
-            net = model.load_pretraining_model(source, self.model_config, nsp=o.nsp,
-                                               attn_implementation=m.attn_implementation,
-                                               trust_remote_code=m.trust_remote_code)
+            net, new_heads = model.load_pretraining_model(
+                source, self.model_config, nsp=o.nsp, attn_implementation=m.attn_implementation,
+                trust_remote_code=m.trust_remote_code)
         else:
             net = model.new_pretraining_model(self.model_config, nsp=o.nsp,
                                               attn_implementation=m.attn_implementation)
+        if self.new_words is not None:  # rows of the new tokens: the mean of their pieces
+            vocab.extend_model(net, base_tokenizer, tok, self.new_words)
         self.module = PretrainingObjective(net, nsp=o.nsp)
+        self.world = trainer.world
+        self.warmup_steps, heads = self._plan_head_warmup(trainer, net, new_heads)
+        head_names = set(heads)
+        named = [(f"model.{n}", p) for n, p in net.named_parameters()]
+        self.head_params = [p for n, p in named if n.removeprefix("model.") in head_names]
+        self.encoder_params = [p for n, p in named if n.removeprefix("model.") not in head_names]
         self.special_ids = masking.special_ids_tensor(tok).to(acc.device)
         self.continuation = (masking.word_continuation_table(tok).to(acc.device)
                              if o.masking in ("whole_word", "span") else None)
+
+    def _plan_head_warmup(self, trainer: Trainer, net: Any, new_heads: list[str]
+                          ) -> tuple[int, list[str]]:
+        """How many steps the heads learn alone, and which parameters are "the heads".
+
+        ``auto`` warms up only heads the loaded model lacked (newly initialised);
+        an integer warms up those, or every parameter outside the encoder if none
+        was missing. The plan is written to ``head_warmup.json`` on a fresh start
+        and read back on resume (the checkpoint has its heads, so ``auto`` could
+        not tell any more).
+        """
+        path = trainer.output_dir / "head_warmup.json"
+        if self.resume_from is not None and path.is_file():
+            plan = json.loads(path.read_text())
+            return plan["steps"], plan["heads"]
+        hw = self.cfg.objective.head_warmup
+        if new_heads and trainer.is_main:
+            logger.info("the loaded model lacks %d head tensors, newly initialised: %s",
+                        len(new_heads), ", ".join(new_heads))
+        steps = (hw.auto_steps if new_heads else 0) if hw.steps == "auto" else int(hw.steps)
+        prefix = f"{net.base_model_prefix}."
+        heads = (new_heads or [n for n, _ in net.named_parameters()
+                               if not n.startswith(prefix)]) if steps else []
+        if steps and trainer.is_main:
+            logger.info("head warm-up: %s learn alone for %d steps at lr %g with the encoder "
+                        "frozen; then the whole model trains for train.max_steps=%d steps "
+                        "under the recipe's schedule (warmup_steps counted from there)",
+                        ", ".join(heads), steps, hw.lr, self.cfg.train.max_steps)
+        if trainer.is_main:
+            checkpoint.atomic_write_text(path, json.dumps({"steps": steps, "heads": heads},
+                                                          indent=1))
+        return steps, heads
+
+    def _extend_vocabulary(self, docs: list[Any], trainer: Trainer) -> tuple[Any, list[Any]]:
+        """Frequent corpus words the tokenizer splits become tokens (main process chooses)."""
+        folder = trainer.output_dir / "tokenizer"
+        chosen = folder / "extend_vocab.json"
+        ev, base = self.cfg.model.extend_vocab, self.tokenizer
+        with trainer.accelerator.main_process_first():
+            if trainer.is_main and not chosen.is_file():
+                texts = (row["text"] for doc in docs for row in doc)
+                words = vocab.choose_words(texts, base, max_new_tokens=ev.max_new_tokens,
+                                           min_frequency=ev.min_frequency)
+                vocab.extend_tokenizer(base, words).save_pretrained(folder)
+                checkpoint.atomic_write_text(chosen, json.dumps(words))
+                sample = [row["text"] for doc in docs for row in islice(doc, 2000)]
+                logger.info("vocabulary extension: %d new tokens (first 20: %s); tokens per "
+                            "document on %d documents: %.1f -> %.1f", len(words),
+                            ", ".join(w for w, _, _ in words[:20]), len(sample),
+                            vocab.tokens_per_document(sample, base),
+                            vocab.tokens_per_document(sample, model.load_tokenizer(str(folder))))
+            return model.load_tokenizer(str(folder)), json.loads(chosen.read_text())
 
     def _scratch_tokenizer(self, docs: list[Any], trainer: Trainer) -> Any:
         """A WordPiece tokenizer trained on the corpus (main process), saved in the run."""
@@ -135,21 +211,38 @@ class MaskedLM:
     # ------------------------------------------------------------------ the Trainer's interface
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        return self.cfg.train.max_steps
+        """The head warm-up's steps, then ``train.max_steps`` steps of the whole model."""
+        return self.warmup_steps + self.cfg.train.max_steps
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        return layerwise.param_groups(self.module.parameters(), self.cfg.train.weight_decay,
-                                      name="model")
+        wd = self.cfg.train.weight_decay
+        if not self.warmup_steps:
+            return layerwise.param_groups(self.module.parameters(), wd, name="model")
+        return (layerwise.param_groups(self.encoder_params, wd, name="encoder")
+                + layerwise.param_groups(self.head_params, wd, name="heads"))
 
     def schedule(self, optimizer: Any, *, total_steps: int, steps_per_epoch: int) -> Any:
-        """Linear warmup over ``train.warmup_steps``, then linear decay to 0 (BERT)."""
-        return schedules.build("linear", optimizer, total_steps=total_steps,
-                               warmup_steps=self.cfg.train.warmup_steps)
+        """Linear warmup over ``train.warmup_steps``, then linear decay to 0 (BERT).
+
+        After a head warm-up, which runs at ``objective.head_warmup.lr`` on the heads
+        alone: the same schedule then starts at its own step 0.
+        """
+        t = self.cfg.train
+        if not self.warmup_steps:
+            return schedules.build("linear", optimizer, total_steps=total_steps,
+                                   warmup_steps=t.warmup_steps)
+        return schedules.with_head_warmup(
+            optimizer, head_steps=self.warmup_steps,
+            head_factor=self.cfg.objective.head_warmup.lr / t.lr, head_groups={"heads"},
+            main=lambda s: schedules.linear_factor(s, t.warmup_steps, t.max_steps))
 
     def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
              micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
         """Mask (a pure function of seed, step, rank, micro-batch), then the MLM (+ NSP) loss."""
         o = self.cfg.objective
+        # Head warm-up on one process: no graph through the frozen encoder (3x less work).
+        # Under DDP every parameter must get a gradient, so it is computed and dropped.
+        self.module.encoder_frozen = step < self.warmup_steps and self.world == 1
         gen = torch.Generator(device=batch["input_ids"].device).manual_seed(
             step_seed(self.seed, step, self.rank, micro))
         masked_ids, labels = masking.mask_tokens(
@@ -167,7 +260,10 @@ class MaskedLM:
         return losses.total, metrics
 
     def before_optimizer_step(self, step: int) -> None:
-        pass
+        """During the head warm-up the encoder gets no update, decay or optimizer moments."""
+        if step < self.warmup_steps:
+            for p in self.encoder_params:
+                p.grad = None
 
     def evaluate(self, model_: Any) -> dict[str, Any]:
         return {}
@@ -180,3 +276,10 @@ class MaskedLM:
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+    def flops_per_token(self) -> float | None:
+        """The encoder at the full sequence length, and the MLM head on the masked share."""
+        o = self.cfg.objective
+        share = min(o.masked_lm_prob, o.max_predictions_per_seq / self.cfg.data.max_seq_length)
+        return hardware.encoder_flops_per_token(self.module.model.config,
+                                                self.cfg.data.max_seq_length, head_fraction=share)

@@ -13,6 +13,9 @@
   (BERT, keras_bert's AdamWarmup);
 - ``cosine``: linear warmup then a half cosine to 0;
 - ``constant``: linear warmup then flat.
+- :func:`with_head_warmup`: ``head_steps`` steps in which only the newly
+  initialised heads learn (at their own constant rate; every other group at 0),
+  then the main schedule, shifted to start at step ``head_steps``.
 
 T counts optimizer steps of the whole run (epochs x steps per epoch, after
 gradient accumulation, across processes), and every schedule multiplies each
@@ -22,6 +25,7 @@ parameter group's own lr, so layer-wise rates keep their ratios.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -48,3 +52,34 @@ def build(name: str, optimizer: Optimizer, *, total_steps: int, warmup_steps: in
     hf_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]
     return get_scheduler(hf_name, optimizer, num_warmup_steps=warmup_steps,
                          num_training_steps=total_steps)
+
+
+def linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
+
+    The formula of transformers' ``get_linear_schedule_with_warmup``, as a function.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def with_head_warmup(optimizer: Optimizer, *, head_steps: int, head_factor: float,
+                     head_groups: set[str], main: Callable[[int], float]) -> LambdaLR:
+    """A head warm-up phase, then ``main`` (a factor of step) for every group.
+
+    During steps ``0 .. head_steps - 1`` the groups named in ``head_groups`` get
+    ``head_factor`` x their lr (a constant warm-up rate) and all others 0 (the
+    caller also drops their gradients, so AdamW neither moves them nor decays
+    them, nor accumulates moments); from ``head_steps`` on every group follows
+    ``main(step - head_steps)``: the recipe's schedule starts when the warm-up ends.
+    """
+    def factor(is_head: bool) -> Callable[[int], float]:
+        def f(step: int) -> float:
+            if step < head_steps:
+                return head_factor if is_head else 0.0
+            return main(step - head_steps)
+        return f
+
+    return LambdaLR(optimizer, [factor(g.get("name") in head_groups)
+                                for g in optimizer.param_groups])

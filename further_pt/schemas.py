@@ -9,6 +9,7 @@ config.py merges a recipe into them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -28,12 +29,21 @@ class FromScratchSchema:
 
 
 @dataclass
+class ExtendVocabSchema:
+    """Domain vocabulary: frequent corpus words the tokenizer splits become new tokens."""
+
+    max_new_tokens: int = MISSING
+    min_frequency: int = MISSING
+
+
+@dataclass
 class ModelSchema:
     name_or_path: str | None = MISSING
     tokenizer: str | None = MISSING
     trust_remote_code: bool = MISSING
     attn_implementation: str | None = MISSING
     from_scratch: FromScratchSchema | None = MISSING
+    extend_vocab: ExtendVocabSchema | None = MISSING  # pretraining only; null = off
 
 
 @dataclass
@@ -52,6 +62,15 @@ class PretrainDataSchema:
 
 
 @dataclass
+class HeadWarmupSchema:
+    """Newly initialised heads learn alone (encoder frozen) before the whole model trains."""
+
+    steps: Any = MISSING  # "auto" or an int >= 0
+    auto_steps: int = MISSING
+    lr: float = MISSING
+
+
+@dataclass
 class ObjectiveSchema:
     nsp: bool = MISSING
     masked_lm_prob: float = MISSING
@@ -59,6 +78,7 @@ class ObjectiveSchema:
     masking: str = MISSING  # token | whole_word | span
     span_geometric_p: float = MISSING
     span_max_words: int = MISSING
+    head_warmup: HeadWarmupSchema = field(default_factory=lambda: HeadWarmupSchema())
 
 
 @dataclass
@@ -111,11 +131,13 @@ class FinetuneDataSchema:
     label_column: str = MISSING
     max_seq_length: int = MISSING
     truncation: str = MISSING  # head | tail | head_tail | segments
-    head_tokens: int = MISSING
+    head_tokens: Any = MISSING  # "auto" or an int
     max_segments: int = MISSING
     cache_dir: str | None = MISSING
     dataloader_workers: int = MISSING
     group_by_length: bool = MISSING
+    invalid_rows: str = MISSING  # error | skip
+    max_train_examples: int | None = MISSING
 
 
 @dataclass

@@ -29,6 +29,7 @@ The objective's interface (duck-typed, see :class:`Objective`)::
     better(new, best) -> bool            # compares evaluate()[objective.metric]
     export(model, folder) -> None        # a Hugging Face folder that from_pretrained loads
     summary() -> dict                    # extra keys for metrics.json
+    flops_per_token() -> float | None    # training FLOPs per token, for the logged MFU
 
 The loop (:meth:`Trainer.fit`) reads top to bottom, as nanoGPT's does.
 """
@@ -50,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from further_pt import checkpoint, faults, layerwise, training
+from further_pt import checkpoint, faults, hardware, layerwise, training
 from further_pt.errors import Preempted, SetupError, TrainingFailed
 
 logger = logging.getLogger("further_pt.trainer")
@@ -86,16 +87,26 @@ class Objective(Protocol):
     def better(self, new: float, best: float | None) -> bool: ...
     def export(self, model: Any, folder: Path) -> None: ...
     def summary(self) -> dict[str, Any]: ...
+    def flops_per_token(self) -> float | None: ...
 
 
 class Trainer:
-    """One run in one output dir: ``Trainer(cfg)`` -> ``start()`` -> ``fit(objective)``."""
+    """One run in one output dir: ``with Trainer(cfg) as t:`` -> ``start()`` -> ``fit(obj)``."""
 
     def __init__(self, cfg: DictConfig, *, resumable_keys: tuple[str, ...]) -> None:
-        """Read-only checks of the output dir, on every process, before any work."""
+        """Lock the output dir (main process), then read-only checks of it, before any work.
+
+        The lock comes first so that a second run on the same output dir (a
+        double-submitted job) is refused before it reads checkpoints the first
+        one may be rotating away. It is held until :meth:`close`.
+        """
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir).expanduser().resolve()
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        checkpoint.check_output_dir_path(self.output_dir)
+        self.lock = checkpoint.OutputDirLock(self.output_dir)
+        if training.launched_rank() == 0:
+            self.lock.acquire()
         self.resuming = checkpoint.prepare_output_dir(
             self.output_dir, self.resolved, overwrite=cfg.overwrite_output_dir,
             may_differ=resumable_keys)
@@ -104,6 +115,16 @@ class Trainer:
                             else None)
         self.accelerator: Any = None
         self._claimed = False
+
+    def close(self) -> None:
+        """Release the output-dir lock (the OS also drops it when the process dies)."""
+        self.lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ before training
 
@@ -205,6 +226,7 @@ class Trainer:
             checkpoint.check_writable(self.output_dir,
                                       training.checkpoint_bytes(objective.module))
         module, optimizer = acc.prepare(objective.module, optimizer)
+        self._flops = self._flops_per_second_peak(objective)
 
         state: dict[str, Any] = {"step": 0, "streams": {s.name: [0, 0] for s in objective.streams},
                                  "tokens": 0, "nonfinite_steps": 0, "best": None,
@@ -319,7 +341,28 @@ class Trainer:
                        "train/grad_norm": float(grad_norm)})
         if len(lrs) > 1:
             values.update({f"lr/{k}": v for k, v in lrs.items()})
+        if self._flops is not None:  # model FLOPs utilisation against the dtype's peak
+            per_token, peak = self._flops
+            values["train/mfu"] = tokens / elapsed * per_token / (peak * self.world)
         return values
+
+    def _flops_per_second_peak(self, objective: Objective) -> tuple[float, float] | None:
+        """(training FLOPs per token, measured matmul peak of the dtype in use) for MFU.
+
+        The peak is measured here, once, for the precision the run computes in (a bf16
+        run against the bf16 peak, which on AMX CPUs is ~6x the fp32 one), as nanoGPT's
+        estimate_mfu compares against the hardware's promised peak.
+        """
+        per_token = objective.flops_per_token()
+        if per_token is None:
+            return None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            str(self.accelerator.mixed_precision), torch.float32)
+        peak = hardware.matmul_peak_flops(dtype, self.accelerator.device.type, seconds=0.3)
+        logger.info("MFU is logged against a measured %s matmul peak of %.0f GFLOP/s per "
+                    "process (%.2f GFLOP per token)", str(dtype).removeprefix("torch."),
+                    peak / 1e9, per_token / 1e9)
+        return per_token, peak
 
     def _evaluate(self, objective: Objective, module: Any, log: Any, state: dict[str, Any],
                   step: int, epoch: int, save_model: Any) -> None:

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader, Sampler
 
+from further_pt import hardware
 from further_pt.config import flatten
 from further_pt.errors import FurtherPTError, SetupError, TrainingFailed
 
@@ -68,19 +69,31 @@ class PreemptionWatch:
             signal.signal(sig, handler)
         self._previous.clear()
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher set it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
                      find_unused_parameters: bool = False) -> Any:
-    """An Accelerator logging to TensorBoard under ``log_dir``.
+    """An Accelerator logging to TensorBoard under ``log_dir``, on the fastest precision.
 
-    ``mixed_precision: null`` keeps what ``accelerate config`` / ``accelerate launch`` chose.
-    Fails loudly when the launcher's WORLD_SIZE and the processes Accelerate sees disagree:
-    on CPU, ``accelerate launch --cpu --num_processes 2`` silently starts one process.
+    ``mixed_precision``: ``auto`` picks bf16 where the hardware runs it fast (CUDA
+    GPUs with bf16; CPUs with AMX-BF16 or AVX512-BF16) and fp32 elsewhere, unless
+    ``accelerate launch --mixed_precision`` asked for one; ``no``/``fp16``/``bf16``
+    are taken as given; ``null`` keeps what ``accelerate config`` chose
+    (:func:`further_pt.hardware.choose_precision`). On a CPU, each process gets
+    its share of the cores it may use unless the user set ``OMP_NUM_THREADS``.
+    Both choices are logged with their reason. Fails loudly when the launcher's
+    WORLD_SIZE and the processes Accelerate sees disagree: on CPU,
+    ``accelerate launch --cpu --num_processes 2`` silently starts one process.
     """
+    precision, why = hardware.detect_precision(mixed_precision)
     kwargs: dict[str, Any] = {}
     if find_unused_parameters:  # custom heads leave the pooler or HF head without gradients
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    if mixed_precision is not None:
-        kwargs["mixed_precision"] = mixed_precision
+    if precision is not None:
+        kwargs["mixed_precision"] = precision
     accelerator = Accelerator(
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)),
@@ -93,6 +106,14 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
             "on CPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
             "--num_processes N"
         )
+    notes = [f"mixed precision: {accelerator.mixed_precision} ({why})"]
+    if accelerator.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        threads, why_threads = hardware.configure_cpu_threads(local)
+        notes.append(f"CPU threads per process: {threads} ({why_threads})")
+    if accelerator.is_main_process:
+        for note in notes:
+            logger.info(note)
     return accelerator
 
 

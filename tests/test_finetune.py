@@ -159,3 +159,27 @@ def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny
                                                 .read_text().splitlines()) if "lr/head" in x}
     for step, lr in lrs.items():  # logged after `step` updates: the lr of the next step
         assert lr == pytest.approx(3e-3 * stlr_factor(step, total, 0.1, 32))
+
+
+def test_subsample_and_skipped_rows_are_logged_and_counted(tmp_path, tiny_model_dir) -> None:
+    """A stratified subsample of the (cleaned) training file; invalid rows skipped, counted."""
+    train = write_task(tmp_path / "train.jsonl", 60, 0, labels=("fruit", "motor", "sweet"))
+    with open(train, "a") as fh:  # two bad rows: a null label, a whitespace-only text
+        fh.write('{"text": "apple plum", "label": null}\n{"text": "  ", "label": "fruit"}\n')
+    out = tmp_path / "run"
+    args = _args("fit", out, tiny_model_dir, train, None, **{
+        "data.invalid_rows": "skip", "data.max_train_examples": 9, "data.head_tokens": "auto",
+        "train.epochs": 1, "train.batch_size": 4})
+    proc = run_script(args, script="finetune.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kept 9 of 60 training examples: fruit 3, motor 3, sweet 3" in proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == {"invalid_train_rows_skipped": 2, "train_examples_available": 60,
+                               "train_examples": 9}
+    assert metrics["steps"] == math.ceil(9 / 4)
+    prep = json.loads((out / "final" / "preprocessing.json").read_text())
+    assert prep["head_tokens"] == 8  # auto: a quarter of the 30-token budget, rounded
+    args[args.index("data.invalid_rows=skip")] = "data.invalid_rows=error"
+    refused = run_script([*args, f"output_dir={tmp_path / 'strict'}"], script="finetune.py")
+    assert refused.returncode == 2
+    assert "train.jsonl:61: column 'label'" in refused.stderr

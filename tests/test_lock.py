@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from further_pt import checkpoint
-from further_pt.checkpoint import LOCK_FILE, OutputDirLock, prepare_output_dir, write_config
+from further_pt.checkpoint import OutputDirLock, lock_path, prepare_output_dir, write_config
 from further_pt.errors import SetupError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def holder(tmp_path: Path):
 
 def test_second_acquirer_is_refused_naming_the_holder(holder) -> None:
     out, proc = holder
-    info = json.loads((out / LOCK_FILE).read_text())
+    info = json.loads(lock_path(out).read_text())
     assert info["pid"] == proc.pid
     assert info["host"] == socket.gethostname()
     assert info["argv"][-1] == str(out)
@@ -54,9 +54,9 @@ def test_second_acquirer_is_refused_naming_the_holder(holder) -> None:
     assert "\n" not in message
     assert message == (f"output_dir {out} is in use by pid {proc.pid} on host "
                        f"{socket.gethostname()} since {info['started']} (lock file "
-                       f"{out / LOCK_FILE}); wait for it or use another output_dir")
+                       f"{lock_path(out)}); wait for it or use another output_dir")
     # the refused attempt did not overwrite the holder's record
-    assert json.loads((out / LOCK_FILE).read_text())["pid"] == proc.pid
+    assert json.loads(lock_path(out).read_text())["pid"] == proc.pid
 
 
 def test_kill_9_leaves_no_stale_lock(holder) -> None:
@@ -67,13 +67,13 @@ def test_kill_9_leaves_no_stale_lock(holder) -> None:
     assert proc.wait(timeout=10) == -signal.SIGKILL
     with OutputDirLock(out) as lock:
         assert lock.held
-        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
 
 
 def test_release_then_reacquire_and_same_process_exclusion(tmp_path: Path) -> None:
     out = tmp_path / "a" / "b"  # created by acquire
     first = OutputDirLock(out).acquire()
-    assert first.held and (out / LOCK_FILE).is_file()
+    assert first.held and lock_path(out).is_file()
     with pytest.raises(SetupError, match=f"pid {os.getpid()} on host"):
         OutputDirLock(out).acquire()  # flock is per open file, so this conflicts too
     first.release()
@@ -82,19 +82,21 @@ def test_release_then_reacquire_and_same_process_exclusion(tmp_path: Path) -> No
     second = OutputDirLock(out).acquire()
     assert second.held
     second.release()
-    assert (out / LOCK_FILE).is_file()  # the file stays; only the flock goes
+    assert lock_path(out).is_file()  # the file stays; only the flock goes
 
 
-def test_lock_file_does_not_count_as_content_and_survives_overwrite(tmp_path: Path) -> None:
+def test_lock_file_is_beside_the_output_dir_and_survives_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "run"
     config = {"seed": 1}
     with OutputDirLock(out):
-        assert prepare_output_dir(out, config, overwrite=False) is False  # only .lock: empty
+        assert not out.exists()  # locking writes nothing into the output dir
+        assert prepare_output_dir(out, config, overwrite=False) is False
         write_config(out, config, overwrite=False)
         (out / "checkpoints" / "step-000001").mkdir(parents=True)
         (out / "stray.txt").write_text("x")
         write_config(out, {"seed": 2}, overwrite=True)
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "config.yaml"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+        assert lock_path(out) == tmp_path / ".run.lock"
         with pytest.raises(SetupError):  # the same inode is still locked
             OutputDirLock(out).acquire()
 

@@ -60,3 +60,37 @@ def test_schedule_keeps_layer_ratios() -> None:
         opt.step()
         sched.step()
     assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * opt.param_groups[0]["lr"])
+
+
+def test_linear_factor_equals_transformers_linear_schedule() -> None:
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from further_pt.schedules import linear_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_linear_schedule_with_warmup(opt, 3, 10)
+    for step in range(12):
+        assert hf.lr_lambdas[0](step) == pytest.approx(linear_factor(step, 3, 10))
+
+
+def test_head_warmup_then_the_main_schedule_shifted() -> None:
+    import torch
+
+    from further_pt.schedules import linear_factor, with_head_warmup
+
+    heads = torch.nn.Parameter(torch.zeros(1))
+    body = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [body], "name": "encoder", "lr": 5e-5},
+                             {"params": [heads], "name": "heads", "lr": 5e-5}], lr=5e-5)
+    sched = with_head_warmup(opt, head_steps=4, head_factor=1e-3 / 5e-5, head_groups={"heads"},
+                             main=lambda s: linear_factor(s, 2, 10))
+    seen = []
+    for _ in range(14):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert seen[:4] == [[0.0, pytest.approx(1e-3)]] * 4  # warm-up: heads at 1e-3, encoder 0
+    assert seen[4] == [0.0, 0.0]  # the main schedule starts at its own step 0 (warmup from 0)
+    assert seen[5] == [pytest.approx(2.5e-5)] * 2 and seen[6] == [pytest.approx(5e-5)] * 2
+    assert seen[13] == [pytest.approx(5e-5 * 1 / 8)] * 2  # main step 9 of 10
