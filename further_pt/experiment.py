@@ -6,11 +6,19 @@
 From one base encoder it runs the variants (``fit``: no further pretraining;
 ``itpt`` / ``idpt`` / ``cdpt``: further pretraining on the task's own text, on
 in-domain text, on all domains mixed; ``feat``: BERT-Feat, a frozen encoder),
-fine-tunes each with every seed, and writes a report (see report.py). Every
+fine-tunes each with every seed and every training-set size (``train_sizes``:
+a seeded, stratified sample of the labelled file, the same rows for every
+starting model at a seed; ``null`` = all of it; Sun et al.'s sec. 5.5), and
+writes a report (see report.py). The ``linear`` variant, a TF-IDF + logistic
+regression reference (linear_baseline.py), trains on the same rows in-process
+in seconds and is recorded as a stage like the others. Every
 stage is a folder under ``output_dir`` run by the same entry points users call
 (``accelerate launch further_pt/pretrain.py ...``, so it scales to GPUs and
 nodes); a finished stage is never redone and an interrupted one resumes, so
-re-running the command after a crash continues where it stopped.
+re-running the command after a crash continues where it stopped. The grid
+(``seeds``, ``variants``, ``train_sizes``) may grow or shrink between runs into
+the same ``output_dir``: only missing stages run. Any other change is refused,
+because finished stages would silently disagree with it.
 
 With ``general_pretraining`` the base encoder is first pretrained from scratch
 on the general (cross-domain) corpus, so a whole study runs offline with a small
@@ -27,20 +35,31 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from further_pt import checkpoint, config, corpus, evaluation, report
+from further_pt import (
+    checkpoint,
+    classification_data,
+    config,
+    corpus,
+    evaluation,
+    linear_baseline,
+    report,
+)
 from further_pt.config import expand_paths
 from further_pt.errors import ConfigError
+from further_pt.report import finetune_stage
 
 logger = logging.getLogger("further_pt.experiment")
 SCRIPTS = Path(__file__).resolve().parent
 PRETRAIN_RECIPES = {"itpt": "within_task", "idpt": "in_domain", "cdpt": "cross_domain"}
-VARIANTS = ("fit", "itpt", "idpt", "cdpt", "feat")
+VARIANTS = ("fit", "itpt", "idpt", "cdpt", "feat", "linear")
 STAGES = "stages.json"
+GRID_KEYS = ("seeds", "variants", "train_sizes")  # may grow between runs: they only add stages
 
 
 def launcher(words: list[str]) -> list[str]:
@@ -57,7 +76,8 @@ class StageFailed(RuntimeError):
 
 
 class Runner:
-    """Runs stages as subprocesses, skips finished ones, records their wall time."""
+    """Runs stages (subprocesses, or in-process for seconds-long ones), skips finished ones,
+    records their wall time in stages.json."""
 
     def __init__(self, cfg: DictConfig, out: Path) -> None:
         self.cfg, self.out = cfg, out
@@ -67,19 +87,46 @@ class Runner:
                                        if self.record_path.is_file() else {})
 
     def run(self, name: str, script: str, args: list[str], done: Path) -> None:
+        """Run ``script`` with ``args`` under the launcher, unless ``done`` shows it finished."""
+        def call() -> int:
+            return subprocess.run([*self.launch, str(SCRIPTS / script), *args],
+                                  check=False).returncode
+
+        self._stage(name, done, call)
+
+    def run_inline(self, name: str, work: Callable[[], None], done: Path) -> None:
+        """Run ``work()`` in this process (a stage of seconds), recorded and skipped the same way.
+
+        Its exception (a ConfigError or DataError naming the culprit) propagates after the
+        stage is recorded as unfinished.
+        """
+        def call() -> int:
+            work()
+            return 0
+
+        self._stage(name, done, call)
+
+    def _stage(self, name: str, done: Path, call: Callable[[], int]) -> None:
         if name in self.record and self.record[name].get("finished") and done.exists():
             logger.info("stage %s: finished before, skipped", name)
             return
         logger.info("stage %s: running", name)
         start = time.time()
-        proc = subprocess.run([*self.launch, str(SCRIPTS / script), *args], check=False)
-        seconds = time.time() - start + self.record.get(name, {}).get("seconds", 0.0)
-        self.record[name] = {"seconds": seconds, "finished": proc.returncode == 0}
-        checkpoint.atomic_write_text(self.record_path, json.dumps(self.record, indent=1))
-        if proc.returncode != 0:
-            raise StageFailed(f"stage {name} failed (exit {proc.returncode}); fix the cause and "
+        try:
+            returncode = call()
+        except BaseException:
+            self._record(name, start=start, returncode=1)
+            raise
+        self._record(name, start=start, returncode=returncode)
+        if returncode != 0:
+            raise StageFailed(f"stage {name} failed (exit {returncode}); fix the cause and "
                               "re-run the same command: finished stages are kept and the "
                               "interrupted one resumes")
+
+    def _record(self, name: str, *, start: float, returncode: int) -> None:
+        seconds = time.time() - start + self.record.get(name, {}).get("seconds", 0.0)
+        self.record[name] = {"seconds": seconds, "finished": returncode == 0}
+        checkpoint.atomic_write_text(self.record_path, json.dumps(self.record, indent=1))
 
 
 def split_general(cfg: DictConfig, out: Path) -> tuple[list[str], Path | None]:
@@ -104,14 +151,43 @@ def split_general(cfg: DictConfig, out: Path) -> tuple[list[str], Path | None]:
     return [str(train)], held
 
 
+def _grid_free(resolved: Any) -> Any:
+    """The config without the grid axes: what a finished stage's result depends on."""
+    return {k: v for k, v in resolved.items() if k not in GRID_KEYS}
+
+
+def check_sizes(cfg: DictConfig) -> int:
+    """Read the training labels once; every size must be drawable. Returns the row count.
+
+    Done before any stage, so a size the file cannot give fails in seconds, not after the
+    pretraining hours (the fine-tuning stages would refuse it too, with the same rule).
+    """
+    task = cfg.task
+    _, labels, names = linear_baseline.read_train(task.train_file, task.text_column,
+                                                  task.label_column)
+    for size in cfg.train_sizes:
+        if size is None:
+            continue
+        try:
+            classification_data.stratified_subsample(labels, size, cfg.seeds[0],
+                                                     num_classes=len(names),
+                                                     where=task.train_file)
+        except ConfigError as exc:
+            raise ConfigError(f"config key 'train_sizes': {str(exc).split(': ', 1)[-1]}"
+                              ) from None
+    return len(labels)
+
+
 def run(cfg: DictConfig) -> Path:
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.yaml"
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if saved.is_file() and OmegaConf.to_container(OmegaConf.load(saved)) != resolved:
-        raise ConfigError(f"output_dir {out} holds an experiment with a different config; "
-                          "use another output_dir")
+    if saved.is_file() and _grid_free(OmegaConf.to_container(OmegaConf.load(saved))) != (
+            _grid_free(resolved)):
+        raise ConfigError(f"output_dir {out} holds an experiment with a different config "
+                          f"(only {', '.join(GRID_KEYS)} may change); use another output_dir")
+    train_rows = check_sizes(cfg)
     checkpoint.atomic_write_text(saved, OmegaConf.to_yaml(resolved))
     runner = Runner(cfg, out)
     general_files, heldout = split_general(cfg, out)
@@ -130,7 +206,7 @@ def run(cfg: DictConfig) -> Path:
                "idpt": list(cfg.corpora.in_domain),
                "cdpt": [*cfg.corpora.in_domain, *general_files]}
     models: dict[str, str] = {"fit": str(base), "feat": str(base)}
-    for variant in ("itpt", "idpt", "cdpt"):
+    for variant in ("itpt", "idpt", "cdpt"):  # once each, shared by every size and seed
         if variant not in cfg.variants:
             continue
         folder = out / f"pretrain-{variant}"
@@ -140,16 +216,24 @@ def run(cfg: DictConfig) -> Path:
             f"model.name_or_path={base}", f"data.train_files=[{','.join(corpora[variant])}]",
             *extra, *pre_over], folder / "final")
         models[variant] = str(folder / "final")
-    for variant in cfg.variants:
-        for seed in cfg.seeds:
-            folder = out / f"finetune-{variant}-seed{seed}"
-            recipe = "feat" if variant == "feat" else cfg.finetune.recipe
-            runner.run(f"finetune-{variant}-seed{seed}", "finetune.py", [
-                f"recipe={recipe}", f"output_dir={folder}", f"model.name_or_path={models[variant]}",
-                f"seed={seed}", f"data.train_file={task.train_file}",
-                f"data.eval_file={task.eval_file}", f"data.text_column={task.text_column}",
-                f"data.label_column={task.label_column}", *cfg.finetune.overrides],
-                folder / "metrics.json")
+    for size in cfg.train_sizes:
+        for variant in cfg.variants:
+            for seed in cfg.seeds:
+                name = finetune_stage(variant, size, seed)
+                folder = out / name
+                if variant == "linear":
+                    runner.run_inline(name, lambda f=folder, n=size, s=seed: _linear(cfg, f, n, s),
+                                      folder / "metrics.json")
+                    continue
+                recipe = "feat" if variant == "feat" else cfg.finetune.recipe
+                runner.run(name, "finetune.py", [
+                    f"recipe={recipe}", f"output_dir={folder}",
+                    f"model.name_or_path={models[variant]}", f"seed={seed}",
+                    f"data.train_file={task.train_file}", f"data.eval_file={task.eval_file}",
+                    f"data.text_column={task.text_column}",
+                    f"data.label_column={task.label_column}",
+                    f"data.max_train_examples={'null' if size is None else size}",
+                    *cfg.finetune.overrides], folder / "metrics.json")
     forgetting: dict[str, float] = {}
     if heldout is not None:
         cached = out / "forgetting.json"
@@ -160,7 +244,16 @@ def run(cfg: DictConfig) -> Path:
                 forgetting[variant] = evaluation.mlm_loss(
                     model_dir, texts, max_seq_length=cfg.forgetting.max_seq_length, seed=0)
         checkpoint.atomic_write_text(cached, json.dumps(forgetting, indent=1))
-    return report.write(out, cfg, runner.record, forgetting)
+    return report.write(out, cfg, runner.record, forgetting, train_rows=train_rows)
+
+
+def _linear(cfg: DictConfig, folder: Path, size: int | None, seed: int) -> None:
+    """The ``linear`` stage: TF-IDF + logistic regression on the fine-tuner's rows for the seed."""
+    task, lin = cfg.task, cfg.linear
+    linear_baseline.run(folder, train_file=task.train_file, eval_file=task.eval_file,
+                        text_column=task.text_column, label_column=task.label_column,
+                        size=size, seed=seed, C=lin.C, word_ngrams=list(lin.word_ngrams),
+                        char_ngrams=list(lin.char_ngrams))
 
 
 def load(argv: list[str]) -> DictConfig:
@@ -178,6 +271,26 @@ def validate(cfg: DictConfig) -> None:
                           "compared with")
     if not cfg.seeds:
         raise ConfigError("config key 'seeds': give at least one seed")
+    sizes = list(cfg.train_sizes)
+    if not sizes:
+        raise ConfigError("config key 'train_sizes': give at least one size (null = all)")
+    bad = [n for n in sizes if n is not None and (isinstance(n, bool) or n < 1)]
+    if bad:
+        raise ConfigError(f"config key 'train_sizes': {bad[0]} is not a positive number of "
+                          "examples (null = all)")
+    repeated = [n for i, n in enumerate(sizes) if n in sizes[:i]]
+    if repeated:
+        shown = "null" if repeated[0] is None else repeated[0]
+        raise ConfigError(f"config key 'train_sizes': {shown} is listed twice")
+    if "linear" in cfg.variants:
+        linear_baseline.require_sklearn()
+        if cfg.linear.C <= 0:
+            raise ConfigError(f"config key 'linear.C': must be > 0, got {cfg.linear.C}")
+        for key in ("word_ngrams", "char_ngrams"):
+            pair = list(cfg.linear[key])
+            if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
+                raise ConfigError(f"config key 'linear.{key}': give [min, max] with "
+                                  f"1 <= min <= max, got {pair}")
     if (cfg.base_model is None) == (cfg.general_pretraining is None):
         raise ConfigError("config key 'base_model': give either base_model or "
                           "general_pretraining (a base built from scratch), not both")

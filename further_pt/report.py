@@ -1,10 +1,13 @@
 """Report: the experiment's Table 6 (report.md, report.csv) and its plots (PNG).
 
-One row per variant: dev error rate mean +- sample sd over seeds, macro-F1 mean,
-the relative error reduction against FiT (Sun et al.'s "Avg. delta":
-``(err_FiT - err_variant) / err_FiT``), the pretraining steps and wall time of
-the stage that produced its encoder, and the forgetting column: the MLM loss of
-that encoder on the held-out general text (lower = less forgotten).
+One row per variant and training-set size: dev error rate mean +- sample sd
+over seeds, macro-F1 mean, the relative error reduction against FiT at the same
+size (Sun et al.'s "Avg. delta": ``(err_FiT - err_variant) / err_FiT``), the
+pretraining steps and wall time of the stage that produced its encoder, and the
+forgetting column: the MLM loss of that encoder on the held-out general text
+(lower = less forgotten). With several ``train_sizes`` the report adds the
+data-size view (Sun et al. 2019, sec. 5.5, Fig. 4): error per variant and size,
+which differences from FiT exceed FiT's seed spread, and ``data_size.png``.
 Plots: a bar chart of the error rates, the MLM-loss curves of the pretraining
 runs, and ``plot_schedule`` / ``plot_run`` for any recipe or run.
 """
@@ -12,6 +15,7 @@ runs, and ``plot_schedule`` / ``plot_run`` for any recipe or run.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import statistics
@@ -22,7 +26,18 @@ from further_pt import schedules
 from further_pt.checkpoint import atomic_write_text
 
 NAMES = {"fit": "BERT-FiT", "itpt": "BERT-ITPT-FiT", "idpt": "BERT-IDPT-FiT",
-         "cdpt": "BERT-CDPT-FiT", "feat": "BERT-Feat"}
+         "cdpt": "BERT-CDPT-FiT", "feat": "BERT-Feat", "linear": "TF-IDF + LogReg"}
+P_VALUE = 0.05  # Welch's t-test level of the data-size sentences
+
+
+def size_tag(size: int | None) -> str:
+    """A training-set size in stage names and tables: ``n400``, or ``all`` for the whole file."""
+    return "all" if size is None else f"n{size}"
+
+
+def finetune_stage(variant: str, size: int | None, seed: int) -> str:
+    """The stage (and folder) of one variant at one size and seed: ``finetune-itpt-n400-seed1``."""
+    return f"finetune-{variant}-{size_tag(size)}-seed{seed}"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -31,31 +46,45 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float]
-         ) -> list[dict[str, Any]]:
+def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float],
+         train_rows: int | None = None) -> list[dict[str, Any]]:
+    """One row per (size, variant), sizes in recipe order; ``error_rates``: the per-seed values.
+
+    ``train_examples`` is what the stage used: a stage's own ``train_examples`` in
+    metrics.json if it wrote one, else the size, else ``train_rows`` (the whole file).
+    """
     table = []
-    for variant in cfg.variants:
-        metrics = [json.loads((out / f"finetune-{variant}-seed{s}" / "metrics.json").read_text())
-                   for s in cfg.seeds]
-        errors = [m["eval_error_rate"] for m in metrics]
-        stage = f"pretrain-{variant}" if variant in ("itpt", "idpt", "cdpt") else None
-        steps = None
-        if stage:
-            log = _read_jsonl(out / stage / "logs" / "metrics.jsonl")
-            steps = max((x["step"] for x in log), default=None)
-        table.append({
-            "variant": NAMES[variant], "key": variant, "seeds": len(errors),
-            "error_rate_mean": statistics.mean(errors),
-            "error_rate_sd": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-            "macro_f1_mean": statistics.mean(m["eval_macro_f1"] for m in metrics),
-            "accuracy_mean": statistics.mean(m["eval_accuracy"] for m in metrics),
-            "pretrain_steps": steps,
-            "pretrain_seconds": stages.get(stage, {}).get("seconds") if stage else None,
-            "forgetting_mlm_loss": forgetting.get(variant),
-        })
-    fit = next(r for r in table if r["key"] == "fit")["error_rate_mean"]
-    for r in table:
-        r["relative_error_reduction"] = (fit - r["error_rate_mean"]) / fit if fit else 0.0
+    for size in cfg.train_sizes:
+        block = []
+        for variant in cfg.variants:
+            metrics = [json.loads((out / finetune_stage(variant, size, s) / "metrics.json")
+                                  .read_text()) for s in cfg.seeds]
+            errors = [m["eval_error_rate"] for m in metrics]
+            stage = f"pretrain-{variant}" if variant in ("itpt", "idpt", "cdpt") else None
+            steps = None
+            if stage:
+                log = _read_jsonl(out / stage / "logs" / "metrics.jsonl")
+                steps = max((x["step"] for x in log), default=None)
+            used = metrics[0].get("train_examples",  # the fine-tuner's data counts, or the linear's
+                                  metrics[0].get("data", {}).get(
+                                      "train_examples", size if size is not None else train_rows))
+            block.append({
+                "variant": NAMES[variant], "key": variant,
+                "train_size": "all" if size is None else size, "train_examples": used,
+                "seeds": len(errors),
+                "error_rate_mean": statistics.mean(errors),
+                "error_rate_sd": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+                "macro_f1_mean": statistics.mean(m["eval_macro_f1"] for m in metrics),
+                "accuracy_mean": statistics.mean(m["eval_accuracy"] for m in metrics),
+                "pretrain_steps": steps,
+                "pretrain_seconds": stages.get(stage, {}).get("seconds") if stage else None,
+                "forgetting_mlm_loss": forgetting.get(variant),
+                "error_rates": errors,
+            })
+        fit = next(r for r in block if r["key"] == "fit")["error_rate_mean"]
+        for r in block:
+            r["relative_error_reduction"] = (fit - r["error_rate_mean"]) / fit if fit else 0.0
+        table += block
     return table
 
 
@@ -63,37 +92,164 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _size_label(r: dict[str, Any]) -> str:
+    if r["train_size"] == "all":
+        return "all" if r["train_examples"] is None else f"all ({r['train_examples']})"
+    return str(r["train_size"])
+
+
 def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
+    several = len(cfg.train_sizes) > 1
     lines = [
         "# Further pretraining: does it help this task?", "",
         f"Dev error rate (%), mean +- sd over seeds {list(cfg.seeds)}; "
-        "delta = relative error reduction against BERT-FiT (Sun et al. 2019, Table 6's "
-        "Avg. delta); forgetting = MLM loss of the encoder on held-out general text.", "",
-        "| model | error rate (%) | macro-F1 (%) | delta vs FiT | pretraining steps | "
-        "pretraining time (s) | forgetting (MLM loss) |",
-        "|---|---|---|---|---|---|---|"]
+        "delta = relative error reduction against BERT-FiT" + (" at the same training size"
+                                                               if several else "") +
+        " (Sun et al. 2019, Table 6's Avg. delta); forgetting = MLM loss of the encoder on "
+        "held-out general text.", "",
+        "| model |" + (" training examples |" if several else "") + " error rate (%) | "
+        "macro-F1 (%) | delta vs FiT | pretraining steps | pretraining time (s) | "
+        "forgetting (MLM loss) |",
+        "|---|" + ("---|" if several else "") + "---|---|---|---|---|---|"]
     for r in table:
         lines.append(
-            f"| {r['variant']} | {100 * r['error_rate_mean']:.2f} +- "
+            f"| {r['variant']} |" + (f" {_size_label(r)} |" if several else "") +
+            f" {100 * r['error_rate_mean']:.2f} +- "
             f"{100 * r['error_rate_sd']:.2f} | {100 * r['macro_f1_mean']:.2f} | "
             f"{100 * r['relative_error_reduction']:+.1f}% | {_fmt(r['pretrain_steps'], 'd')} | "
             f"{_fmt(r['pretrain_seconds'], '.0f')} | {_fmt(r['forgetting_mlm_loss'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float]) -> Path:
+def _welch_p(a: list[float], b: list[float]) -> float | None:
+    """Welch's t-test p-value (scipy); None where scipy is missing, a group has < 2 seeds or
+    neither group varies (t is undefined: the sd rule decides)."""
+    if importlib.util.find_spec("scipy") is None or len(a) < 2 or len(b) < 2:
+        return None
+    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
+        return None
+    from scipy import stats
 
-    table = rows(out, cfg, stages, forgetting)
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def comparisons(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size and variant other than FiT: its difference from FiT and whether it counts.
+
+    Rule: Welch's t-test (p < 0.05) over the per-seed error rates where scipy is
+    installed and both have at least two seeds; otherwise the difference of means
+    must exceed FiT's seed sd. ``rule`` says which one decided.
+    """
+    found = []
+    for size in dict.fromkeys(r["train_size"] for r in table):
+        block = [r for r in table if r["train_size"] == size]
+        fit = next(r for r in block if r["key"] == "fit")
+        for r in block:
+            if r["key"] == "fit":
+                continue
+            diff = r["error_rate_mean"] - fit["error_rate_mean"]
+            p = _welch_p(fit["error_rates"], r["error_rates"])
+            exceeds = p < P_VALUE if p is not None else abs(diff) > fit["error_rate_sd"]
+            found.append({"train_size": size, "variant": r["variant"], "diff": diff, "p": p,
+                          "exceeds": exceeds, "rule": "welch" if p is not None else "sd"})
+    return found
+
+
+def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) -> str:
+    """The data-size view: error by variant x size, and which differences from FiT count."""
+    sizes = list(dict.fromkeys(r["train_size"] for r in table))
+    labels = {r["train_size"]: _size_label(r) for r in table if r["key"] == "fit"}
+    lines = [
+        "", "## Training-set size (Sun et al. 2019, sec. 5.5, Fig. 4)", "",
+        "Dev error rate (%), mean +- sd over seeds (n = seeds), fine-tuned on a seeded, "
+        "stratified sample of the labelled training file: the same examples for every model at "
+        "a seed; 'all' = the whole file.", "",
+        "| model | " + " | ".join(labels[s] for s in sizes) + " |",
+        "|---|" + "---|" * len(sizes)]
+    for key in cfg.variants:
+        cells = {r["train_size"]: r for r in table if r["key"] == key}
+        lines.append(f"| {NAMES[key]} | " + " | ".join(
+            f"{100 * cells[s]['error_rate_mean']:.2f} +- {100 * cells[s]['error_rate_sd']:.2f} "
+            f"(n={cells[s]['seeds']})" for s in sizes) + " |")
+    found = comparisons(table)
+    if importlib.util.find_spec("scipy") is not None:
+        rule = (f"Welch's t-test over the per-seed error rates gives p < {P_VALUE}; where it "
+                "cannot run (fewer than 2 seeds, or no spread in either), when the difference of "
+                "means exceeds BERT-FiT's seed sd")
+    else:
+        rule = "the difference of means exceeds BERT-FiT's seed sd (scipy is not installed)"
+    lines += ["", f"A variant differs from BERT-FiT beyond FiT's seed spread when {rule}.", ""]
+    for size in sizes:
+        here = [c for c in found if c["train_size"] == size]
+
+        def show(c: dict[str, Any]) -> str:
+            p = ", sd rule" if c["p"] is None else f", p={c['p']:.3f}"
+            return f"{c['variant']} (error {100 * c['diff']:+.2f} points{p})"
+
+        beyond = [show(c) for c in here if c["exceeds"]]
+        within = [show(c) for c in here if not c["exceeds"]]
+        lines.append(f"- {labels[size]} examples: "
+                     + (f"beyond FiT's spread: {', '.join(beyond)}" if beyond
+                        else "no variant differs from FiT beyond its spread")
+                     + (f"; within it: {', '.join(within)}." if within else "."))
+    if plot:
+        lines += ["", f"![data_size]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+CSV_SKIP = ("error_rates",)
+
+
+def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float], *,
+          train_rows: int | None = None) -> Path:
+    """report.csv (one row per variant and size), report.md and the plots, into ``out``."""
+    table = rows(out, cfg, stages, forgetting, train_rows)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+    writer = csv.DictWriter(buffer, fieldnames=[k for k in table[0] if k not in CSV_SKIP],
+                            extrasaction="ignore")
     writer.writeheader()
     writer.writerows(table)
     atomic_write_text(out / "report.csv", buffer.getvalue())
     text = markdown(table, cfg)
     plots = _plots(out, table, cfg)
     text += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    if len(cfg.train_sizes) > 1:
+        plot = _data_size_plot(out, table)
+        text += data_size_markdown(table, cfg, plot.name if plot else None)
     atomic_write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def _data_size_plot(out: Path, table: list[dict[str, Any]]) -> Path | None:
+    """``data_size.png``: error vs labelled examples per variant, log x, error bars = sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if any(r["train_examples"] is None for r in table):
+        return None  # 'all' without a count has no place on the x axis
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in dict.fromkeys(r["key"] for r in table):
+        points = sorted((r["train_examples"], r["error_rate_mean"], r["error_rate_sd"])
+                        for r in table if r["key"] == key)
+        ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],
+                    yerr=[100 * p[2] for p in points], marker="o", capsize=3, label=NAMES[key],
+                    linestyle="--" if key == "linear" else "-")
+    ax.set_xscale("log")
+    ticks = {r["train_examples"]: (f"{r['train_examples']} (all)" if r["train_size"] == "all"
+                                   else str(r["train_examples"])) for r in table}
+    ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training examples (log scale)")
+    ax.set_ylabel("dev error rate (%)")
+    ax.set_title("Error vs training-set size (mean +- sd over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "data_size.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _plots(out: Path, table: list[dict[str, Any]], cfg: Any) -> list[Path]:
@@ -103,18 +259,20 @@ def _plots(out: Path, table: list[dict[str, Any]], cfg: Any) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    largest = [r for r in table if r["train_size"] == table[-1]["train_size"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["variant"] for r in table], [100 * r["error_rate_mean"] for r in table],
-           yerr=[100 * r["error_rate_sd"] for r in table], capsize=4, color="#4878a8")
+    ax.bar([r["variant"] for r in largest], [100 * r["error_rate_mean"] for r in largest],
+           yerr=[100 * r["error_rate_sd"] for r in largest], capsize=4, color="#4878a8")
     ax.set_ylabel("dev error rate (%)")
-    ax.set_title("Error rate by variant (mean +- sd over seeds)")
+    ax.set_title("Error rate by variant (mean +- sd over seeds)" + (
+        f", {_size_label(largest[0])} examples" if len(cfg.train_sizes) > 1 else ""))
     ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     paths.append(out / "error_rates.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    curves = {r["variant"]: _read_jsonl(out / f"pretrain-{r['key']}" / "logs" / "metrics.jsonl")
-              for r in table if r["key"] in ("itpt", "idpt", "cdpt")}
+    curves = {NAMES[k]: _read_jsonl(out / f"pretrain-{k}" / "logs" / "metrics.jsonl")
+              for k in dict.fromkeys(r["key"] for r in table) if k in ("itpt", "idpt", "cdpt")}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5))

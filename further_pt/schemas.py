@@ -228,10 +228,20 @@ class ForgettingSchema:
 
 
 @dataclass
+class LinearSchema:
+    """The ``linear`` variant: TF-IDF (word + char n-grams) + logistic regression, fixed values."""
+
+    C: float = MISSING  # inverse regularisation strength, fixed a priori (not tuned on dev)
+    word_ngrams: list[int] = MISSING  # [min, max]
+    char_ngrams: list[int] = MISSING  # [min, max]
+
+
+@dataclass
 class ExperimentSchema:
     output_dir: str = MISSING
     seeds: list[int] = MISSING
     variants: list[str] = MISSING
+    train_sizes: list[int | None] = MISSING  # labelled training examples per run; null = all
     base_model: str | None = MISSING
     general_pretraining: StageSchema | None = MISSING
     task: ExperimentTaskSchema = field(default_factory=ExperimentTaskSchema)
@@ -239,5 +249,6 @@ class ExperimentSchema:
     pretrain: PretrainStageSchema = field(default_factory=PretrainStageSchema)
     finetune: StageSchema = field(default_factory=StageSchema)
     forgetting: ForgettingSchema = field(default_factory=ForgettingSchema)
+    linear: LinearSchema = field(default_factory=LinearSchema)
     launcher: list[str] = MISSING
 

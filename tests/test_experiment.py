@@ -1,15 +1,21 @@
-"""The experiment chain end to end (tiny model, 2 variants, 2 seeds), its report and plots."""
+"""The experiment chain end to end (tiny model, 2-3 variants x 2 sizes x 2 seeds), its report."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
+import sys
 
 import pytest
 from helpers import write_task
 
 from further_pt.cli import main
+
+# The linear reference joins the grid where its optional extra is installed.
+VARIANTS = ["fit", "itpt", *(["linear"] if importlib.util.find_spec("sklearn") else [])]
+SIZES = [("n8", 8), ("all", 64)]  # stage tag, examples used (train.jsonl has 64 rows)
 
 
 def _overrides(stage: str, *items: str) -> str:
@@ -23,7 +29,8 @@ def experiment(tmp_path_factory, tiny_model_dir, corpus_file):
     train, dev = write_task(base / "train.jsonl", 64, 0), write_task(base / "dev.jsonl", 20, 1)
     out = base / "exp"
     argv = ["experiment", "recipe=paper_grid", f"output_dir={out}", "seeds=[1,2]",
-            "variants=[fit,itpt]", f"base_model={tiny_model_dir}", f"task.train_file={train}",
+            f"variants=[{','.join(VARIANTS)}]", "train_sizes=[8,null]",
+            f"base_model={tiny_model_dir}", f"task.train_file={train}",
             f"task.eval_file={dev}", f"corpora.cross_domain=[{corpus_file}]",
             "forgetting.docs=40", "forgetting.max_seq_length=64", "launcher=[python]",
             _overrides("pretrain", "train.max_steps=4", "train.warmup_steps=1",
@@ -36,37 +43,112 @@ def experiment(tmp_path_factory, tiny_model_dir, corpus_file):
     return out, argv
 
 
-def test_report_has_one_row_per_variant(experiment) -> None:
-    out, _ = experiment
+def _csv(out) -> list[dict[str, str]]:
     with open(out / "report.csv") as fh:
-        table = list(csv.DictReader(fh))
-    assert [r["variant"] for r in table] == ["BERT-FiT", "BERT-ITPT-FiT"]
+        return list(csv.DictReader(fh))
+
+
+def test_report_has_one_row_per_variant_and_size(experiment) -> None:
+    out, _ = experiment
+    table = _csv(out)
+    names = {"fit": "BERT-FiT", "itpt": "BERT-ITPT-FiT", "linear": "TF-IDF + LogReg"}
+    assert [(r["variant"], r["train_size"], r["train_examples"]) for r in table] == [
+        (names[v], tag.removeprefix("n"), str(n)) for tag, n in SIZES for v in VARIANTS]
     assert all(r["seeds"] == "2" for r in table)
-    fit, itpt = table
-    assert float(fit["relative_error_reduction"]) == 0.0
-    errs = [json.loads((out / f"finetune-itpt-seed{s}" / "metrics.json").read_text())[
-        "eval_error_rate"] for s in (1, 2)]
-    assert float(itpt["error_rate_mean"]) == pytest.approx(sum(errs) / 2)
-    assert itpt["pretrain_steps"] == "4" and float(itpt["pretrain_seconds"]) > 0
-    assert float(fit["forgetting_mlm_loss"]) > 0 and float(itpt["forgetting_mlm_loss"]) > 0
+    for tag, _ in SIZES:
+        fit, itpt = (next(r for r in table if r["key"] == k and r["train_size"] ==
+                          tag.removeprefix("n")) for k in ("fit", "itpt"))
+        assert float(fit["relative_error_reduction"]) == 0.0
+        errs = [json.loads((out / f"finetune-itpt-{tag}-seed{s}" / "metrics.json").read_text())[
+            "eval_error_rate"] for s in (1, 2)]
+        assert float(itpt["error_rate_mean"]) == pytest.approx(sum(errs) / 2)
+        assert itpt["pretrain_steps"] == "4" and float(itpt["pretrain_seconds"]) > 0
+        assert float(fit["forgetting_mlm_loss"]) > 0 and float(itpt["forgetting_mlm_loss"]) > 0
     report = (out / "report.md").read_text()
-    assert "| BERT-ITPT-FiT |" in report and "error_rates.png" in report
+    assert "| BERT-ITPT-FiT | 8 |" in report and "error_rates.png" in report
     assert (out / "error_rates.png").stat().st_size > 1000
     assert (out / "pretraining_mlm_loss.png").is_file()
     held = (out / "data" / "general-heldout.txt").read_text().splitlines()
     assert len(held) == 40
 
 
+def test_pretraining_is_shared_by_every_size(experiment) -> None:
+    out, _ = experiment
+    stages = json.loads((out / "stages.json").read_text())
+    assert set(stages) == {"pretrain-itpt"} | {f"finetune-{v}-{tag}-seed{s}" for v in VARIANTS
+                                               for tag, _ in SIZES for s in (1, 2)}
+    assert [p.name for p in out.glob("pretrain-*")] == ["pretrain-itpt"]
+    log = [json.loads(x) for x in (out / "pretrain-itpt" / "logs" / "metrics.jsonl")
+           .read_text().splitlines()]
+    steps = [x["step"] for x in log if "train/mlm_loss" in x]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # one run: no step logged twice
+    for variant in ("fit", "itpt"):  # 2 epochs, batch 16: 8 examples -> 1 step, 64 -> 4
+        steps = {tag: json.loads((out / f"finetune-{variant}-{tag}-seed1" / "metrics.json")
+                                 .read_text())["steps"] for tag, _ in SIZES}
+        assert steps == {"n8": 2, "all": 8}
+
+
+def test_data_size_view(experiment) -> None:
+    out, _ = experiment
+    report = (out / "report.md").read_text()
+    view = report[report.index("## Training-set size"):]
+    assert "| model | 8 | all (64) |" in view
+    fit = [r for r in _csv(out) if r["key"] == "fit"]
+    cells = " | ".join(f"{100 * float(r['error_rate_mean']):.2f} +- "
+                       f"{100 * float(r['error_rate_sd']):.2f} (n=2)" for r in fit)
+    assert f"| BERT-FiT | {cells} |" in view
+    if importlib.util.find_spec("scipy"):
+        assert "when Welch's t-test over the per-seed error rates gives p < 0.05" in view
+    assert view.count("\n- ") == 2 and "- all (64) examples: " in view
+    assert "![data_size](data_size.png)" in view
+    assert (out / "data_size.png").stat().st_size > 1000
+
+
+def test_linear_reference_row(experiment) -> None:
+    pytest.importorskip("sklearn")
+    from further_pt import linear_baseline
+    from further_pt.classification_data import stratified_subsample
+
+    out, _ = experiment
+    m = {(tag, s): json.loads((out / f"finetune-linear-{tag}-seed{s}" / "metrics.json")
+                              .read_text()) for tag, _ in SIZES for s in (1, 2)}
+    assert [m[tag, 1]["train_examples"] for tag, _ in SIZES] == [8, 64]
+    assert set(m["all", 1]) >= {"eval_accuracy", "eval_error_rate", "eval_macro_f1",
+                                "eval_per_class_f1", "eval_confusion_matrix"}
+    assert m["all", 1]["eval_error_rate"] == m["all", 2]["eval_error_rate"] <= 0.1  # separable
+    row = next(r for r in _csv(out) if r["key"] == "linear" and r["train_size"] == "all")
+    assert float(row["error_rate_sd"]) == 0.0 and row["pretrain_steps"] == ""
+    _, labels, names = linear_baseline.read_train(
+        str(out.parent / "train.jsonl"), "text", "label")
+    assert names == ["fruit", "motor"]
+    rows = linear_baseline.sample_rows(labels, 8, 1, num_classes=2, where="t")
+    assert rows == stratified_subsample(labels, 8, 1, num_classes=2, where="t")
+    assert sorted(labels[r] for r in rows) == [0] * 4 + [1] * 4
+
+
 def test_rerun_does_no_work(experiment, caplog) -> None:
     out, argv = experiment
     before = (out / "stages.json").read_text()
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    mtimes = {p: p.stat().st_mtime_ns for p in [*out.rglob("metrics.json"),
+                                                *(out / "pretrain-itpt" / "final").iterdir()]}
     with caplog.at_level(logging.INFO, logger="further_pt.experiment"):
         assert main(argv) == 0
     assert (out / "stages.json").read_text() == before
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     skipped = [r.message for r in caplog.records if "skipped" in r.message]
-    assert len(skipped) == 5  # pretrain-itpt + 2 variants x 2 seeds
+    assert len(skipped) == 1 + len(VARIANTS) * 2 * 2  # pretrain-itpt + variants x sizes x seeds
+
+
+def test_a_changed_stage_config_is_refused_but_the_grid_may_grow(experiment, capsys) -> None:
+    out, argv = experiment
+    changed = [a if not a.startswith("forgetting.docs=") else "forgetting.docs=30" for a in argv]
+    assert main(changed) == 2
+    assert "holds an experiment with a different config" in capsys.readouterr().err
+    saved = (out / "experiment.yaml").read_text()
+    sub = {"train_sizes=[8,null]": "train_sizes=[8]", "seeds=[1,2]": "seeds=[1]"}
+    assert main([sub.get(a, a) for a in argv]) == 0  # a sub-grid: every stage skipped
+    assert (out / "experiment.yaml").read_text() != saved
+    assert main(argv) == 0  # back to the full grid, still nothing to run
 
 
 def test_experiment_validation_names_the_key(tmp_path, capsys) -> None:
@@ -74,6 +156,34 @@ def test_experiment_validation_names_the_key(tmp_path, capsys) -> None:
                  "task.eval_file=nope.jsonl"]) == 2
     assert "config key 'task.train_file': file nope.jsonl does not exist" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("sizes", "message"), [
+    ("[400,null,400]", "config key 'train_sizes': 400 is listed twice"),
+    ("[null,null]", "config key 'train_sizes': null is listed twice"),
+    ("[0]", "config key 'train_sizes': 0 is not a positive number of examples"),
+    ("[]", "config key 'train_sizes': give at least one size"),
+    ("[1000]", "config key 'train_sizes': 1000 exceeds the 64 rows of"),
+    ("[1]", "config key 'train_sizes': 1 is below the 2 classes of"),
+])
+def test_train_sizes_are_checked_before_any_stage(tmp_path, tiny_model_dir, capsys, sizes,
+                                                   message) -> None:
+    train, dev = write_task(tmp_path / "t.jsonl", 64, 0), write_task(tmp_path / "d.jsonl", 8, 1)
+    assert main(["experiment", "recipe=paper_grid", f"output_dir={tmp_path / 'exp'}",
+                 f"train_sizes={sizes}", "variants=[fit]", f"base_model={tiny_model_dir}",
+                 f"task.train_file={train}", f"task.eval_file={dev}", "launcher=[python]",
+                 "forgetting.docs=0"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "exp" / "stages.json").exists()
+
+
+def test_linear_without_sklearn_names_the_extra(tmp_path, monkeypatch, capsys) -> None:
+    train = write_task(tmp_path / "t.jsonl", 8, 0)
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # find_spec -> None: "not installed"
+    assert main(["experiment", "recipe=paper_grid", "variants=[fit,linear]",
+                 f"task.train_file={train}", f"task.eval_file={train}"]) == 2
+    assert "variant 'linear' needs scikit-learn, which is not installed: pip install " \
+           "further-pt[linear]" in capsys.readouterr().err
 
 
 def test_plot_schedule_shows_the_slanted_triangle(tmp_path, capsys) -> None:
@@ -100,7 +210,7 @@ def test_plot_schedule_shows_the_slanted_triangle(tmp_path, capsys) -> None:
 
 def test_plot_run(experiment, tmp_path) -> None:
     out, _ = experiment
-    for run in ("pretrain-itpt", "finetune-fit-seed1"):
+    for run in ("pretrain-itpt", "finetune-fit-n8-seed1"):
         png = tmp_path / f"{run}.png"
         assert main(["plot-run", str(out / run), f"output={png}"]) == 0
         assert png.stat().st_size > 1000

@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"classification_data"},
     {"heads"},
     {"evaluation"},
+    {"linear_baseline"},
     {"training"},
     {"trainer"},
     {"pretraining", "finetuning"},
