@@ -93,7 +93,10 @@ def ours_cmd(args: argparse.Namespace, model: Path, corpus: Path, out: Path,
     return [sys.executable, str(common.ROOT / "further_pt" / "pretrain.py"), "recipe=within_task",
             f"output_dir={out / 'run'}", f"model.name_or_path={model}",
             f"data.train_files=[{corpus}]", f"data.cache_dir={out / 'cache'}",
-            "objective.nsp=false", f"data.max_seq_length={args.seq}",
+            # MiniLM ships without an MLM head: the warm-up (300 extra steps by default) is
+            # off, so both sides run the same N steps of the whole model.
+            "objective.nsp=false", "objective.head_warmup.steps=0",
+            f"data.max_seq_length={args.seq}",
             f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
             "train.warmup_steps=0", f"train.log_every_steps={log_every}",
             f"checkpoint.every_steps={args.steps}", "checkpoint.keep_last=1"]

@@ -293,31 +293,34 @@ def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, schedule
 # --------------------------------------------------------------------------- one run per dir
 
 
+_HELD: set[str] = set()  # lock files this process holds (POSIX locks never exclude it)
+
+
 def lock_path(output_dir: Path) -> Path:
     """Where the lock of ``output_dir`` lives: a hidden file beside it."""
     return output_dir.parent / f".{output_dir.name}.lock"
 
 
 class OutputDirLock:
-    """An exclusive, non-blocking ``flock`` on ``<parent>/.<name>.lock`` for the life of a run.
-
-    The lock file sits beside the output dir, not in it: a run refused for bad input
-    leaves its output dir untouched, and ``overwrite_output_dir`` can delete the whole
-    folder while the lock stays held.
+    """An exclusive, non-blocking POSIX lock on ``<parent>/.<name>.lock`` for the life of a run.
 
     Two runs writing one output dir would interleave checkpoints and each resume the
-    other's. The lock is held by an open file, so the OS drops it when the process dies
-    (kill -9 included): there is never a stale lock to clean up, and the file itself is
-    never deleted (deleting it would let a third run lock a new inode while a second
-    still holds the old one). The file holds JSON ``{pid, host, started, argv}`` of the
-    holder, which a refused run names in its SetupError.
+    other's. The lock file sits beside the output dir, not in it: a run refused for bad
+    input leaves its output dir untouched, and ``overwrite_output_dir`` can delete the
+    whole folder while the lock stays held. The file holds JSON ``{pid, host, started,
+    argv}`` of the holder, which a refused run names in its SetupError; it is never
+    deleted (deleting it would let a third run lock a new inode while a second still
+    holds the old one).
 
-    Acquire it on the main process only, before anything writes to ``output_dir``.
-    Without ``fcntl`` (Windows) it warns and does not lock; a filesystem that refuses
-    ``flock`` (some Lustre/NFS mounts) gets the same treatment. On NFS the Linux client
-    emulates ``flock`` with byte-range locks, so runs on different nodes also exclude
-    each other there. Forked children (DataLoader workers) inherit the descriptor and so
-    keep the lock until they exit too.
+    A POSIX record lock (``fcntl.lockf``), not ``flock``: it belongs to the process, so
+    children forked while it is held (DataLoader workers, tokenizer pools) do not inherit
+    it, and the OS drops it the moment the process dies, kill -9 included: a killed run
+    can be re-run at once, with no stale lock. NFS supports these locks across nodes.
+    Within one process, a second lock object on the same dir is refused here (POSIX
+    locks do not exclude their own process). Without ``fcntl`` (Windows), or on a
+    filesystem that refuses locks, it warns and runs unlocked.
+
+    Acquire it on the main process only, before anything reads or writes ``output_dir``.
     """
 
     def __init__(self, output_dir: Path | str) -> None:
@@ -337,6 +340,10 @@ class OutputDirLock:
             logger.warning("no fcntl on this platform: output_dir %s is not locked against a "
                            "second run", self.output_dir)
             return self
+        if str(self.path) in _HELD:  # checked before opening: closing any descriptor of
+            # the file would drop this process's POSIX lock on it
+            raise SetupError(f"output_dir {self.output_dir} is in use by this process "
+                             f"(pid {os.getpid()}; lock file {self.path})")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -344,7 +351,7 @@ class OutputDirLock:
             raise SetupError(f"output_dir {self.output_dir}: cannot create the lock file "
                              f"{self.path}: {exc.strerror or exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = _describe_holder(fd)
@@ -353,7 +360,7 @@ class OutputDirLock:
                     f"output_dir {self.output_dir} is in use by {holder} (lock file {self.path}); "
                     "wait for it or use another output_dir") from None
             os.close(fd)
-            logger.warning("output_dir %s is not locked against a second run: flock on %s "
+            logger.warning("output_dir %s is not locked against a second run: a lock on %s "
                            "failed (%s)", self.output_dir, self.path, exc.strerror or exc)
             return self
         info = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -363,6 +370,7 @@ class OutputDirLock:
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD.add(str(self.path))
         return self
 
     def release(self) -> None:
@@ -371,7 +379,8 @@ class OutputDirLock:
             return
         fd, self._fd = self._fd, None
         try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            _HELD.discard(str(self.path))
+            fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 

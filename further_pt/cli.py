@@ -2,6 +2,7 @@
 
     further-pt recipes                                 # the shipped recipes, one line each
     further-pt config recipe=fit data.train_file=t.jsonl   # validate, print the resolved YAML
+    further-pt prepare recipe=in_domain data.cache_dir=DIR ...  # tokenise ahead on a CPU
     further-pt pretrain recipe=demo                    # in this process; for several processes:
     further-pt finetune recipe=fit ...                 #   accelerate launch further_pt/<job>.py
     further-pt predict model=runs/fit/final input=test.jsonl output=predictions.jsonl
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from further_pt import config, experiment, finetune, pretrain
+from further_pt import config, corpus, experiment, finetune, pretrain, pretraining
 from further_pt.errors import ConfigError, FurtherPTError
 from further_pt.evaluation import predict_file
 from further_pt.report import plot_run, plot_schedule, schedule_curves
@@ -28,6 +29,7 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 
   recipes    list the shipped recipes
   config     validate a recipe with overrides and print the resolved config (runs nothing)
+  prepare    tokenise a pretraining recipe's corpus into data.cache_dir (no GPU, no weights)
   pretrain   further-pretrain in this process (several: accelerate launch further_pt/pretrain.py)
   finetune   fine-tune in this process (several: accelerate launch further_pt/finetune.py)
   predict    model=DIR input=FILE output=FILE [batch_size=64]: predictions as JSON lines
@@ -113,6 +115,27 @@ def _plot_run(args: list[str]) -> int:
     return 0
 
 
+def _prepare(args: list[str]) -> int:
+    """Tokenise a pretraining recipe's corpus into its data.cache_dir, ahead of the GPU job.
+
+    The config is validated exactly as ``pretrain`` validates it, so a recipe the run
+    would refuse is refused here, before any tokenisation.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = pretrain.load(args)
+    prepared = pretraining.prepare(cfg)
+    for i, p in enumerate(prepared, start=1):
+        print(f"source {i}/{len(prepared)} {p.spec}: {p.documents:,} documents -> "
+              f"{p.instances:,} instances, {p.tokens:,} tokens; read {p.read_seconds:.1f} s, "
+              f"built {p.build_seconds:.1f} s; cache: {p.cache_folder or 'none (caching off)'}")
+    cache = corpus.default_cache_dir(cfg.data.cache_dir)
+    print(f"Prepared. Run the pretraining with the same data.*, objective.nsp and "
+          f"model.tokenizer / model.name_or_path settings and data.cache_dir={cache}, e.g. "
+          f"accelerate launch further_pt/pretrain.py {' '.join(args)}: it reuses these "
+          "instances and starts training at once.")
+    return 0
+
+
 def _experiment(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -150,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plot_schedule(rest)
         if command == "plot-run":
             return _plot_run(rest)
+        if command == "prepare":
+            return _prepare(rest)
         if command == "experiment":
             return _experiment(rest)
     except FurtherPTError as exc:

@@ -275,8 +275,8 @@ def _validate_loop(cfg: DictConfig) -> None:
              f"must be > 0, got {t.gradient_accumulation_steps}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1",
-             "adam betas must be in [0, 1)")
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0 <= t[key] < 1, f"train.{key}", f"must be in [0, 1), got {t[key]}")
     _require(t.adam_epsilon > 0, "train.adam_epsilon", f"must be > 0, got {t.adam_epsilon}")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     _require(t.mixed_precision in (None, "auto", "no", "fp16", "bf16"), "train.mixed_precision",
@@ -341,7 +341,7 @@ def validate_finetune(cfg: DictConfig) -> None:
     _choice("head.layer_combine", h.layer_combine, ("concat", "mean", "max"))
     _choice("head.segment_pooling", h.segment_pooling, ("mean", "max", "attention"))
     _require(len(h.layers) >= 1, "head.layers", "list at least one layer, e.g. [-1]")
-    _require(0 <= h.dropout < 1, "head.dropout", "must be in [0, 1)")
+    _require(0 <= h.dropout < 1, "head.dropout", f"must be in [0, 1), got {h.dropout}")
     _require(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
     _require(t.head_lr > 0, "train.head_lr", f"must be > 0, got {t.head_lr}")
     _require(0 < t.layer_decay <= 1, "train.layer_decay", f"must be in (0, 1], got {t.layer_decay}")

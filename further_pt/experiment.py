@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,9 @@ from further_pt import (
     config,
     corpus,
     evaluation,
+    finetune,
     linear_baseline,
+    pretrain,
     report,
 )
 from further_pt.config import expand_paths
@@ -59,7 +62,10 @@ SCRIPTS = Path(__file__).resolve().parent
 PRETRAIN_RECIPES = {"itpt": "within_task", "idpt": "in_domain", "cdpt": "cross_domain"}
 VARIANTS = ("fit", "itpt", "idpt", "cdpt", "feat", "linear")
 STAGES = "stages.json"
-GRID_KEYS = ("seeds", "variants", "train_sizes")  # may grow between runs: they only add stages
+ENTRY_POINTS = {"pretrain.py": pretrain.main, "finetune.py": finetune.main}
+# Keys that may change between runs into one output dir: they only add (or drop) stages, or
+# say how stages run (a grid resumed on a bigger machine).
+GRID_KEYS = ("seeds", "variants", "train_sizes", "ablations", "launcher")
 
 
 def launcher(words: list[str]) -> list[str]:
@@ -89,6 +95,8 @@ class Runner:
     def run(self, name: str, script: str, args: list[str], done: Path) -> None:
         """Run ``script`` with ``args`` under the launcher, unless ``done`` shows it finished."""
         def call() -> int:
+            if self.launch == ["inprocess"]:  # tests and debugging: no interpreter start-up
+                return ENTRY_POINTS[script](args)
             return subprocess.run([*self.launch, str(SCRIPTS / script), *args],
                                   check=False).returncode
 
@@ -216,8 +224,18 @@ def run(cfg: DictConfig) -> Path:
             f"model.name_or_path={base}", f"data.train_files=[{','.join(corpora[variant])}]",
             *extra, *pre_over], folder / "final")
         models[variant] = str(folder / "final")
+    for ablation in cfg.ablations:  # a variant's pretraining with its own overrides
+        folder = out / f"pretrain-{ablation.name}"
+        extra = [f"data.text_column={task.text_column}"] if ablation.variant == "itpt" else []
+        runner.run(f"pretrain-{ablation.name}", "pretrain.py", [
+            f"recipe={PRETRAIN_RECIPES[ablation.variant]}", f"output_dir={folder}",
+            f"model.name_or_path={base}",
+            f"data.train_files=[{','.join(corpora[ablation.variant])}]",
+            *extra, *pre_over, *ablation.overrides], folder / "final")
+        models[ablation.name] = str(folder / "final")
+    by_size = {b.size: list(b.overrides) for b in cfg.finetune.by_size}
     for size in cfg.train_sizes:
-        for variant in cfg.variants:
+        for variant in report.variant_keys(cfg):
             for seed in cfg.seeds:
                 name = finetune_stage(variant, size, seed)
                 folder = out / name
@@ -233,7 +251,7 @@ def run(cfg: DictConfig) -> Path:
                     f"data.text_column={task.text_column}",
                     f"data.label_column={task.label_column}",
                     f"data.max_train_examples={'null' if size is None else size}",
-                    *cfg.finetune.overrides], folder / "metrics.json")
+                    *cfg.finetune.overrides, *by_size.get(size, [])], folder / "metrics.json")
     forgetting: dict[str, float] = {}
     if heldout is not None:
         cached = out / "forgetting.json"
@@ -261,6 +279,23 @@ def load(argv: list[str]) -> DictConfig:
     return config.load(argv, config.ExperimentSchema, kind="experiment", validate=validate)
 
 
+def _validate_ablations(cfg: DictConfig) -> None:
+    names = [a.name for a in cfg.ablations]
+    for i, ablation in enumerate(cfg.ablations):
+        key = f"config key 'ablations[{i}]"
+        if not re.fullmatch(r"[a-z0-9_]+", ablation.name) or ablation.name in VARIANTS:
+            raise ConfigError(f"{key}.name': {ablation.name!r} must be lowercase letters, digits "
+                              f"and _, and not a variant ({', '.join(VARIANTS)})")
+        if ablation.name in names[:i]:
+            raise ConfigError(f"{key}.name': {ablation.name!r} is listed twice")
+        if ablation.variant not in PRETRAIN_RECIPES:
+            raise ConfigError(f"{key}.variant': must be one of {', '.join(PRETRAIN_RECIPES)}, "
+                              f"got {ablation.variant!r}")
+        if ablation.variant not in cfg.variants:
+            raise ConfigError(f"{key}.variant': {ablation.variant} is not in variants; an "
+                              "ablation is compared with the variant it changes")
+
+
 def validate(cfg: DictConfig) -> None:
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
@@ -271,6 +306,11 @@ def validate(cfg: DictConfig) -> None:
                           "compared with")
     if not cfg.seeds:
         raise ConfigError("config key 'seeds': give at least one seed")
+    _validate_ablations(cfg)
+    for i, entry in enumerate(cfg.finetune.by_size):
+        if entry.size not in list(cfg.train_sizes):
+            raise ConfigError(f"config key 'finetune.by_size[{i}].size': {entry.size} is not one "
+                              "of train_sizes")
     sizes = list(cfg.train_sizes)
     if not sizes:
         raise ConfigError("config key 'train_sizes': give at least one size (null = all)")
@@ -308,5 +348,6 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"config key 'corpora.{key}[{i}]': no file matches {spec!r}")
     if cfg.general_pretraining is not None and not cfg.corpora.cross_domain:
         raise ConfigError("config key 'corpora.cross_domain': general pretraining needs it")
-    if shutil.which(cfg.launcher[0]) is None and cfg.launcher[0] not in ("python", "accelerate"):
+    if shutil.which(cfg.launcher[0]) is None and cfg.launcher[0] not in (
+            "python", "accelerate", "inprocess"):
         raise ConfigError(f"config key 'launcher': {cfg.launcher[0]!r} is not a command here")

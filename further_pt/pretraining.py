@@ -11,6 +11,10 @@ It is built in two steps because the checks must come before any work: the
 constructor reads only configs (the model's heads, its positions and
 vocabulary against the tokenizer); :meth:`build` reads the corpus, claims the
 output dir, builds the instances and the model.
+
+:func:`prepare` (``further-pt prepare``) builds the same instances ahead of the run,
+on a CPU machine, into the shared ``data.cache_dir``: :func:`source_documents` and
+:func:`source_instances` are the one code path both take, so the cache keys agree.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from omegaconf import DictConfig
 
@@ -37,6 +44,7 @@ from further_pt import (
     schedules,
     vocab,
 )
+from further_pt.errors import ConfigError
 from further_pt.objective import PretrainingObjective
 from further_pt.trainer import Stream, Trainer
 from further_pt.training import step_seed
@@ -49,6 +57,44 @@ RESUMABLE_KEYS = (
     "checkpoint.every_steps", "checkpoint.keep_last", "data.dataloader_workers",
     "data.preprocessing_workers", "data.cache_dir",
 )
+
+
+# ---------------------------------------------------------------- data: shared with `prepare`
+# The run (MaskedLM.build) and `further-pt prepare` call these same two functions, so the
+# datasets cache keys (a fingerprint of the documents, the tokenizer and every argument
+# below) cannot drift apart: what prepare builds is what the run looks up.
+
+
+def source_documents(cfg: DictConfig, source: corpus.Source) -> datasets.Dataset:
+    """One source's documents (a ``text`` column), read and cached under ``data.cache_dir``."""
+    d = cfg.data
+    return corpus.load_documents(source, txt_documents=d.txt_documents,
+                                 text_column=d.text_column,
+                                 cache_dir=corpus.default_cache_dir(d.cache_dir),
+                                 max_documents=d.max_documents)
+
+
+def source_instances(cfg: DictConfig, documents: datasets.Dataset, tokenizer: Any
+                     ) -> datasets.Dataset:
+    """One source's documents -> NSP pairs or packed blocks, through the datasets cache.
+
+    The tokenizer's truncation and padding are cleared first. Building clears them
+    anyway (whole texts are encoded), but the cache key hashes the tokenizer as it
+    comes in: a ``truncation`` block in tokenizer.json (all-MiniLM-L6-v2 has one) would
+    otherwise key the first source differently from a tokenizer saved after a build
+    (a checkpoint's, on resume), and the instances would be rebuilt for nothing.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+    d = cfg.data
+    return instances.build_instances(
+        documents, tokenizer, nsp=cfg.objective.nsp, max_seq_length=d.max_seq_length,
+        short_seq_prob=d.short_seq_prob, txt_documents=d.txt_documents, seed=cfg.seed,
+        num_proc=d.preprocessing_workers)
 
 
 class MaskedLM:
@@ -76,6 +122,13 @@ class MaskedLM:
             model.pretraining_class(self.model_config, cfg.objective.nsp)
             self.tokenizer = self._given_tokenizer()
             model.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length)
+            if cfg.objective.masking in ("whole_word", "span"):  # build() needs word boundaries
+                masking.word_boundary_scheme(self.tokenizer)
+            if m.extend_vocab is not None and getattr(self.tokenizer, "backend_tokenizer",
+                                                      None) is None:
+                raise ConfigError(f"model.extend_vocab: the tokenizer of {m.name_or_path} is a "
+                                  "slow (Python) tokenizer; vocabulary extension edits a fast "
+                                  "tokenizer's tokenizer.json")
 
     def _given_tokenizer(self) -> Any:
         if self.resume_from is not None:
@@ -89,11 +142,8 @@ class MaskedLM:
         cfg, acc = self.cfg, trainer.accelerator
         d, o = cfg.data, cfg.objective
         self.seed, self.rank = cfg.seed, trainer.rank
-        cache_dir = corpus.default_cache_dir(d.cache_dir)
         with acc.main_process_first():
-            docs = [corpus.load_documents(s, txt_documents=d.txt_documents,
-                                          text_column=d.text_column, cache_dir=cache_dir,
-                                          max_documents=d.max_documents) for s in self.sources]
+            docs = [source_documents(cfg, s) for s in self.sources]
         trainer.claim()  # the input is readable: only now does the run write its output dir
         base_tokenizer = self.tokenizer
         if self.tokenizer is None:
@@ -104,10 +154,7 @@ class MaskedLM:
             self.tokenizer, self.new_words = self._extend_vocabulary(docs, trainer)
         tok = self.tokenizer
         with acc.main_process_first():
-            per_source = [instances.build_instances(
-                doc, tok, nsp=o.nsp, max_seq_length=d.max_seq_length,
-                short_seq_prob=d.short_seq_prob, txt_documents=d.txt_documents, seed=cfg.seed,
-                num_proc=d.preprocessing_workers) for doc in docs]
+            per_source = [source_instances(cfg, doc, tok) for doc in docs]
         train_set = corpus.mix(per_source, d.source_weights, cfg.seed)
         on_gpu = acc.device.type == "cuda"
         self.streams = [Stream(
@@ -278,8 +325,70 @@ class MaskedLM:
         return {}
 
     def flops_per_token(self) -> float | None:
-        """The encoder at the full sequence length, and the MLM head on the masked share."""
-        o = self.cfg.objective
-        share = min(o.masked_lm_prob, o.max_predictions_per_seq / self.cfg.data.max_seq_length)
-        return hardware.encoder_flops_per_token(self.module.model.config,
-                                                self.cfg.data.max_seq_length, head_fraction=share)
+        """The encoder at the full sequence length, and the MLM head on the masked share.
+
+        During a head warm-up without a graph through the encoder (one process), the
+        encoder only runs forward: a third of its training FLOPs.
+        """
+        o, seq = self.cfg.objective, self.cfg.data.max_seq_length
+        share = min(o.masked_lm_prob, o.max_predictions_per_seq / seq)
+        config = self.module.model.config
+        total = hardware.encoder_flops_per_token(config, seq, head_fraction=share)
+        if not self.module.encoder_frozen:
+            return total
+        encoder = hardware.encoder_flops_per_token(config, seq)
+        return encoder / 3 + (total - encoder)
+
+
+# ------------------------------------------------------------------ `further-pt prepare`
+
+
+@dataclass(frozen=True)
+class PreparedSource:
+    """What ``prepare`` built for one ``data.train_files`` entry, as it reports it."""
+
+    spec: str
+    documents: int
+    instances: int
+    tokens: int
+    cache_folder: Path | None  # None: datasets caching is off, nothing was kept
+    read_seconds: float
+    build_seconds: float
+
+
+def prepare(cfg: DictConfig) -> list[PreparedSource]:
+    """Read every source and build its instances into the datasets cache, as the run will.
+
+    Tokenizing a large corpus takes a while on CPU; done ahead on a cheap machine into a
+    ``data.cache_dir`` on shared storage, the GPU job finds its instances cached and starts
+    training at once. Only read-only work: the run's own checks (:class:`MaskedLM`'s
+    constructor: model config and tokenizer), no weights, no Accelerator, no output dir.
+    Sources are all read before any is tokenized, as the run does, so a bad file fails
+    in seconds. ``model.from_scratch`` and ``model.extend_vocab`` runs make their
+    tokenizer from the corpus inside the run: the instances' tokenizer is unknown here.
+    """
+    m = cfg.model
+    for key, what in (("from_scratch", "trains a new tokenizer"),
+                      ("extend_vocab", "extends its tokenizer")):
+        if m[key] is not None:
+            raise ConfigError(
+                f"config key 'model.{key}': the run {what} on the corpus in its output dir, so "
+                "prepare cannot know the tokenizer the instances need; prepare works with a "
+                "given tokenizer (model.tokenizer or model.name_or_path) only")
+    objective = MaskedLM(cfg, None)
+    docs, read = [], []
+    for source in objective.sources:
+        start = time.perf_counter()
+        docs.append(source_documents(cfg, source))
+        read.append(time.perf_counter() - start)
+    done = []
+    for source, doc, seconds in zip(objective.sources, docs, read, strict=True):
+        start = time.perf_counter()
+        built = source_instances(cfg, doc, objective.tokenizer)
+        files = built.cache_files
+        done.append(PreparedSource(
+            spec=source.spec, documents=len(doc), instances=len(built),
+            tokens=int(instances.lengths(built).sum()) if len(built) else 0,
+            cache_folder=Path(files[0]["filename"]).parent if files else None,
+            read_seconds=seconds, build_seconds=time.perf_counter() - start))
+    return done

@@ -40,6 +40,27 @@ def finetune_stage(variant: str, size: int | None, seed: int) -> str:
     return f"finetune-{variant}-{size_tag(size)}-seed{seed}"
 
 
+PRETRAINED = ("itpt", "idpt", "cdpt")
+
+
+def variant_keys(cfg: Any) -> list[str]:
+    """Every fine-tuned row of the grid: the variants, then the ablations."""
+    return [*cfg.variants, *(a.name for a in cfg.get("ablations") or [])]
+
+
+def label(cfg: Any, key: str) -> str:
+    """A row's name: BERT-ITPT-FiT, ..., or an ablation as its variant's name and its own."""
+    if key in NAMES:
+        return NAMES[key]
+    ablation = next(a for a in cfg.ablations if a.name == key)
+    return f"{NAMES[ablation.variant]} ({key})"
+
+
+def pretrained(cfg: Any, key: str) -> bool:
+    """Whether the row's encoder was further pretrained in the grid (pretrain-<key>/)."""
+    return key in PRETRAINED or key in [a.name for a in cfg.get("ablations") or []]
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -56,11 +77,11 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
     table = []
     for size in cfg.train_sizes:
         block = []
-        for variant in cfg.variants:
+        for variant in variant_keys(cfg):
             metrics = [json.loads((out / finetune_stage(variant, size, s) / "metrics.json")
                                   .read_text()) for s in cfg.seeds]
             errors = [m["eval_error_rate"] for m in metrics]
-            stage = f"pretrain-{variant}" if variant in ("itpt", "idpt", "cdpt") else None
+            stage = f"pretrain-{variant}" if pretrained(cfg, variant) else None
             steps = None
             if stage:
                 log = _read_jsonl(out / stage / "logs" / "metrics.jsonl")
@@ -69,7 +90,7 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
                                   metrics[0].get("data", {}).get(
                                       "train_examples", size if size is not None else train_rows))
             block.append({
-                "variant": NAMES[variant], "key": variant,
+                "variant": label(cfg, variant), "key": variant,
                 "train_size": "all" if size is None else size, "train_examples": used,
                 "seeds": len(errors),
                 "error_rate_mean": statistics.mean(errors),
@@ -166,9 +187,9 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
         "a seed; 'all' = the whole file.", "",
         "| model | " + " | ".join(labels[s] for s in sizes) + " |",
         "|---|" + "---|" * len(sizes)]
-    for key in cfg.variants:
+    for key in variant_keys(cfg):
         cells = {r["train_size"]: r for r in table if r["key"] == key}
-        lines.append(f"| {NAMES[key]} | " + " | ".join(
+        lines.append(f"| {label(cfg, key)} | " + " | ".join(
             f"{100 * cells[s]['error_rate_mean']:.2f} +- {100 * cells[s]['error_rate_sd']:.2f} "
             f"(n={cells[s]['seeds']})" for s in sizes) + " |")
     found = comparisons(table)
@@ -234,7 +255,8 @@ def _data_size_plot(out: Path, table: list[dict[str, Any]]) -> Path | None:
         points = sorted((r["train_examples"], r["error_rate_mean"], r["error_rate_sd"])
                         for r in table if r["key"] == key)
         ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],
-                    yerr=[100 * p[2] for p in points], marker="o", capsize=3, label=NAMES[key],
+                    yerr=[100 * p[2] for p in points], marker="o", capsize=3,
+                    label=next(r["variant"] for r in table if r["key"] == key),
                     linestyle="--" if key == "linear" else "-")
     ax.set_xscale("log")
     ticks = {r["train_examples"]: (f"{r['train_examples']} (all)" if r["train_size"] == "all"
@@ -271,8 +293,8 @@ def _plots(out: Path, table: list[dict[str, Any]], cfg: Any) -> list[Path]:
     paths.append(out / "error_rates.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    curves = {NAMES[k]: _read_jsonl(out / f"pretrain-{k}" / "logs" / "metrics.jsonl")
-              for k in dict.fromkeys(r["key"] for r in table) if k in ("itpt", "idpt", "cdpt")}
+    curves = {label(cfg, k): _read_jsonl(out / f"pretrain-{k}" / "logs" / "metrics.jsonl")
+              for k in dict.fromkeys(r["key"] for r in table) if pretrained(cfg, k)}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -217,6 +217,21 @@ class StageSchema:
 
 
 @dataclass
+class SizeOverridesSchema:
+    """Fine-tuning overrides for one training-set size (e.g. more epochs for 400 examples)."""
+
+    size: int | None = MISSING
+    overrides: list[str] = MISSING
+
+
+@dataclass
+class FinetuneStageSchema:
+    recipe: str = MISSING
+    overrides: list[str] = MISSING
+    by_size: list[SizeOverridesSchema] = MISSING
+
+
+@dataclass
 class PretrainStageSchema:
     overrides: list[str] = MISSING
 
@@ -237,17 +252,27 @@ class LinearSchema:
 
 
 @dataclass
+class AblationSchema:
+    """One more further-pretrained variant: a variant's pretraining with extra overrides."""
+
+    name: str = MISSING  # the row's key, e.g. itpt_no_warmup
+    variant: str = MISSING  # itpt | idpt | cdpt: the corpus and recipe it starts from
+    overrides: list[str] = MISSING  # pretraining overrides on top of pretrain.overrides
+
+
+@dataclass
 class ExperimentSchema:
     output_dir: str = MISSING
     seeds: list[int] = MISSING
     variants: list[str] = MISSING
+    ablations: list[AblationSchema] = MISSING
     train_sizes: list[int | None] = MISSING  # labelled training examples per run; null = all
     base_model: str | None = MISSING
     general_pretraining: StageSchema | None = MISSING
     task: ExperimentTaskSchema = field(default_factory=ExperimentTaskSchema)
     corpora: CorporaSchema = field(default_factory=CorporaSchema)
     pretrain: PretrainStageSchema = field(default_factory=PretrainStageSchema)
-    finetune: StageSchema = field(default_factory=StageSchema)
+    finetune: FinetuneStageSchema = field(default_factory=FinetuneStageSchema)
     forgetting: ForgettingSchema = field(default_factory=ForgettingSchema)
     linear: LinearSchema = field(default_factory=LinearSchema)
     launcher: list[str] = MISSING

@@ -145,12 +145,12 @@ class Trainer:
 
     def start(self, *, find_unused_parameters: bool = False) -> None:
         """Accelerate and logging. Call once the read-only checks have passed."""
+        logging.basicConfig(  # first, so the precision and thread choices are logged
+            level=logging.INFO if training.launched_rank() == 0 else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.accelerator = training.make_accelerator(
             self.cfg.train.mixed_precision, self.output_dir / "logs",
             find_unused_parameters=find_unused_parameters)
-        logging.basicConfig(
-            level=logging.INFO if self.is_main else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     @property
     def is_main(self) -> bool:
@@ -342,12 +342,12 @@ class Trainer:
         if len(lrs) > 1:
             values.update({f"lr/{k}": v for k, v in lrs.items()})
         if self._flops is not None:  # model FLOPs utilisation against the dtype's peak
-            per_token, peak = self._flops
+            per_token, peak = self._flops(), self._peak
             values["train/mfu"] = tokens / elapsed * per_token / (peak * self.world)
         return values
 
-    def _flops_per_second_peak(self, objective: Objective) -> tuple[float, float] | None:
-        """(training FLOPs per token, measured matmul peak of the dtype in use) for MFU.
+    def _flops_per_second_peak(self, objective: Objective) -> Any:
+        """The objective's FLOPs-per-token function, after measuring the dtype's matmul peak.
 
         The peak is measured here, once, for the precision the run computes in (a bf16
         run against the bf16 peak, which on AMX CPUs is ~6x the fp32 one), as nanoGPT's
@@ -362,7 +362,8 @@ class Trainer:
         logger.info("MFU is logged against a measured %s matmul peak of %.0f GFLOP/s per "
                     "process (%.2f GFLOP per token)", str(dtype).removeprefix("torch."),
                     peak / 1e9, per_token / 1e9)
-        return per_token, peak
+        self._peak = peak
+        return objective.flops_per_token  # asked at each log: it can change with the phase
 
     def _evaluate(self, objective: Objective, module: Any, log: Any, state: dict[str, Any],
                   step: int, epoch: int, save_model: Any) -> None:

@@ -99,6 +99,45 @@ def _csv_gz(env: Env) -> Path:
     return path
 
 
+def _rows(env: Env, name: str, *rows: dict) -> Path:
+    """A .jsonl file of the given objects, one a line (line N = rows[N - 1])."""
+    return env.file(name, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _ok(i: int) -> dict:
+    return {"text": f"a good text {i}", "label": "ab"[i % 2]}
+
+
+def _bad_train(env: Env, bad: dict, **extra: object) -> list[str]:
+    """Fine-tuning on a training file whose line 3 is ``bad`` (lines 1, 2, 4 are fine)."""
+    path = _rows(env, "train_bad.jsonl", _ok(0), _ok(1), bad, _ok(3))
+    return env.finetune(**{"data.train_file": path, **extra})
+
+
+def _wordlevel(env: Env, **special: str) -> Path:
+    """A fast tokenizer with no word boundaries (WordLevel on whitespace) and given specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["alpha beta gamma delta epsilon"] * 3, trainers.WordLevelTrainer(
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    folder = env.tmp / "wordlevel"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **special).save_pretrained(
+        folder)
+    return folder
+
+
+def _tasks(env: Env, *names: str) -> list[str]:
+    train = env.labelled("train.jsonl", ["a", "b", "a", "b"])
+    tasks = ",".join(f"{{name:{n},train_file:{train},eval_file:null,text_column:text,"
+                     "label_column:label}" for n in names)
+    return ["recipe=multitask", f"output_dir={env.out}", f"model.name_or_path={env.model_dir}",
+            "data.max_seq_length=32", f"tasks=[{tasks}]"]
+
+
+EXTEND = "{max_new_tokens:10,min_frequency:2}"
 P, F = "pretrain", "finetune"
 Case = tuple[str, str, Callable[[Env], list[str]], str]
 CASES: list[Case] = [
@@ -184,6 +223,108 @@ CASES: list[Case] = [
     ("fine-tuning beyond positions", F, lambda e: e.finetune(**{"data.max_seq_length": 128,
                                                                 "data.head_tokens": 8}),
      "data.max_seq_length=128 exceeds the model's 64 position embeddings"),
+    # ---- labelled rows: file:line, column and value of the first bad row
+    ("jsonl text holds a number", F, lambda e: _bad_train(e, {"text": 42, "label": "a"}),
+     "train_bad.jsonl:3: column 'text' holds an int, not a string: 42"),
+    ("null training label", F, lambda e: _bad_train(e, {"text": "fine", "label": None}),
+     "train_bad.jsonl:3: column 'label' is null: None"),
+    ("empty training label", F, lambda e: _bad_train(e, {"text": "fine", "label": ""}),
+     "train_bad.jsonl:3: column 'label' is empty: ''"),
+    ("null text", F, lambda e: _bad_train(e, {"text": None, "label": "a"}),
+     "train_bad.jsonl:3: column 'text' is null: None"),
+    ("whitespace-only text", F, lambda e: _bad_train(e, {"text": " \t ", "label": "a"}, **{
+        "data.invalid_rows": "error"}), "train_bad.jsonl:3: column 'text' is blank: ' \\t '"),
+    ("float label", F, lambda e: _bad_train(e, {"text": "fine", "label": 1.5}),
+     "train_bad.jsonl:3: column 'label' holds a float, not a string or an integer: 1.5"),
+    ("labels of mixed types", F, lambda e: _bad_train(e, {"text": "fine", "label": 7}),
+     "train_bad.jsonl:3: column 'label' holds a number where line 1 holds a str: 7"),
+    ("every row invalid under skip", F, lambda e: e.finetune(**{
+        "data.train_file": _rows(e, "nulls.jsonl", *[{"text": None, "label": "a"}] * 3),
+        "data.invalid_rows": "skip"}), "nulls.jsonl: every row is invalid; first: "),
+    ("eval text holds a number", F, lambda e: e.finetune(**{"data.eval_file": _rows(
+        e, "dev.jsonl", _ok(0), {"text": 7, "label": "b"})}),
+     "dev.jsonl:2: column 'text' holds an int, not a string: 7"),
+    ("csv with an empty label cell", F, lambda e: e.finetune(**{"data.train_file": e.file(
+        "t.csv", "text,label\nhello there,a\nworld peace,\nagain,b\n")}),
+     "t.csv:3: column 'label' is empty: ''"),
+    ("tsv without the label column", F, lambda e: e.finetune(**{"data.train_file": e.file(
+        "t.tsv", "text\tcategory\nhello\ta\nworld\tb\n")}),
+     "no column 'label' (columns: text, category)"),
+    ("text pair column absent", F, lambda e: e.finetune(**{"data.text_pair_column": "pair"}),
+     "column 'pair'"),
+    # ---- subsampling
+    ("max_train_examples 0", F, lambda e: e.finetune(**{"data.max_train_examples": 0}),
+     "'data.max_train_examples': must be a positive integer or null (all), got 0"),
+    ("max_train_examples below the classes", F, lambda e: e.finetune(**{
+        "data.train_file": e.labelled("abc.jsonl", ["a", "b", "c", "a"]),
+        "data.max_train_examples": 2}), "2 is below the 3 classes of"),
+    ("max_train_examples above the rows", F, lambda e: e.finetune(**{
+        "data.max_train_examples": 10}), "'data.max_train_examples': 10 exceeds the 4 rows of"),
+    # ---- model-dependent keys, checked against the model's config before any work
+    ("head layer below the model", F, lambda e: e.finetune(**{"head.layers": "[-40]"}),
+     "'head.layers': -40 addresses no hidden state of the 2-layer model (valid: -3..2;"),
+    ("head layer above the model", F, lambda e: e.finetune(**{"head.layers": "[0,3]",
+                                                              "head.pooling": "mean"}),
+     "'head.layers': 3 addresses no hidden state of the 2-layer model (valid: -3..2;"),
+    ("pooler on a model without one", F, lambda e: e.finetune(**{
+        "model.name_or_path": _roberta(e), "head.pooling": "pooler"}),
+     "'head.pooling': pooler, but 'roberta' models (RobertaForSequenceClassification) have no "
+     "pooler"),
+    ("tokenizer without a cls token", F, lambda e: e.finetune(**{
+        "model.tokenizer": _wordlevel(e, pad_token="[PAD]")}), "has no cls token"),
+    ("whole-word masking without word boundaries", P, lambda e: e.pretrain(**{
+        "model.tokenizer": _wordlevel(e, pad_token="[PAD]", cls_token="[CLS]",
+                                      sep_token="[SEP]", mask_token="[MASK]"),
+        "objective.masking": "whole_word"}), "marks no word boundaries"),
+    # ---- values of the newer keys
+    ("unknown masking", P, lambda e: e.pretrain(**{"objective.masking": "spans"}),
+     "'objective.masking': must be one of token, whole_word, span; got 'spans'"),
+    ("span p 0", P, lambda e: e.pretrain(**{"objective.span_geometric_p": 0}),
+     "'objective.span_geometric_p': must be in (0, 1], got 0"),
+    ("span max words 0", P, lambda e: e.pretrain(**{"objective.span_max_words": 0}),
+     "'objective.span_max_words': must be >= 1, got 0"),
+    ("head warm-up steps -1", P, lambda e: e.pretrain(**{"objective.head_warmup.steps": -1}),
+     "'objective.head_warmup.steps': must be auto or an integer >= 0, got -1"),
+    ("head warm-up steps soon", P, lambda e: e.pretrain(**{
+        "objective.head_warmup.steps": "soon"}),
+     "'objective.head_warmup.steps': must be auto or an integer >= 0, got 'soon'"),
+    ("head warm-up lr 0", P, lambda e: e.pretrain(**{"objective.head_warmup.lr": 0}),
+     "'objective.head_warmup.lr': must be > 0, got 0"),
+    ("extend_vocab with from_scratch", P, lambda e: [
+        "recipe=demo", f"output_dir={e.out}", f"model.extend_vocab={EXTEND}"],
+     "'model.extend_vocab': extends a pretrained tokenizer"),
+    ("extend_vocab max_new_tokens 0", P, lambda e: e.pretrain(**{
+        "model.extend_vocab": "{max_new_tokens:0,min_frequency:2}"}),
+     "'model.extend_vocab.max_new_tokens': must be >= 1, got 0"),
+    ("extend_vocab to fine-tune", F, lambda e: e.finetune(**{"model.extend_vocab": EXTEND}),
+     "'model.extend_vocab': is for pretraining"),
+    ("mixed precision fp8", P, lambda e: e.pretrain(**{"train.mixed_precision": "fp8"}),
+     "'train.mixed_precision': must be auto, no, fp16, bf16 or null"),
+    ("invalid_rows maybe", F, lambda e: e.finetune(**{"data.invalid_rows": "maybe"}),
+     "'data.invalid_rows': must be one of error, skip; got 'maybe'"),
+    ("head_tokens abc", F, lambda e: e.finetune(**{"data.head_tokens": "abc"}),
+     "'data.head_tokens': must be auto or an integer, got 'abc'"),
+    ("fine-tuning adam epsilon 0", F, lambda e: e.finetune(**{"train.adam_epsilon": 0}),
+     "'train.adam_epsilon': must be > 0, got 0"),
+    ("checkpoint every 0 steps", F, lambda e: e.finetune(**{"checkpoint.every_steps": 0}),
+     "'checkpoint.every_steps': must be > 0 or null (every epoch), got 0"),
+    # ---- other values
+    ("head dropout 1", F, lambda e: e.finetune(**{"head.dropout": 1}),
+     "'head.dropout': must be in [0, 1), got 1.0"),
+    ("layer decay 0", F, lambda e: e.finetune(**{"train.layer_decay": 0}),
+     "'train.layer_decay': must be in (0, 1], got 0"),
+    ("unfreeze by steps without a period", F, lambda e: e.finetune(**{"train.unfreeze": "steps"}),
+     "'train.unfreeze_every_steps': must be > 0 when train.unfreeze=steps"),
+    ("segments with text pairs", F, lambda e: e.finetune(**{
+        "data.truncation": "segments", "data.text_pair_column": "pair"}),
+     "segments (hierarchical) does not take text pairs"),
+    ("repeated task names", F, lambda e: _tasks(e, "topic", "topic"),
+     "'tasks': task names repeat: ['topic', 'topic']"),
+    ("scratch positions below the sequence", P, lambda e: [
+        "recipe=demo", f"output_dir={e.out}", "model.from_scratch.max_position_embeddings=64"],
+     "'model.from_scratch.max_position_embeddings': 64 is below data.max_seq_length=128"),
+    ("adam beta2 1", F, lambda e: e.finetune(**{"train.adam_beta2": 1}),
+     "'train.adam_beta2': must be in [0, 1), got 1.0"),
 ]
 
 
@@ -215,4 +356,38 @@ def test_bad_input(name: str, entry: str, make, expected: str, tmp_path: Path,
 
 
 def test_the_catalogue_is_long_enough() -> None:
-    assert len(CASES) >= 30
+    assert len(CASES) >= 60
+    assert len({c[0] for c in CASES}) == len(CASES), "case names must be unique"
+
+
+@pytest.mark.parametrize(("layers", "bad"), [([-3, 2], None), ([0, -1], None), ([-4], -4),
+                                             ([1, 3], 3)])
+def test_head_layers_bounds(layers: list[int], bad: int | None) -> None:
+    """A 2-layer encoder has 3 hidden states (embeddings + 2): indices -3..2, no more."""
+    from omegaconf import OmegaConf
+    from transformers import BertConfig
+
+    from further_pt.errors import ConfigError
+    from further_pt.finetuning import check_head
+
+    head = OmegaConf.create({"pooling": "mean", "layers": layers})
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2)
+    if bad is None:
+        check_head(config, head)
+        return
+    with pytest.raises(ConfigError, match=f"'head.layers': {bad} addresses no hidden state of "
+                                          r"the 2-layer model \(valid: -3\.\.2;"):
+        check_head(config, head)
+
+
+def test_max_seq_length_alone_is_valid(tmp_path: Path) -> None:
+    """recipe=fit with only data.max_seq_length=128: head_tokens auto follows (32 of 126)."""
+    from further_pt.finetune import load
+    from further_pt.finetuning import head_tokens
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "x", "label": "a"}\n')
+    cfg = load(["recipe=fit", f"output_dir={tmp_path / 'out'}", "model.name_or_path=m",
+                f"data.train_file={train}", "data.max_seq_length=128"])
+    assert cfg.data.head_tokens == "auto"
+    assert head_tokens(cfg.data) == 32

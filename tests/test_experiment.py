@@ -9,6 +9,7 @@ import logging
 import sys
 
 import pytest
+import yaml
 from helpers import write_task
 
 from further_pt.cli import main
@@ -32,7 +33,7 @@ def experiment(tmp_path_factory, tiny_model_dir, corpus_file):
             f"variants=[{','.join(VARIANTS)}]", "train_sizes=[8,null]",
             f"base_model={tiny_model_dir}", f"task.train_file={train}",
             f"task.eval_file={dev}", f"corpora.cross_domain=[{corpus_file}]",
-            "forgetting.docs=40", "forgetting.max_seq_length=64", "launcher=[python]",
+            "forgetting.docs=40", "forgetting.max_seq_length=64", "launcher=[inprocess]",
             _overrides("pretrain", "train.max_steps=4", "train.warmup_steps=1",
                        "train.batch_size=4", "data.max_seq_length=64", "checkpoint.every_steps=4",
                        "model.attn_implementation=eager"),
@@ -177,6 +178,29 @@ def test_train_sizes_are_checked_before_any_stage(tmp_path, tiny_model_dir, caps
     assert not (tmp_path / "exp" / "stages.json").exists()
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("ablations=[{name:itpt,variant:itpt,overrides:[]}]",
+     "config key 'ablations[0].name': 'itpt' must be lowercase letters, digits and _, and not"),
+    ("ablations=[{name:no_warmup,variant:fit,overrides:[]}]",
+     "config key 'ablations[0].variant': must be one of itpt, idpt, cdpt, got 'fit'"),
+    ("ablations=[{name:no_warmup,variant:idpt,overrides:[]}]",
+     "config key 'ablations[0].variant': idpt is not in variants"),
+    ("ablations=[{name:a,variant:itpt,overrides:[]},{name:a,variant:itpt,overrides:[]}]",
+     "config key 'ablations[1].name': 'a' is listed twice"),
+    ("finetune.by_size=[{size:400,overrides:['train.epochs=9']}]",
+     "config key 'finetune.by_size[0].size': 400 is not one of train_sizes"),
+])
+def test_ablations_and_size_overrides_are_checked(tmp_path, tiny_model_dir, capsys, override,
+                                                  message) -> None:
+    train, dev = write_task(tmp_path / "t.jsonl", 64, 0), write_task(tmp_path / "d.jsonl", 8, 1)
+    assert main(["experiment", "recipe=paper_grid", f"output_dir={tmp_path / 'exp'}",
+                 "variants=[fit,itpt]", f"base_model={tiny_model_dir}", override,
+                 f"task.train_file={train}", f"task.eval_file={dev}", "launcher=[python]",
+                 "forgetting.docs=0"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
+
+
 def test_linear_without_sklearn_names_the_extra(tmp_path, monkeypatch, capsys) -> None:
     train = write_task(tmp_path / "t.jsonl", 8, 0)
     monkeypatch.setitem(sys.modules, "sklearn", None)  # find_spec -> None: "not installed"
@@ -229,7 +253,8 @@ def test_a_killed_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_model_
                        "train.batch_size=4", "data.max_seq_length=64", "checkpoint.every_steps=2",
                        "train.log_every_steps=1", "model.attn_implementation=eager"),
             _overrides("finetune", "data.max_seq_length=32", "data.head_tokens=8",
-                       "train.epochs=1", "train.batch_size=16", "model.attn_implementation=eager")]
+                       "train.epochs=1", "train.batch_size=16", "model.attn_implementation=eager"),
+            "finetune.by_size=[{size:null,overrides:['train.epochs=2']}]"]
     monkeypatch.setenv("FURTHER_PT_FAULT", "step:3")  # pretrain-itpt dies after step 3
     assert main(argv) == 3
     assert "stage pretrain-itpt failed (exit -9)" in capsys.readouterr().err
@@ -242,3 +267,14 @@ def test_a_killed_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_model_
            .read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2, 3, 4]  # killed after 3, resumed from 2: once each
     assert (out / "report.csv").is_file()
+    fit = json.loads((out / "finetune-fit-all-seed1" / "metrics.json").read_text())
+    assert fit["steps"] == 2 * 3  # by_size: 2 epochs of ceil(48 / 16) steps
+    # An ablation added later runs its own pretraining and fine-tunes only; it gets a row.
+    assert main([*argv, "ablations=[{name:itpt_lr,variant:itpt,overrides:['train.lr=1e-4']}]",
+                 "launcher=[inprocess]"]) == 0  # the grid and the launcher may change
+    after = json.loads((out / "stages.json").read_text())
+    assert set(after) - set(stages) == {"pretrain-itpt_lr", "finetune-itpt_lr-all-seed1"}
+    assert after["pretrain-itpt"] == stages["pretrain-itpt"]  # not re-run
+    config = yaml.safe_load((out / "pretrain-itpt_lr" / "config.yaml").read_text())
+    assert config["train"]["lr"] == 1e-4
+    assert "BERT-ITPT-FiT (itpt_lr)" in (out / "report.md").read_text()

@@ -74,15 +74,15 @@ def test_release_then_reacquire_and_same_process_exclusion(tmp_path: Path) -> No
     out = tmp_path / "a" / "b"  # created by acquire
     first = OutputDirLock(out).acquire()
     assert first.held and lock_path(out).is_file()
-    with pytest.raises(SetupError, match=f"pid {os.getpid()} on host"):
-        OutputDirLock(out).acquire()  # flock is per open file, so this conflicts too
+    with pytest.raises(SetupError, match=f"in use by this process \\(pid {os.getpid()};"):
+        OutputDirLock(out).acquire()  # refused within one process too
     first.release()
     first.release()  # idempotent
     assert not first.held
     second = OutputDirLock(out).acquire()
     assert second.held
     second.release()
-    assert lock_path(out).is_file()  # the file stays; only the flock goes
+    assert lock_path(out).is_file()  # the file stays; only the lock goes
 
 
 def test_lock_file_is_beside_the_output_dir_and_survives_overwrite(tmp_path: Path) -> None:
@@ -109,3 +109,26 @@ def test_without_fcntl_it_warns_and_does_not_lock(tmp_path: Path, monkeypatch, c
     assert not a.held and not b.held
     assert "not locked" in caplog.text
     a.release()
+
+
+def test_a_child_forked_by_the_holder_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """DataLoader workers outlive a SIGKILLed run for a moment: they must not hold its lock."""
+    out = tmp_path / "run"
+    code = ("import os, sys, time\n"
+            "from further_pt.checkpoint import OutputDirLock\n"
+            f"OutputDirLock({str(out)!r}).acquire()\n"
+            "child = os.fork()\n"
+            "if child == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+            "print(child, flush=True)\ntime.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(SetupError, match=f"pid {holder.pid} on host"):
+            OutputDirLock(out).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the forked child still runs...
+        with OutputDirLock(out) as lock:  # ...and the lock is free at once
+            assert lock.held
+    finally:
+        os.kill(child, signal.SIGKILL)
