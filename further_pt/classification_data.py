@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import os
 import random
@@ -44,7 +43,7 @@ import datasets
 import torch
 
 from further_pt import instances
-from further_pt.corpus import builder_for, check_file, load_files, open_bytes
+from further_pt.corpus import builder_for, check_file, json_lines, load_files, open_bytes
 from further_pt.errors import ConfigError, DataError
 
 logger = logging.getLogger("further_pt.classification_data")
@@ -202,16 +201,11 @@ def _show(value: Any) -> str:
 
 def _json_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) of each non-blank line, as pyarrow reads them (blank lines skipped)."""
-    with open_bytes(path) as fh:
-        for number, raw in enumerate(fh, start=1):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise ConfigError(f"labelled data: {path} line {number}: {exc}") from None
+    try:
+        for number, obj in json_lines(path):
             yield number, obj if isinstance(obj, dict) else {}
+    except ValueError as exc:
+        raise ConfigError(f"labelled data: {path} {exc}") from None
 
 
 def _is_json_lines(path: str) -> bool:

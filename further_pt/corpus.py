@@ -33,10 +33,10 @@ import json
 import lzma
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import datasets
 
@@ -95,17 +95,30 @@ def check_file(path: str, where: str) -> None:
                           "not text")
 
 
-def first_bad_json_line(path: str) -> str | None:
-    """``"line N: reason"`` for the first line of a JSON-lines file that does not parse."""
+def json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, object) of each non-blank line of a JSON-lines file, as pyarrow reads it.
+
+    A line that does not parse raises ValueError ``"line N: reason"``.
+    """
     with open_bytes(path) as fh:
         for number, raw in enumerate(fh, start=1):
             line = raw.decode("utf-8", errors="replace").strip()
             if not line:
                 continue
             try:
-                json.loads(line)
+                obj = json.loads(line)
             except ValueError as exc:
-                return f"line {number}: {exc}"
+                raise ValueError(f"line {number}: {exc}") from None
+            yield number, obj
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """``"line N: reason"`` for the first line of a JSON-lines file that does not parse."""
+    try:
+        for _ in json_lines(path):
+            pass
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -139,12 +139,12 @@ def pack_documents(
     return [[cls_id, *stream[i:i + block], sep_id] for i in range(0, len(stream), block)]
 
 
-def encode_plain(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids straight from the Rust tokenizer (no offsets, masks or BatchEncoding).
+def untruncated(tokenizer: Any) -> Any:
+    """The tokenizer's Rust backend with no truncation or padding set (None if it has none).
 
-    Whole texts, never truncated or padded: a transformers tokenizer leaves the
-    truncation/padding of its last ``__call__`` set on the Rust backend, which would
-    otherwise cut every text here at that call's ``max_length``.
+    A transformers tokenizer leaves the truncation/padding of its last ``__call__`` (or
+    of its tokenizer.json: all-MiniLM-L6-v2 ships one) set on the backend, which would
+    cut every text encoded straight through it at that ``max_length``.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -152,6 +152,14 @@ def encode_plain(tokenizer: Any, texts: list[str]) -> list[list[int]]:
             backend.no_truncation()
         if backend.padding is not None:
             backend.no_padding()
+    return backend
+
+
+def encode_plain(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids straight from the Rust tokenizer (no offsets, masks or BatchEncoding),
+    whole texts, never truncated or padded (:func:`untruncated`)."""
+    backend = untruncated(tokenizer)
+    if backend is not None:
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -84,12 +84,7 @@ def source_instances(cfg: DictConfig, documents: datasets.Dataset, tokenizer: An
     otherwise key the first source differently from a tokenizer saved after a build
     (a checkpoint's, on resume), and the instances would be rebuilt for nothing.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        if backend.truncation is not None:
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
+    instances.untruncated(tokenizer)
     d = cfg.data
     return instances.build_instances(
         documents, tokenizer, nsp=cfg.objective.nsp, max_seq_length=d.max_seq_length,
