@@ -312,6 +312,12 @@ class Classification:
         return {"data": self.data_report if len(self.tasks) > 1 else self.data_report["main"]}
 
     def flops_per_token(self) -> float | None:
-        """The encoder's training FLOPs per token at the recipe's sequence length."""
-        return hardware.encoder_flops_per_token(self.module.model.config,
-                                                self.cfg.data.max_seq_length)
+        """The encoder's training FLOPs per token at the recipe's sequence length.
+
+        BERT-Feat's frozen encoder only runs forward: a third of that. (Under gradual
+        unfreezing the frozen layers still run backward for the ones above them: counted
+        as training.)
+        """
+        flops = hardware.encoder_flops_per_token(self.module.model.config,
+                                                 self.cfg.data.max_seq_length)
+        return flops / 3 if self.cfg.train.freeze_encoder else flops

@@ -326,10 +326,11 @@ class MaskedLM:
         encoder only runs forward: a third of its training FLOPs.
         """
         o, seq = self.cfg.objective, self.cfg.data.max_seq_length
-        share = min(o.masked_lm_prob, o.max_predictions_per_seq / seq)
+        # The dense path (an architecture without a known head layout) scores every position.
+        share = min(o.masked_lm_prob, o.max_predictions_per_seq / seq) if self.module.sparse else 1
         config = self.module.model.config
         total = hardware.encoder_flops_per_token(config, seq, head_fraction=share)
-        if not self.module.encoder_frozen:
+        if not (self.module.encoder_frozen and self.module.sparse):
             return total
         encoder = hardware.encoder_flops_per_token(config, seq)
         return encoder / 3 + (total - encoder)

@@ -107,12 +107,16 @@ class Trainer:
         self.lock = checkpoint.OutputDirLock(self.output_dir)
         if training.launched_rank() == 0:
             self.lock.acquire()
-        self.resuming = checkpoint.prepare_output_dir(
-            self.output_dir, self.resolved, overwrite=cfg.overwrite_output_dir,
-            may_differ=resumable_keys)
-        self.ckpt_root = self.output_dir / "checkpoints"
-        self.resume_from = (checkpoint.latest_checkpoint(self.ckpt_root) if self.resuming
-                            else None)
+        try:  # a refused run releases the lock (matters in-process: tests, notebooks)
+            self.resuming = checkpoint.prepare_output_dir(
+                self.output_dir, self.resolved, overwrite=cfg.overwrite_output_dir,
+                may_differ=resumable_keys)
+            self.ckpt_root = self.output_dir / "checkpoints"
+            self.resume_from = (checkpoint.latest_checkpoint(self.ckpt_root) if self.resuming
+                                else None)
+        except BaseException:
+            self.lock.release()
+            raise
         self.accelerator: Any = None
         self._claimed = False
 
@@ -135,9 +139,10 @@ class Trainer:
             return None
         metrics = json.loads(path.read_text())
         max_steps = self.cfg.train.max_steps if "max_steps" in self.cfg.train else None
+        finished_with = metrics.get("config", {}).get("train", {}).get("max_steps")
         if checkpoint.verify(self.output_dir / "final") is not None or (
-                max_steps is not None and metrics.get("steps", 0) < max_steps):
-            return None  # final/ broken, or the run was extended: resume
+                max_steps is not None and finished_with != max_steps):
+            return None  # final/ broken, or train.max_steps changed: resume
         logging.getLogger("further_pt").warning(
             "%s already holds a finished run of %d steps: nothing to do", self.output_dir,
             metrics.get("steps", 0))
@@ -339,8 +344,7 @@ class Trainer:
                        "train/tokens_per_s": tokens / elapsed,
                        "train/steps_per_s": steps / elapsed,
                        "train/grad_norm": float(grad_norm)})
-        if len(lrs) > 1:
-            values.update({f"lr/{k}": v for k, v in lrs.items()})
+        values.update({f"lr/{k}": v for k, v in lrs.items()})  # each named group's rate
         if self._flops is not None:  # model FLOPs utilisation against the dtype's peak
             per_token, peak = self._flops(), self._peak
             values["train/mfu"] = tokens / elapsed * per_token / (peak * self.world)

@@ -116,3 +116,15 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, corpus_fil
     assert err == ["further_pt: error: config key 'objective.masked_lm_prob': must be in (0, 1), "
                    "got 0.0"]
     assert not out.exists()
+
+
+def test_a_refused_run_releases_its_output_dir_lock(tmp_path: Path, corpus_file: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """In one process (tests, notebooks, launcher [inprocess]) a refusal must not keep the lock."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a run")
+    argv = ["recipe=in_domain", f"output_dir={out}", f"data.train_files=[{corpus_file}]"]
+    for _ in range(2):
+        assert main(argv) == 2
+        assert "holds no further_pt run" in capsys.readouterr().err
