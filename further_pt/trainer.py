@@ -37,6 +37,7 @@ The loop (:meth:`Trainer.fit`) reads top to bottom, as nanoGPT's does.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -323,6 +324,11 @@ class Trainer:
             bar.close()
         self._check_replicas(module)
         result = self._finish(objective, state, step, save_model)
+        # The DDP reducer must go before the process group: destroyed after it, gloo's
+        # destructor can wait forever on a peer that has already exited.
+        module = optimizer = None
+        acc.free_memory()
+        gc.collect()
         log.close()  # ends Accelerate's trackers and the process group: last
         return result
 
