@@ -176,9 +176,9 @@ class MaskedLM:
         self.world = trainer.world
         self.warmup_steps, heads = self._plan_head_warmup(trainer, net, new_heads)
         head_names = set(heads)
-        named = [(f"model.{n}", p) for n, p in net.named_parameters()]
-        self.head_params = [p for n, p in named if n.removeprefix("model.") in head_names]
-        self.encoder_params = [p for n, p in named if n.removeprefix("model.") not in head_names]
+        named = list(net.named_parameters())
+        self.head_params = [p for n, p in named if n in head_names]
+        self.encoder_params = [p for n, p in named if n not in head_names]
         self.special_ids = masking.special_ids_tensor(tok).to(acc.device)
         self.continuation = (masking.word_continuation_table(tok).to(acc.device)
                              if o.masking in ("whole_word", "span") else None)

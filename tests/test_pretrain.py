@@ -51,6 +51,7 @@ def test_run_writes_loadable_checkpoints_and_logs(finished_run) -> None:
     lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6]
     assert all(x["train/mlm_loss"] > 0 and 0 <= x["train/nsp_accuracy"] <= 1 for x in lines)
+    assert all(0 < x["train/mfu"] < 1 and x["train/tokens_per_s"] > 0 for x in lines)
     assert lines[0]["train/lr"] > lines[-1]["train/lr"] == 0.0  # linear decay to 0
     assert list((out / "logs" / "pretrain").rglob("events.out.tfevents*"))
     assert (out / "config.yaml").is_file()
