@@ -231,11 +231,15 @@ def _scan_json_lines(path: str, columns: Sequence[str], roles: dict[str, str]
     """
     bad: dict[int, _Bad] = {}
     first: dict[str, tuple[str, int]] = {}
+    keys: dict[str, None] = {}  # every field name met, in order: for the "no column" error
     mixed, row = False, -1
     for row, (number, obj) in enumerate(_json_rows(path)):
+        keys.update(dict.fromkeys(obj))
         for column in columns:
             value = obj.get(column)
             problem = value_problem(value, roles[column]) if column in roles else None
+            if problem and column not in obj:
+                problem = "is missing from the line"
             if value is not None:
                 kind = _kind(value)
                 seen, line = first.setdefault(column, (kind, number))
@@ -244,6 +248,9 @@ def _scan_json_lines(path: str, columns: Sequence[str], roles: dict[str, str]
                     problem = problem or f"holds a {kind} where line {line} holds a {seen}"
             if problem and row not in bad:
                 bad[row] = _Bad(column, value, problem, number)
+    absent = [c for c in columns if c not in keys]
+    if absent and row >= 0:  # a wrong column name, not bad rows: say so before any row
+        raise ConfigError(f"{path}: no column {absent[0]!r} (columns: {', '.join(keys)})")
     return bad, mixed, row + 1
 
 

@@ -235,7 +235,7 @@ def run(cfg: DictConfig) -> Path:
         models[ablation.name] = str(folder / "final")
     by_size = {b.size: list(b.overrides) for b in cfg.finetune.by_size}
     for size in cfg.train_sizes:
-        for variant in report.variant_keys(cfg):
+        for variant in report.keys_at(cfg, size):
             for seed in cfg.seeds:
                 name = finetune_stage(variant, size, seed)
                 folder = out / name
@@ -294,6 +294,10 @@ def _validate_ablations(cfg: DictConfig) -> None:
         if ablation.variant not in cfg.variants:
             raise ConfigError(f"{key}.variant': {ablation.variant} is not in variants; an "
                               "ablation is compared with the variant it changes")
+        stray = [s for s in ablation.get("train_sizes") or [] if s not in cfg.train_sizes]
+        if stray:
+            raise ConfigError(f"{key}.train_sizes': {'null' if stray[0] is None else stray[0]} "
+                              "is not one of train_sizes")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -48,6 +48,15 @@ def variant_keys(cfg: Any) -> list[str]:
     return [*cfg.variants, *(a.name for a in cfg.get("ablations") or [])]
 
 
+def keys_at(cfg: Any, size: int | None) -> list[str]:
+    """The rows fine-tuned at one training size: every variant, and the ablations whose own
+    ``train_sizes`` (null = all of the grid's) include it, so that an ablation can be limited
+    to the size where it is informative without paying for the others."""
+    limited = {a.name: list(a.train_sizes) for a in cfg.get("ablations") or []
+               if a.get("train_sizes") is not None}
+    return [k for k in variant_keys(cfg) if k not in limited or size in limited[k]]
+
+
 def label(cfg: Any, key: str) -> str:
     """A row's name: BERT-ITPT-FiT, ..., or an ablation as its variant's name and its own."""
     if key in NAMES:
@@ -77,7 +86,7 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
     table = []
     for size in cfg.train_sizes:
         block = []
-        for variant in variant_keys(cfg):
+        for variant in keys_at(cfg, size):
             metrics = [json.loads((out / finetune_stage(variant, size, s) / "metrics.json")
                                   .read_text()) for s in cfg.seeds]
             errors = [m["eval_error_rate"] for m in metrics]
@@ -191,7 +200,7 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
         cells = {r["train_size"]: r for r in table if r["key"] == key}
         lines.append(f"| {label(cfg, key)} | " + " | ".join(
             f"{100 * cells[s]['error_rate_mean']:.2f} +- {100 * cells[s]['error_rate_sd']:.2f} "
-            f"(n={cells[s]['seeds']})" for s in sizes) + " |")
+            f"(n={cells[s]['seeds']})" if s in cells else "not run" for s in sizes) + " |")
     found = comparisons(table)
     if importlib.util.find_spec("scipy") is not None:
         rule = (f"Welch's t-test over the per-seed error rates gives p < {P_VALUE}; where it "

@@ -258,6 +258,8 @@ class AblationSchema:
     name: str = MISSING  # the row's key, e.g. itpt_no_warmup
     variant: str = MISSING  # itpt | idpt | cdpt: the corpus and recipe it starts from
     overrides: list[str] = MISSING  # pretraining overrides on top of pretrain.overrides
+    # the training sizes it is fine-tuned at (a subset of train_sizes); null: every size
+    train_sizes: list[int | None] | None = None
 
 
 @dataclass

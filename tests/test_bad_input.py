@@ -250,6 +250,13 @@ CASES: list[Case] = [
     ("tsv without the label column", F, lambda e: e.finetune(**{"data.train_file": e.file(
         "t.tsv", "text\tcategory\nhello\ta\nworld\tb\n")}),
      "no column 'label' (columns: text, category)"),
+    ("jsonl label field absent from every line", F, lambda e: e.finetune(**{
+        "data.train_file": _rows(e, "t.jsonl", {"text": "a b", "category": "x"},
+                                 {"text": "c d", "category": "y"})}),
+     "t.jsonl: no column 'label' (columns: text, category)"),
+    ("jsonl label field absent from one line", F, lambda e: e.finetune(**{
+        "data.train_file": _rows(e, "t.jsonl", _ok(0), {"text": "c d"}, _ok(1))}),
+     "t.jsonl:2: column 'label' is missing from the line: None"),
     ("text pair column absent", F, lambda e: e.finetune(**{"data.text_pair_column": "pair"}),
      "column 'pair'"),
     # ---- subsampling

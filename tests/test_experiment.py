@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 
 import pytest
@@ -189,6 +190,8 @@ def test_train_sizes_are_checked_before_any_stage(tmp_path, tiny_model_dir, caps
      "config key 'ablations[1].name': 'a' is listed twice"),
     ("finetune.by_size=[{size:400,overrides:['train.epochs=9']}]",
      "config key 'finetune.by_size[0].size': 400 is not one of train_sizes"),
+    ("ablations=[{name:a,variant:itpt,overrides:[],train_sizes:[400]}]",
+     "config key 'ablations[0].train_sizes': 400 is not one of train_sizes"),
 ])
 def test_ablations_and_size_overrides_are_checked(tmp_path, tiny_model_dir, capsys, override,
                                                   message) -> None:
@@ -278,3 +281,23 @@ def test_a_killed_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_model_
     config = yaml.safe_load((out / "pretrain-itpt_lr" / "config.yaml").read_text())
     assert config["train"]["lr"] == 1e-4
     assert "BERT-ITPT-FiT (itpt_lr)" in (out / "report.md").read_text()
+
+
+def test_an_ablation_can_be_limited_to_some_sizes(experiment, tmp_path) -> None:
+    src, argv = experiment
+    out = tmp_path / "exp"
+    shutil.copytree(src, out)  # a copy, so the module's experiment stays as the others expect
+    saved = out / "experiment.yaml"
+    saved.write_text(saved.read_text().replace(str(src), str(out)))
+    argv = [f"output_dir={out}" if a.startswith("output_dir=") else a for a in argv]
+    before = json.loads((out / "stages.json").read_text())
+    assert main([*argv, "ablations=[{name:itpt_lr,variant:itpt,overrides:['train.lr=1e-4'],"
+                        "train_sizes:[8]}]"]) == 0
+    after = json.loads((out / "stages.json").read_text())
+    assert set(after) - set(before) == {"pretrain-itpt_lr", "finetune-itpt_lr-n8-seed1",
+                                        "finetune-itpt_lr-n8-seed2"}  # not at 'all'
+    rows = [(r["key"], r["train_size"]) for r in _csv(out) if r["key"] == "itpt_lr"]
+    assert rows == [("itpt_lr", "8")]
+    view = (out / "report.md").read_text().split("## Training-set size")[1]
+    row = next(line for line in view.splitlines() if line.startswith("| BERT-ITPT-FiT (itpt_lr)"))
+    assert row.endswith(" | not run |") and row.count("(n=2)") == 1  # 8: run; all: not run
