@@ -284,6 +284,8 @@ def _validate_loop(cfg: DictConfig) -> None:
              f"{t.mixed_precision!r}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+    _require(t.collective_timeout_s > 0, "train.collective_timeout_s",
+             f"must be > 0 seconds, got {t.collective_timeout_s}")
     _require(c.every_steps is None or c.every_steps > 0, "checkpoint.every_steps",
              f"must be > 0 or null (every epoch), got {c.every_steps}")
     _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")

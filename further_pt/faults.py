@@ -1,8 +1,10 @@
 """Faults: deterministic fault injection for the reliability tests (and for the curious).
 
-``FURTHER_PT_FAULT=POINT:STEP[:RANK]`` makes the process at ``RANK`` (any rank if
-omitted) kill itself with SIGKILL when it reaches ``POINT`` at optimizer step
-``STEP``, exactly as a preempted VM or an OOM killer would:
+``FURTHER_PT_FAULT=POINT:STEP[:RANK[:stop]]`` makes the process at ``RANK`` (any rank
+if omitted) kill itself with SIGKILL when it reaches ``POINT`` at optimizer step
+``STEP``, exactly as a preempted VM or an OOM killer would; with ``:stop`` it
+freezes instead (SIGSTOP), as a hung machine does: alive, its sockets open, silent,
+so its peers learn of it only from ``train.collective_timeout_s``:
 
 - ``micro``: during gradient accumulation, after the first micro-batch's backward;
 - ``step``: after the optimizer step, before any checkpoint of that step;
@@ -31,9 +33,9 @@ def point(name: str, step: int, rank: int = 0) -> None:
     spec = _spec()
     if not spec or spec[0] != name or int(spec[1]) != step:
         return
-    if len(spec) > 2 and int(spec[2]) != rank:
+    if len(spec) > 2 and spec[2] != "" and int(spec[2]) != rank:
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if spec[3:] == ["stop"] else signal.SIGKILL)
 
 
 def nan_from(step: int) -> bool:

@@ -93,6 +93,7 @@ class OptimizerSchema:
     mixed_precision: str | None = MISSING
     max_nonfinite_steps: int = MISSING
     log_every_steps: int = MISSING
+    collective_timeout_s: float = MISSING
 
 
 @dataclass

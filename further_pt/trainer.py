@@ -156,7 +156,8 @@ class Trainer:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.accelerator = training.make_accelerator(
             self.cfg.train.mixed_precision, self.output_dir / "logs",
-            find_unused_parameters=find_unused_parameters)
+            find_unused_parameters=find_unused_parameters,
+            collective_timeout_s=self.cfg.train.collective_timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -319,6 +320,13 @@ class Trainer:
                     if stop:
                         raise Preempted(f"stopped by a signal at step {step}; checkpoint written "
                                         f"to {self.ckpt_root}; run the same command to resume")
+        except Exception as exc:
+            failed = training.lost_peers(exc, world=self.world, step=step,
+                                         ckpt_root=self.ckpt_root,
+                                         timeout_s=t.collective_timeout_s)
+            if failed is None:
+                raise
+            raise failed from exc
         finally:
             watch.close()
             bar.close()

@@ -17,12 +17,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 from torch.utils.data import DataLoader, Sampler
 
 from further_pt import hardware
@@ -74,8 +79,50 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def lost_peers(exc: BaseException, *, world: int, step: int, timeout_s: float,
+               ckpt_root: Path) -> TrainingFailed | None:
+    """The one-line failure for a collective that broke because a peer died or hung.
+
+    Gloo raises a RuntimeError naming its transport ("Timed out waiting 20000ms for
+    recv", "Connection closed by peer"), NCCL a ``DistError``; either way the other
+    processes are gone or silent, and the user's next move is to rerun every node.
+    Anything else is not ours to rename (None).
+    """
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if world < 2 or not (isinstance(exc, dist_error) or (
+            isinstance(exc, RuntimeError) and "gloo" in str(exc).lower())):
+        return None
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TrainingFailed(
+        f"lost contact with the other processes during step {step + 1} ({first.split('] ')[-1]}"
+        f"): a process or node died, or hung past train.collective_timeout_s={timeout_s:g}; "
+        f"checkpoints in {ckpt_root} are kept: rerun the same command on every node to resume")
+
+
+SHARDED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_engine(accelerator: Any) -> None:
+    """Refuse engines that shard weights or optimizer state, before any work.
+
+    The trainer writes checkpoints and ``final/`` from the main process's own full
+    copy of the weights and optimizer state, and evaluates on the main process alone:
+    exact under data parallelism (DDP, on 1..N GPUs, CPUs and nodes), wrong under
+    FSDP or DeepSpeed ZeRO, where each process holds a shard. A clear error beats a
+    checkpoint holding 1/N of a model.
+    """
+    engine = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if engine in SHARDED_ENGINES:
+        raise SetupError(
+            f"accelerate is configured for {engine}: further_pt trains data-parallel only "
+            "(DDP on 1..N GPUs or nodes); its checkpoints and evaluation need every process to "
+            "hold the whole model, which FSDP/DeepSpeed shard. Run `accelerate config` with "
+            "'multi-GPU' (or pass --multi_gpu to accelerate launch)")
+
+
 def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
-                     find_unused_parameters: bool = False) -> Any:
+                     find_unused_parameters: bool = False,
+                     collective_timeout_s: float = 1800.0) -> Any:
     """An Accelerator logging to TensorBoard under ``log_dir``, on the fastest precision.
 
     ``mixed_precision``: ``auto`` picks bf16 where the hardware runs it fast (CUDA
@@ -84,14 +131,18 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     are taken as given; ``null`` keeps what ``accelerate config`` chose
     (:func:`further_pt.hardware.choose_precision`). On a CPU, each process gets
     its share of the cores it may use unless the user set ``OMP_NUM_THREADS``.
-    Both choices are logged with their reason. Fails loudly when the launcher's
+    Both choices are logged with their reason. ``collective_timeout_s`` bounds every
+    collective: a peer that hangs or vanishes without closing its sockets (a frozen
+    node) fails the run after that long instead of blocking it forever; a process that
+    dies outright is noticed at once. Fails loudly when the launcher's
     WORLD_SIZE and the processes Accelerate sees disagree: on CPU,
     ``accelerate launch --cpu --num_processes 2`` silently starts one process.
     """
     precision, why = hardware.detect_precision(mixed_precision)
-    kwargs: dict[str, Any] = {}
+    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))]
     if find_unused_parameters:  # custom heads leave the pooler or HF head without gradients
-        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    kwargs: dict[str, Any] = {"kwargs_handlers": handlers}
     if precision is not None:
         kwargs["mixed_precision"] = precision
     accelerator = Accelerator(
@@ -99,6 +150,7 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
         project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)),
         **kwargs,
     )
+    check_engine(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SetupError(
@@ -133,7 +185,8 @@ def entry_point(argv: list[str], load: Callable[[list[str]], Any], run: Callable
         kind = {2: "error: ", 3: "training failed: "}.get(exc.exit_code, "")
         print(f"further_pt: {kind}{exc}", file=sys.stderr)
         return exc.exit_code
-    print(report(cfg, result))
+    if launched_rank() == 0:  # one report per job, not one per process
+        print(report(cfg, result))
     return 0
 
 

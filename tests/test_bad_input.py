@@ -175,6 +175,8 @@ CASES: list[Case] = [
      "'objective.masked_lm_prob': must be in (0, 1)"),
     ("batch size 0", P, lambda e: e.pretrain(**{"train.batch_size": 0}),
      "'train.batch_size': must be > 0"),
+    ("collective timeout 0", F, lambda e: e.finetune(**{"train.collective_timeout_s": 0}),
+     "'train.collective_timeout_s': must be > 0 seconds, got 0"),
     ("negative steps", P, lambda e: e.pretrain(**{"train.max_steps": -5}),
      "'train.max_steps': must be > 0"),
     ("warmup beyond max_steps", P, lambda e: e.pretrain(**{"train.warmup_steps": 99}),

@@ -172,3 +172,19 @@ def test_peak_is_positive_finite_and_quick(dtype: torch.dtype) -> None:
     peak = matmul_peak_flops(dtype, n=64, seconds=0.01)
     assert time.perf_counter() - start < 2.0
     assert math.isfinite(peak) and peak > 1e6  # any CPU does > 1 MFLOP/s on a 64x64 matmul
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharding_engines_are_refused_before_any_work(engine) -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from further_pt.errors import SetupError
+    from further_pt.training import check_engine
+
+    with pytest.raises(SetupError, match=rf"accelerate is configured for {engine}: further_pt "
+                                         r"trains data-parallel only"):
+        check_engine(SimpleNamespace(distributed_type=DistributedType[engine]))
+    for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_engine(SimpleNamespace(distributed_type=DistributedType[fine]))
