@@ -92,9 +92,12 @@ def lost_peers(exc: BaseException, *, world: int, step: int, timeout_s: float,
     if world < 2 or not (isinstance(exc, dist_error) or (
             isinstance(exc, RuntimeError) and "gloo" in str(exc).lower())):
         return None
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    # gloo: "[.../pair.cc:534] Connection closed by peer [addr]:port. This is typically ..."
+    cause = text.splitlines()[0].split("] ", 1)[-1].split(". ")[0].rstrip(".") if text else (
+        type(exc).__name__)
     return TrainingFailed(
-        f"lost contact with the other processes during step {step + 1} ({first.split('] ')[-1]}"
+        f"lost contact with the other processes during step {step + 1} ({cause}"
         f"): a process or node died, or hung past train.collective_timeout_s={timeout_s:g}; "
         f"checkpoints in {ckpt_root} are kept: rerun the same command on every node to resume")
 

@@ -188,41 +188,55 @@ def _node(rank: int, port: int, args: list[str], log: Path, env: dict[str, str]
                                 cwd=REPO, start_new_session=True)
 
 
+def _run_nodes(tmp: Path, name: str, args: list[str], fault1: str | None = None,
+               wait_for: int = 0) -> tuple[list[int | None], str, float]:
+    """Start node 0 and node 1 (``fault1`` in node 1's FURTHER_PT_FAULT); wait for node
+    ``wait_for``; kill what still runs (a hung node reclaimed). -> (exit codes, node 0's log,
+    seconds until node ``wait_for`` exited)."""
+    port, started = _free_port(), time.time()
+    nodes = [_node(r, port, args, tmp / f"{name}{r}.log",
+                   {"FURTHER_PT_FAULT": fault1} if fault1 and r == 1 else {}) for r in (0, 1)]
+    try:
+        nodes[wait_for].wait(timeout=240)  # TimeoutExpired = a hang: the test fails
+        waited = time.time() - started
+        if fault1 is None:
+            nodes[1 - wait_for].wait(timeout=240)
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+                n.wait()
+    return [n.returncode for n in nodes], (tmp / f"{name}0.log").read_text(), waited
+
+
 @pytest.mark.slow
-def test_two_nodes_survive_a_hung_node_and_resume(tmp_path, corpus_file, tiny_model_dir) -> None:
-    """Two "machines" on one host (accelerate launch --num_machines 2, gloo). Node 1's process
-    hangs after step 5 (SIGSTOP: alive, sockets open, as a frozen VM); node 0 must fail at the
-    next collective after train.collective_timeout_s instead of waiting forever. The operator
-    kills node 1; the same two commands resume from the last checkpoint and finish."""
+def test_two_nodes_survive_a_killed_and_a_hung_node(tmp_path, corpus_file, tiny_model_dir
+                                                    ) -> None:
+    """Two "machines" on one host (accelerate launch --num_machines 2 --machine_rank 0|1,
+    gloo), checkpoints every 2 of 8 steps. Node 1 is killed after step 3: node 0 fails at once.
+    Relaunched, both resume from step 2; node 1 then hangs after step 5 (SIGSTOP: alive,
+    sockets open, as a frozen VM): node 0 fails after train.collective_timeout_s instead of
+    waiting forever. Node 1 is reclaimed; relaunched, both resume from step 4 and finish."""
     out = tmp_path / "nodes"
     args = _args(out, corpus_file, tiny_model_dir, tmp_path / "cache",
                  **{"train.collective_timeout_s": 20})
-    port = _free_port()
-    started = time.time()
-    node0 = _node(0, port, args, tmp_path / "node0.log", {})
-    node1 = _node(1, port, args, tmp_path / "node1.log", {"FURTHER_PT_FAULT": "step:5:1:stop"})
-    try:
-        assert node0.wait(timeout=240) != 0  # not a hang
-        waited = time.time() - started
-    finally:
-        os.killpg(node1.pid, signal.SIGKILL)  # the hung node is reclaimed
-        node1.wait()
-    log0 = (tmp_path / "node0.log").read_text()
-    assert ("further_pt: training failed: lost contact with the other processes during step 6 "
-            "(Timed out waiting 20000ms for recv operation to complete): a process or node died, "
-            "or hung past train.collective_timeout_s=20;") in log0, log0[-3000:]
-    assert "[rank0]: Traceback" not in log0  # one line from us (the launcher adds its summary)
-    assert waited > 20  # it did wait for the frozen peer, for the configured time
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "step-000002", "step-000004"]  # node 0 never finished step 6 alone
+    lost = "further_pt: training failed: lost contact with the other processes during step"
 
-    port = _free_port()
-    nodes = [_node(r, port, args, tmp_path / f"resume{r}.log", {}) for r in (0, 1)]
-    assert [n.wait(timeout=240) for n in nodes] == [0, 0], (
-        (tmp_path / "resume0.log").read_text()[-3000:])
-    log = (tmp_path / "resume0.log").read_text()
-    assert "step-000004 (step 4)" in log
-    assert "weights identical on all 2 processes" in log
+    codes, log0, waited = _run_nodes(tmp_path, "killed", args, "step:3:1")
+    assert codes[0] != 0 and f"{lost} 4 (" in log0, log0[-3000:]  # torchrun exits 1
+    line = next(x for x in log0.splitlines() if x.startswith(lost))
+    assert "Timed out" not in line  # the dead peer's sockets closed: noticed without the timeout
+
+    codes, log0, waited = _run_nodes(tmp_path, "hung", args, "step:5:1:stop")
+    assert codes[0] != 0 and "step-000002 (step 2)" in log0
+    assert (f"{lost} 6 (Timed out waiting 20000ms for recv operation to complete): a process or "
+            "node died, or hung past train.collective_timeout_s=20;") in log0, log0[-3000:]
+    assert "[rank0]: Traceback" not in log0  # one line from us (the launcher adds its summary)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-000004"
+
+    codes, log0, _ = _run_nodes(tmp_path, "resumed", args)
+    assert codes == [0, 0], log0[-3000:]
+    assert "step-000004 (step 4)" in log0 and "weights identical on all 2 processes" in log0
     steps = [json.loads(x)["step"] for x in (out / "logs" / "metrics.jsonl").read_text()
              .splitlines()]
     assert steps[-1] == STEPS and (out / "final" / "model.safetensors").is_file()
@@ -252,3 +266,22 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_mode
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())
     assert a["history"] == b["history"] and a["eval_accuracy"] == b["eval_accuracy"]
+
+
+def test_a_broken_collective_becomes_one_line(tmp_path) -> None:
+    from further_pt.errors import TrainingFailed
+    from further_pt.training import lost_peers
+
+    closed = RuntimeError("[/x/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                          "[127.0.0.1]:41090. This is typically caused by a remote worker "
+                          "crashing. GLHF!")
+    failed = lost_peers(closed, world=2, step=3, timeout_s=20, ckpt_root=tmp_path)
+    assert isinstance(failed, TrainingFailed) and failed.exit_code == 3
+    assert str(failed) == (
+        "lost contact with the other processes during step 4 (Connection closed by peer "
+        "[127.0.0.1]:41090): a process or node died, or hung past "
+        f"train.collective_timeout_s=20; checkpoints in {tmp_path} are kept: rerun the same "
+        "command on every node to resume")
+    assert lost_peers(closed, world=1, step=3, timeout_s=20, ckpt_root=tmp_path) is None
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    assert lost_peers(other, world=2, step=3, timeout_s=20, ckpt_root=tmp_path) is None
