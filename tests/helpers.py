@@ -36,6 +36,21 @@ def run_script(args: list[str], *, env: dict[str, str] | None = None, launcher: 
                           cwd=REPO)
 
 
+def run_scripts(*runs: tuple[list[str], dict[str, str] | None], script: str = "pretrain.py",
+                timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Independent runs (args, env) at once: each is single-threaded (OMP_NUM_THREADS=1),
+    so on 2 cores two of them take the wall time of one. Outputs must not overlap."""
+    procs = [subprocess.Popen([sys.executable, str(REPO / "further_pt" / script), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+             for args, env in runs]
+    done = []
+    for args, proc in zip((r[0] for r in runs), procs, strict=True):
+        stdout, stderr = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    return done
+
+
 FRUIT = ["apple", "banana", "cherry", "grape", "melon", "peach", "plum"]
 MOTOR = ["engine", "wheel", "brake", "motor", "clutch", "piston", "gear"]
 

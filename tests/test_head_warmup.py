@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import pretrain_overrides, run_script
+from helpers import pretrain_overrides, run_script, run_scripts
 from safetensors.torch import load_file
 
 
@@ -86,11 +86,12 @@ def test_no_warmup_when_the_checkpoint_has_its_heads(tmp_path: Path, corpus_file
 
 def test_resume_inside_the_warmup_is_bit_exact(tmp_path: Path, corpus_file: Path,
                                                headless_dir: Path) -> None:
-    cache = tmp_path / "cache"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run_script(_args(whole, corpus_file, headless_dir, cache)).returncode == 0
-    args = _args(cut, corpus_file, headless_dir, cache)
-    killed = run_script(args, env={"FURTHER_PT_FAULT": "step:3"})  # after step-000002
+    args = _args(cut, corpus_file, headless_dir, tmp_path / "cache-cut")
+    reference, killed = run_scripts(  # side by side: independent outputs and caches
+        (_args(whole, corpus_file, headless_dir, tmp_path / "cache-whole"), None),
+        (args, {"FURTHER_PT_FAULT": "step:3"}))  # killed after step-000002
+    assert reference.returncode == 0, reference.stderr[-3000:]
     assert killed.returncode == -signal.SIGKILL
     resumed = run_script(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

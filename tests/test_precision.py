@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import pretrain_overrides, run_script, write_task
+from helpers import pretrain_overrides, run_scripts, write_task
 
 
 def _mlm_losses(out: Path) -> list[float]:
@@ -23,16 +23,16 @@ def _mlm_losses(out: Path) -> list[float]:
 
 def test_bf16_pretraining_loss_matches_fp32(tmp_path: Path, corpus_file: Path,
                                             tiny_model_dir: Path) -> None:
-    losses = {}
-    for precision in ("no", "bf16"):
-        out = tmp_path / precision
-        args = pretrain_overrides(out, corpus_file, tiny_model_dir, tmp_path / "cache", **{
+    losses, precisions = {}, ("no", "bf16")
+    procs = run_scripts(*((pretrain_overrides(
+        tmp_path / precision, corpus_file, tiny_model_dir, tmp_path / f"cache-{precision}", **{
             "train.mixed_precision": precision, "train.max_steps": 24, "train.warmup_steps": 4,
-            "train.log_every_steps": 8, "checkpoint.every_steps": 24})
-        proc = run_script(args)
+            "train.log_every_steps": 8, "checkpoint.every_steps": 24}), None)
+        for precision in precisions))
+    for precision, proc in zip(precisions, procs, strict=True):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"mixed precision: {precision} (train.mixed_precision={precision}" in proc.stderr
-        losses[precision] = _mlm_losses(out)
+        losses[precision] = _mlm_losses(tmp_path / precision)
     assert all(abs(b - f) < 0.1 for b, f in zip(losses["bf16"], losses["no"], strict=True)), (
         losses)
     assert all(x[-1] < x[0] for x in losses.values())  # both learn
@@ -41,15 +41,16 @@ def test_bf16_pretraining_loss_matches_fp32(tmp_path: Path, corpus_file: Path,
 def test_bf16_finetuning_accuracy_matches_fp32(tmp_path: Path, tiny_model_dir: Path) -> None:
     train = write_task(tmp_path / "train.jsonl", 160, 0)
     dev = write_task(tmp_path / "dev.jsonl", 40, 1)
-    accuracy = {}
-    for precision in ("no", "bf16"):
-        out = tmp_path / precision
-        args = ["recipe=fit", f"output_dir={out}", f"model.name_or_path={tiny_model_dir}",
-                f"data.train_file={train}", f"data.eval_file={dev}", "data.max_seq_length=32",
-                "train.epochs=3", "train.batch_size=16", "train.lr=3e-3", "train.head_lr=3e-3",
-                "train.layer_decay=1.0", "model.attn_implementation=eager",
-                f"train.mixed_precision={precision}"]
-        proc = run_script(args, script="finetune.py")
+    accuracy, precisions = {}, ("no", "bf16")
+    procs = run_scripts(*(([
+        "recipe=fit", f"output_dir={tmp_path / precision}", f"model.name_or_path={tiny_model_dir}",
+        f"data.train_file={train}", f"data.eval_file={dev}", "data.max_seq_length=32",
+        "train.epochs=3", "train.batch_size=16", "train.lr=3e-3", "train.head_lr=3e-3",
+        "train.layer_decay=1.0", "model.attn_implementation=eager",
+        f"train.mixed_precision={precision}", f"data.cache_dir={tmp_path / 'cache' / precision}"],
+        None) for precision in precisions), script="finetune.py")
+    for precision, proc in zip(precisions, procs, strict=True):
         assert proc.returncode == 0, proc.stderr[-2000:]
-        accuracy[precision] = json.loads((out / "metrics.json").read_text())["eval_accuracy"]
+        accuracy[precision] = json.loads((tmp_path / precision / "metrics.json").read_text())[
+            "eval_accuracy"]
     assert accuracy["no"] > 0.9 and accuracy["bf16"] > 0.9, accuracy
