@@ -251,7 +251,8 @@ class Trainer:
         def save_model(folder: Path) -> None:
             objective.export(acc.unwrap_model(module), folder)
 
-        log = training.MetricsLog(acc, self.output_dir / "logs", objective.name, self.resolved)
+        log = training.MetricsLog(acc, self.output_dir / "logs", objective.name, self.resolved,
+                                  resumed_at=state["step"])
         step = state["step"]
         window: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator], on the device
         window_steps, window_start = 0, time.perf_counter()

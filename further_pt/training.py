@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -304,15 +305,34 @@ def micro_batches(loader: DataLoader, sampler: ResumableSampler, batch_size: int
         epoch, position = epoch + 1, 0
 
 
+def _step_of_line(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn or foreign line counts as after every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """Scalars to TensorBoard (through Accelerate's tracker) and to ``logs/metrics.jsonl``."""
 
-    def __init__(self, accelerator: Any, log_dir: Path, run_name: str, config: dict) -> None:
+    def __init__(self, accelerator: Any, log_dir: Path, run_name: str, config: dict, *,
+                 resumed_at: int = 0) -> None:
+        """``resumed_at``: the step the run starts from. Lines a killed run wrote after its
+        last checkpoint are dropped (they are about to be logged again), as is a line cut
+        short by the kill, so that metrics.jsonl holds each step once."""
         self.accelerator = accelerator
         self.path = log_dir / "metrics.jsonl"
         flat = {k: v for k, v in flatten(config, sep="/").items()
                 if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers(run_name, config=flat)
+        if accelerator.is_main_process and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _step_of_line(line) <= resumed_at]
+            if len(kept) < len(lines):
+                tmp = self.path.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+                os.replace(tmp, self.path)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.accelerator.log(values, step=step)

@@ -79,6 +79,9 @@ def test_kill_9_at_every_point_then_rerun_matches_uninterrupted(reference, tmp_p
         resumed.stderr)
     assert "step-000004 (step 4)" in resumed.stderr
     assert _same_weights(final, tmp_path / "run" / "final")
+    logged = [json.loads(x)["step"] for x in (tmp_path / "run" / "logs" / "metrics.jsonl")
+              .read_text().splitlines()]
+    assert logged == [2, 4, 6, 8]  # each step once: what a killed run logged past 4 was dropped
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes(reference, tmp_path, corpus_file,
