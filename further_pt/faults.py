@@ -33,7 +33,7 @@ def point(name: str, step: int, rank: int = 0) -> None:
     spec = _spec()
     if not spec or spec[0] != name or int(spec[1]) != step:
         return
-    if len(spec) > 2 and spec[2] != "" and int(spec[2]) != rank:
+    if len(spec) > 2 and int(spec[2]) != rank:
         return
     os.kill(os.getpid(), signal.SIGSTOP if spec[3:] == ["stop"] else signal.SIGKILL)
 

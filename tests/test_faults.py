@@ -260,6 +260,8 @@ def test_two_nodes_survive_a_killed_and_a_hung_node(tmp_path, corpus_file, tiny_
     codes, log0, _ = _run_nodes(tmp_path, "resumed", args)
     assert codes == [0, 0], log0[-3000:]
     assert "step-000004 (step 4)" in log0 and "weights identical on all 2 processes" in log0
+    assert "Final model" in log0  # the report, once per job: not from node 1's process
+    assert "Final model" not in (tmp_path / "resumed1.log").read_text()
     steps = [json.loads(x)["step"] for x in (out / "logs" / "metrics.jsonl").read_text()
              .splitlines()]
     assert steps[-1] == STEPS and (out / "final" / "model.safetensors").is_file()
