@@ -94,6 +94,7 @@ class OptimizerSchema:
     max_nonfinite_steps: int = MISSING
     log_every_steps: int = MISSING
     collective_timeout_s: float = MISSING
+    fast_cpu_dropout: bool = MISSING
 
 
 @dataclass

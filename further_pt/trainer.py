@@ -52,7 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from further_pt import checkpoint, faults, hardware, layerwise, training
+from further_pt import checkpoint, dropout, faults, hardware, layerwise, training
 from further_pt.errors import Preempted, SetupError, TrainingFailed
 
 logger = logging.getLogger("further_pt.trainer")
@@ -224,11 +224,18 @@ class Trainer:
         every = cfg.checkpoint.every_steps or steps_per_epoch
         sizes = torch.tensor([float(len(s.dataset)) for s in objective.streams])
 
+        # Fused AdamW (one kernel over all tensors): on a CPU it takes MiniLM's update from
+        # ~115 ms to ~15 ms a step; torch's default there is the per-tensor loop.
         optimizer = torch.optim.AdamW(
             objective.optimizer_groups(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_epsilon, fused=on_gpu or None)
+            eps=t.adam_epsilon, fused=device.type in ("cuda", "cpu") or None)
         scheduler = objective.schedule(optimizer, total_steps=total_steps,
                                        steps_per_epoch=steps_per_epoch)
+        if device.type == "cpu" and t.fast_cpu_dropout:
+            swapped = dropout.install(objective.module)
+            logger.info("CPU dropout: %(dropout_modules)d dropout layers and the attention of "
+                        "%(attention_models)d model(s) draw their masks with further_pt's fast "
+                        "sampler (train.fast_cpu_dropout)", swapped)
         if self.is_main:
             checkpoint.check_writable(self.output_dir,
                                       training.checkpoint_bytes(objective.module))
