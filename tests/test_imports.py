@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"corpus"},
     {"instances"},
     {"masking"},
-    {"model", "objective", "vocab"},
+    {"model", "objective", "vocab", "dropout"},
     {"checkpoint"},
     {"schedules", "layerwise"},
     {"classification_data"},
