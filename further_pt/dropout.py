@@ -16,8 +16,9 @@ one checkpoints save, so a resumed run draws the masks it would have drawn.
 - a Hugging Face model on ``sdpa`` attention switches to :data:`ATTENTION`, which is
   ``sdpa`` itself whenever attention dropout is off (evaluation, ``p = 0``) and, when
   it is on, the softmax(QK^T)V that sdpa's CPU fallback computes in that case, with
-  the fast mask on the probabilities. Calls with arguments it does not handle (a
-  causal mask, sliding windows, soft-capping, ...) go to sdpa unchanged.
+  the fast mask on the probabilities, in fp32. Calls it does not handle (bf16/fp16
+  inputs, a causal mask, sliding windows, soft-capping, grouped-query heads, ...) go
+  to sdpa unchanged.
 
 On GPUs none of this is used: their dropout kernels are fused and fast. The
 recipes' ``train.fast_cpu_dropout: true`` turns it on; ``false`` keeps torch's.
@@ -88,7 +89,9 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-_PLAIN_KWARGS = {"position_ids", "output_attentions", "cu_seq_lens_q", "cu_seq_lens_k",
+#: Keyword arguments models pass along that sdpa ignores too (flags and packing metadata).
+_PLAIN_KWARGS = {"position_ids", "output_attentions", "output_hidden_states", "return_dict",
+                 "use_cache", "deterministic", "cu_seq_lens_q", "cu_seq_lens_k",
                  "max_length_q", "max_length_k"}
 
 
@@ -97,21 +100,27 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
               scaling: float | None = None, is_causal: bool | None = None,
               **kwargs: Any) -> tuple[torch.Tensor, None]:
     """sdpa, except that attention dropout on a CPU uses the fast mask (see the module doc)."""
-    unhandled = [k for k, v in kwargs.items() if v is not None and k not in _PLAIN_KWARGS]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    unhandled = [k for k, v in kwargs.items()
+                 if v is not None and v is not False and k not in _PLAIN_KWARGS]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if (dropout == 0.0 or query.device.type != "cpu" or causal or unhandled
+            or query.dtype != torch.float32  # bf16/fp16: sdpa's math keeps more precision
             or key.shape[1] != query.shape[1]):  # grouped-query attention: sdpa handles it
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    empty_rows = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # sdpa's masks: True = may attend
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            empty_rows = ~attention_mask.any(-1, keepdim=True)
         else:
             scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    if empty_rows is not None:  # a query that may attend to nothing gets 0, as in sdpa
+        probs = probs.masked_fill(empty_rows, 0.0)
     out = torch.matmul(_MaskedScale.apply(probs, dropout), value)
     return out.transpose(1, 2).contiguous(), None
 
@@ -131,6 +140,6 @@ def install(module: nn.Module) -> dict[str, int]:
     switched = 0
     for sub in module.modules():  # parents first: a model's submodels share its config
         if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation == "sdpa":
-            sub.set_attn_implementation(ATTENTION)
-            switched += 1
+            sub.set_attn_implementation(ATTENTION)  # a remote-code model may decline
+            switched += sub.config._attn_implementation == ATTENTION
     return {"dropout_modules": swapped, "attention_models": switched}

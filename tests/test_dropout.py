@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ def test_masks_are_not_correlated_across_the_four_draws_of_a_word() -> None:
     drop = D.drop_mask((400_000, 4), 0.5)[0].float()  # column j = j-th 15 bits of each word
     corr = torch.corrcoef(drop.T)
     assert (corr - torch.eye(4)).abs().max() < 0.01, corr
+    assert (drop.mean(0) - 0.5).abs().max() < 0.004  # each slice drops at the rate (5 sigma)
 
 
 def test_gradient_is_the_mask_times_the_scale() -> None:
@@ -91,10 +93,40 @@ def test_training_attention_is_softmax_attention_with_the_drawn_mask() -> None:
     probs = torch.softmax((q @ k.transpose(2, 3) * 0.5).masked_fill(~allowed, -1e30), dim=-1)
     expected = (probs.masked_fill(drop, 0) * scale) @ v
     assert torch.allclose(out, expected.transpose(1, 2), atol=1e-6)
-    # without dropout, or with what it does not handle, it is sdpa itself
+    # without dropout it is sdpa itself
     sdpa = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.5)
     plain, _ = D.attention(attn, q, k, v, allowed, dropout=0.0, scaling=0.5)
     assert torch.allclose(plain, sdpa.transpose(1, 2), atol=1e-6)
+    # a query row that may attend to nothing (a padding segment) gives 0, as sdpa does
+    allowed[0, ..., 2, :] = False
+    out, _ = D.attention(attn, q, k, v, allowed, dropout=0.2, scaling=0.5)
+    assert torch.equal(out[0, 2], torch.zeros_like(out[0, 2]))
+
+
+def test_which_calls_take_the_fast_path(monkeypatch) -> None:
+    """Flags models pass along stay fast; what it does not compute goes to sdpa."""
+    def sdpa(*args, **kwargs):
+        return "sdpa", None
+    monkeypatch.setattr(D, "sdpa_attention_forward", sdpa)
+    module = SimpleNamespace(is_causal=False)
+    q = torch.randn(1, 2, 4, 8)
+    fast = dict(dropout=0.1, output_hidden_states=False, return_dict=True, position_ids=None)
+    assert D.attention(module, q, q, q, None, **fast)[0] != "sdpa"
+    slow = [dict(dropout=0.0), dict(dropout=0.1, sliding_window=2), dict(dropout=0.1,
+            is_causal=True), dict(dropout=0.1, softcap=30.0)]
+    for kwargs in slow:
+        assert D.attention(module, q, q, q, None, **kwargs)[0] == "sdpa", kwargs
+    assert D.attention(SimpleNamespace(), q, q, q, None, dropout=0.1)[0] == "sdpa"  # causal?
+    assert D.attention(module, q.bfloat16(), q.bfloat16(), q.bfloat16(), None,
+                       dropout=0.1)[0] == "sdpa"
+    assert D.attention(module, q, q[:, :1], q[:, :1], None, dropout=0.1)[0] == "sdpa"  # GQA
+    # a model in training reaches it through transformers, hidden-state flags and all
+    model = _tiny_bert(0.1)
+    D.install(model)
+    model.train()
+    monkeypatch.setattr(D, "sdpa_attention_forward", None)  # any sdpa call would fail
+    out = model(input_ids=torch.randint(5, 60, (2, 8)), output_hidden_states=True)
+    assert torch.isfinite(out.logits).all()
 
 
 def test_a_model_trains_the_same_with_either_dropout() -> None:
