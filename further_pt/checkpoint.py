@@ -197,17 +197,21 @@ def save_checkpoint(
     step: int,
     *,
     write_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Main process only. Write ``root/step-NNNNNN`` atomically, then prune to ``keep_last``."""
+    """Main process only. Write ``root/step-NNNNNN`` atomically, then prune to ``keep_last``.
+
+    ``optimizer_state`` is ``optimizer.state_dict()`` under data parallelism, or the full
+    (gathered) optimizer state under FSDP (see the Trainer).
+    """
     final = root / f"step-{step:06d}"
 
     def write_all(tmp: Path) -> None:
         write_model(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
         faults.point("checkpoint_write", step)
@@ -281,13 +285,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def load_training_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
-                        ) -> dict[str, Any]:
-    """Restore optimizer and scheduler in place; return the trainer state dict."""
-    optimizer.load_state_dict(
-        torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+def load_training_state(folder: Path, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore the scheduler in place; return the trainer state and the optimizer's state.
+
+    The caller loads the optimizer state: as it is under data parallelism, or sharded
+    onto each process's parameters under FSDP.
+    """
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    return json.loads((folder / STATE).read_text())
+    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    return json.loads((folder / STATE).read_text()), optimizer_state
 
 
 # --------------------------------------------------------------------------- one run per dir

@@ -37,6 +37,7 @@ The loop (:meth:`Trainer.fit`) reads top to bottom, as nanoGPT's does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import logging
@@ -44,11 +45,17 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -158,6 +165,7 @@ class Trainer:
             self.cfg.train.mixed_precision, self.output_dir / "logs",
             find_unused_parameters=find_unused_parameters,
             collective_timeout_s=self.cfg.train.collective_timeout_s)
+        self.sharded = training.check_engine(self.accelerator)  # FSDP: gather to save
 
     @property
     def is_main(self) -> bool:
@@ -239,14 +247,26 @@ class Trainer:
         if self.is_main:
             checkpoint.check_writable(self.output_dir,
                                       training.checkpoint_bytes(objective.module))
+        # FSDP: the main process keeps a plain full copy, into which the weights are
+        # gathered to save or evaluate (exports and evaluation stay the DDP code path).
+        self._full = (copy.deepcopy(objective.module).to(device)
+                      if self.sharded and self.is_main else None)
         module, optimizer = acc.prepare(objective.module, optimizer)
         self._flops = self._flops_per_second_peak(objective)
 
         state: dict[str, Any] = {"step": 0, "streams": {s.name: [0, 0] for s in objective.streams},
                                  "tokens": 0, "nonfinite_steps": 0, "best": None,
-                                 "best_epoch": None, "history": []}
+                                 "best_epoch": None, "history": [], "sharded": self.sharded}
         if self.resume_from is not None:
-            state.update(checkpoint.load_training_state(self.resume_from, optimizer, scheduler))
+            saved, optimizer_state = checkpoint.load_training_state(self.resume_from, scheduler)
+            if saved.get("sharded", False) != self.sharded:
+                engines = {True: "FSDP", False: "data parallelism"}
+                raise SetupError(
+                    f"{self.resume_from} was written under {engines[saved.get('sharded', False)]}"
+                    f"; this run uses {engines[self.sharded]}: resume with the engine that "
+                    "wrote it (its optimizer state is laid out for that engine)")
+            self._load_optimizer(module, optimizer, optimizer_state)
+            state.update(saved)
             logger.info("resuming from %s (step %d)", self.resume_from, state["step"])
         elif self.resuming:
             logger.info("no complete checkpoint in %s: starting from step 0", self.ckpt_root)
@@ -254,9 +274,6 @@ class Trainer:
                                                 *state["streams"][s.name])
                  for s in objective.streams}
         names = [s.name for s in objective.streams]
-
-        def save_model(folder: Path) -> None:
-            objective.export(acc.unwrap_model(module), folder)
 
         log = training.MetricsLog(acc, self.output_dir / "logs", objective.name, self.resolved,
                                   resumed_at=state["step"])
@@ -314,15 +331,19 @@ class Trainer:
                     window.clear()
                     window_steps, window_start = 0, time.perf_counter()
                 epoch_end = step % steps_per_epoch == 0 or step == total_steps
-                if epoch_end and self.is_main:
-                    self._evaluate(objective, module, log, state, step,
-                                   math.ceil(step / steps_per_epoch), save_model)
+                if epoch_end and objective.metric is not None:
+                    whole = self._whole_model(module)  # every process: FSDP gathers
+                    if self.is_main:
+                        self._evaluate(objective, whole, log, state, step,
+                                       math.ceil(step / steps_per_epoch))
                 if step % every == 0 or step == total_steps or stop:
+                    whole = self._whole_model(module)
+                    optimizer_state = self._optimizer_state(module, optimizer)
                     if self.is_main:
                         checkpoint.save_checkpoint(
-                            self.ckpt_root, step, write_model=save_model, optimizer=optimizer,
-                            scheduler=scheduler, state={**state, "step": step},
-                            keep_last=cfg.checkpoint.keep_last)
+                            self.ckpt_root, step, write_model=partial(objective.export, whole),
+                            optimizer_state=optimizer_state, scheduler=scheduler,
+                            state={**state, "step": step}, keep_last=cfg.checkpoint.keep_last)
                     acc.wait_for_everyone()
                     faults.point("after_checkpoint", step, self.rank)
                     if stop:
@@ -339,7 +360,7 @@ class Trainer:
             watch.close()
             bar.close()
         self._check_replicas(module)
-        result = self._finish(objective, state, step, save_model)
+        result = self._finish(objective, state, step, self._whole_model(module))
         # The DDP reducer must go before the process group: destroyed after it, gloo's
         # destructor can wait forever on a peer that has already exited.
         module = optimizer = None
@@ -391,10 +412,40 @@ class Trainer:
         self._peak = peak
         return objective.flops_per_token  # asked at each log: it can change with the phase
 
-    def _evaluate(self, objective: Objective, module: Any, log: Any, state: dict[str, Any],
-                  step: int, epoch: int, save_model: Any) -> None:
+    def _whole_model(self, module: Any) -> Any:
+        """The model to save or evaluate, on the main process (None elsewhere under FSDP).
+
+        Under data parallelism every process holds the whole model: this is it, unwrapped.
+        Under FSDP each holds a shard: every process must call this (the gather is a
+        collective), and the full weights land in the main process's plain copy.
+        """
+        if not self.sharded:
+            return self.accelerator.unwrap_model(module)
+        weights = self.accelerator.get_state_dict(module)  # full on the main process only
+        if not self.is_main:
+            return None
+        self._full.load_state_dict(weights)
+        return self._full
+
+    def _optimizer_state(self, module: Any, optimizer: Any) -> dict[str, Any]:
+        """What ``optimizer.pt`` holds: the state dict, or under FSDP the gathered full one."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        return get_optimizer_state_dict(module, optimizer.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))  # every process; full on the main one
+
+    def _load_optimizer(self, module: Any, optimizer: Any, saved: dict[str, Any]) -> None:
+        """Restore ``optimizer.pt``: as saved, or under FSDP cut into this process's shard."""
+        if not self.sharded:
+            optimizer.load_state_dict(saved)
+            return
+        set_optimizer_state_dict(module, optimizer.optimizer, saved,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def _evaluate(self, objective: Objective, whole: Any, log: Any, state: dict[str, Any],
+                  step: int, epoch: int) -> None:
         """Main process, at an epoch end: evaluate, log, keep the best model in ``best/``."""
-        results = objective.evaluate(self.accelerator.unwrap_model(module))
+        results = objective.evaluate(whole)
         if not results:
             return
         scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
@@ -407,13 +458,15 @@ class Trainer:
             state["best"], state["best_epoch"] = score, epoch
 
             def save_best(folder: Path) -> None:
-                save_model(folder)
+                objective.export(whole, folder)
                 (folder / "eval_results.json").write_text(json.dumps(results, indent=1))
 
             checkpoint.save_model_folder(self.output_dir / "best", save_best)
 
     def _check_replicas(self, module: Any) -> None:
         """DDP keeps replicas in sync; prove it before the final model is written."""
+        if self.sharded:  # FSDP: each process holds another shard, by design
+            return
         checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
         sums = self.accelerator.gather(checksum.reshape(1)).tolist()
         if len(set(sums)) != 1:
@@ -424,7 +477,7 @@ class Trainer:
                         sums[0])
 
     def _finish(self, objective: Objective, state: dict[str, Any], step: int,
-                save_model: Any) -> dict[str, Any]:
+                whole: Any) -> dict[str, Any]:
         """``final/``: the best evaluated model if there is one, else the last; metrics.json."""
         metrics: dict[str, Any] = {}
         if self.is_main:
@@ -436,7 +489,7 @@ class Trainer:
                     final, lambda f: shutil.copytree(best, f, dirs_exist_ok=True))
             else:
                 final_from = f"last step ({step})"
-                checkpoint.save_model_folder(final, save_model)
+                checkpoint.save_model_folder(final, partial(objective.export, whole))
             metrics.update({"final_model": final_from, "best_epoch": state["best_epoch"],
                             "steps": step, "tokens": state["tokens"],
                             "nonfinite_steps": state["nonfinite_steps"],

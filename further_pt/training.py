@@ -103,25 +103,34 @@ def lost_peers(exc: BaseException, *, world: int, step: int, timeout_s: float,
         f"checkpoints in {ckpt_root} are kept: rerun the same command on every node to resume")
 
 
-SHARDED_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+REFUSED_ENGINES = ("DEEPSPEED", "MEGATRON_LM")
 
 
-def check_engine(accelerator: Any) -> None:
-    """Refuse engines that shard weights or optimizer state, before any work.
+def check_engine(accelerator: Any) -> bool:
+    """Refuse the engines the trainer cannot checkpoint, before any work; True under FSDP.
 
-    The trainer writes checkpoints and ``final/`` from the main process's own full
-    copy of the weights and optimizer state, and evaluates on the main process alone:
-    exact under data parallelism (DDP, on 1..N GPUs, CPUs and nodes), wrong under
-    FSDP or DeepSpeed ZeRO, where each process holds a shard. A clear error beats a
-    checkpoint holding 1/N of a model.
+    Data parallelism (DDP, on 1..N GPUs, CPUs and nodes) and FSDP through
+    ``fsdp_version: 2`` (torch's ``fully_shard``) are supported: under FSDP the
+    Trainer gathers the full weights and optimizer state for checkpoints, ``best/``,
+    ``final/`` and evaluation. FSDP version 1 and DeepSpeed / Megatron-LM are refused
+    with one line: their state would need other gathering code, which nothing here
+    tests, and a checkpoint holding 1/N of a model is worse than an error.
     """
     engine = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if engine in SHARDED_ENGINES:
+    if engine == "FSDP":
+        version = getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if version != 2:
+            raise SetupError(
+                f"accelerate is configured for FSDP version {version}: further_pt shards with "
+                "FSDP version 2 (torch's fully_shard); set fsdp_version: 2 in `accelerate "
+                "config` or pass --fsdp_version 2 to accelerate launch")
+        return True
+    if engine in REFUSED_ENGINES:
         raise SetupError(
-            f"accelerate is configured for {engine}: further_pt trains data-parallel only "
-            "(DDP on 1..N GPUs or nodes); its checkpoints and evaluation need every process to "
-            "hold the whole model, which FSDP/DeepSpeed shard. Run `accelerate config` with "
-            "'multi-GPU' (or pass --multi_gpu to accelerate launch)")
+            f"accelerate is configured for {engine}: further_pt trains data-parallel (DDP on "
+            "1..N GPUs or nodes) or sharded with FSDP version 2; run `accelerate config` with "
+            "'multi-GPU' or FSDP (fsdp_version: 2)")
+    return False
 
 
 def make_accelerator(mixed_precision: str | None, log_dir: Path, *,

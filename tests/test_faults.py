@@ -156,7 +156,8 @@ def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeyp
     def write_model(folder: Path) -> None:
         (folder / "model.safetensors").write_bytes(b"w" * 10)
 
-    checkpoint.save_checkpoint(root, 1, write_model=write_model, optimizer=opt, scheduler=sched,
+    checkpoint.save_checkpoint(root, 1, write_model=write_model, optimizer_state=opt.state_dict(),
+                               scheduler=sched,
                                state={}, keep_last=3)
 
     def full(folder: Path) -> None:
@@ -164,7 +165,8 @@ def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
     with pytest.raises(checkpoint.CheckpointWriteError,
                        match=r"No space left on device.*earlier checkpoints are intact"):
-        checkpoint.save_checkpoint(root, 2, write_model=full, optimizer=opt, scheduler=sched,
+        checkpoint.save_checkpoint(root, 2, write_model=full, optimizer_state=opt.state_dict(),
+                                   scheduler=sched,
                                    state={}, keep_last=3)
     assert [p.name for p in root.iterdir()] == ["step-000001"]
     assert checkpoint.latest_checkpoint(root) == root / "step-000001"

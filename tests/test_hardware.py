@@ -174,8 +174,8 @@ def test_peak_is_positive_finite_and_quick(dtype: torch.dtype) -> None:
     assert math.isfinite(peak) and peak > 1e6  # any CPU does > 1 MFLOP/s on a 64x64 matmul
 
 
-@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
-def test_sharding_engines_are_refused_before_any_work(engine) -> None:
+@pytest.mark.parametrize("engine", ["DEEPSPEED", "MEGATRON_LM", "FSDP1"])
+def test_engines_without_a_gather_path_are_refused_before_any_work(engine) -> None:
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -183,8 +183,17 @@ def test_sharding_engines_are_refused_before_any_work(engine) -> None:
     from further_pt.errors import SetupError
     from further_pt.training import check_engine
 
-    with pytest.raises(SetupError, match=rf"accelerate is configured for {engine}: further_pt "
-                                         r"trains data-parallel only"):
-        check_engine(SimpleNamespace(distributed_type=DistributedType[engine]))
+    if engine == "FSDP1":
+        acc = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                              state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+        match = "configured for FSDP version 1: further_pt shards with FSDP version 2"
+    else:
+        acc = SimpleNamespace(distributed_type=DistributedType[engine])
+        match = rf"accelerate is configured for {engine}: further_pt trains data-parallel"
+    with pytest.raises(SetupError, match=match):
+        check_engine(acc)
     for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        check_engine(SimpleNamespace(distributed_type=DistributedType[fine]))
+        assert check_engine(SimpleNamespace(distributed_type=DistributedType[fine])) is False
+    assert check_engine(SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))) is True

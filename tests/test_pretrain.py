@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import pretrain_overrides, run_script
 from safetensors.torch import load_file
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -126,22 +118,6 @@ def test_nsp_on_a_model_without_nsp_head_is_refused(tmp_path: Path, corpus_file:
         "further_pt: error: objective.nsp=true but 'roberta' models have no NSP head "
         "(RobertaForMaskedLM); set objective.nsp=false")
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_two_processes_on_cpu_end_with_identical_weights(tmp_path: Path, corpus_file: Path,
-                                                         tiny_model_dir: Path) -> None:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    out = tmp_path / "ddp"
-    args = pretrain_overrides(out, corpus_file, tiny_model_dir, tmp_path / "cache")
-    proc = run_script(args, env={"ACCELERATE_USE_CPU": "true"}, launcher=launcher)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "weights identical on all 2 processes" in proc.stderr
-    assert (out / "final" / "model.safetensors").is_file()
-    lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 3  # one log line per logging step, from the main process only
 
 
 def test_world_size_disagreement_fails_loudly(tmp_path: Path, corpus_file: Path,
