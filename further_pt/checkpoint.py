@@ -285,6 +285,21 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def check_same_engine(folder: Path, sharded: bool) -> None:
+    """Refuse to resume ``folder`` under another engine than the one that wrote it.
+
+    AdamW state in ``optimizer.pt`` is keyed by parameter position under data
+    parallelism and by parameter name under FSDP (gathered full state), so each engine
+    reads only its own. Checked before the model loads.
+    """
+    written = json.loads((folder / STATE).read_text()).get("sharded", False)
+    if written != sharded:
+        engines = {True: "FSDP", False: "data parallelism"}
+        raise SetupError(f"{folder} was written under {engines[written]}; this run uses "
+                         f"{engines[sharded]}: resume with the engine that wrote it (its "
+                         "optimizer state is laid out for that engine)")
+
+
 def load_training_state(folder: Path, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore the scheduler in place; return the trainer state and the optimizer's state.
 

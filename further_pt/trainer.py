@@ -166,6 +166,8 @@ class Trainer:
             find_unused_parameters=find_unused_parameters,
             collective_timeout_s=self.cfg.train.collective_timeout_s)
         self.sharded = training.check_engine(self.accelerator)  # FSDP: gather to save
+        if self.resume_from is not None:
+            checkpoint.check_same_engine(self.resume_from, self.sharded)
 
     @property
     def is_main(self) -> bool:
@@ -259,12 +261,6 @@ class Trainer:
                                  "best_epoch": None, "history": [], "sharded": self.sharded}
         if self.resume_from is not None:
             saved, optimizer_state = checkpoint.load_training_state(self.resume_from, scheduler)
-            if saved.get("sharded", False) != self.sharded:
-                engines = {True: "FSDP", False: "data parallelism"}
-                raise SetupError(
-                    f"{self.resume_from} was written under {engines[saved.get('sharded', False)]}"
-                    f"; this run uses {engines[self.sharded]}: resume with the engine that "
-                    "wrote it (its optimizer state is laid out for that engine)")
             self._load_optimizer(module, optimizer, optimizer_state)
             state.update(saved)
             logger.info("resuming from %s (step %d)", self.resume_from, state["step"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from further_pt import checkpoint
 from further_pt.config import ConfigError
+from further_pt.errors import SetupError
 from further_pt.training import ResumableSampler
 
 
@@ -119,3 +121,18 @@ def test_length_grouped_sampler_is_exact_tight_and_resumable() -> None:
     two = [ResumableSampler(1000, seed=3, rank=r, world_size=2, lengths=lengths, batch_size=8)
            for r in range(2)]
     assert not set(two[0]) & set(two[1]) and len(list(two[0])) == 500
+
+
+def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path: Path) -> None:
+    folder = _save(tmp_path / "checkpoints", 10)  # written without "sharded": data parallel
+    checkpoint.check_same_engine(folder, sharded=False)
+    with pytest.raises(SetupError) as exc:
+        checkpoint.check_same_engine(folder, sharded=True)
+    assert str(exc.value) == (
+        f"{folder} was written under data parallelism; this run uses FSDP: resume with the "
+        "engine that wrote it (its optimizer state is laid out for that engine)")
+    state = folder / checkpoint.STATE
+    state.write_text(json.dumps({**json.loads(state.read_text()), "sharded": True}))
+    checkpoint.check_same_engine(folder, sharded=True)
+    with pytest.raises(SetupError, match="written under FSDP; this run uses data parallelism"):
+        checkpoint.check_same_engine(folder, sharded=False)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import run_script, write_task
+from helpers import run_script, run_scripts, write_task
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,10 @@ def test_subsample_and_skipped_rows_are_logged_and_counted(tmp_path, tiny_model_
     args = _args("fit", out, tiny_model_dir, train, None, **{
         "data.invalid_rows": "skip", "data.max_train_examples": 9, "data.head_tokens": "auto",
         "train.epochs": 1, "train.batch_size": 4})
-    proc = run_script(args, script="finetune.py")
+    strict = [a if a != "data.invalid_rows=skip" else "data.invalid_rows=error" for a in args]
+    proc, refused = run_scripts((args, None), ([*strict, f"output_dir={tmp_path / 'strict'}",
+                                                f"data.cache_dir={tmp_path / 'cache'}"], None),
+                                script="finetune.py")  # side by side
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kept 9 of 60 training examples: fruit 3, motor 3, sweet 3" in proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -179,7 +182,5 @@ def test_subsample_and_skipped_rows_are_logged_and_counted(tmp_path, tiny_model_
     assert metrics["steps"] == math.ceil(9 / 4)
     prep = json.loads((out / "final" / "preprocessing.json").read_text())
     assert prep["head_tokens"] == 8  # auto: a quarter of the 30-token budget, rounded
-    args[args.index("data.invalid_rows=skip")] = "data.invalid_rows=error"
-    refused = run_script([*args, f"output_dir={tmp_path / 'strict'}"], script="finetune.py")
     assert refused.returncode == 2
     assert "train.jsonl:61: column 'label'" in refused.stderr

@@ -72,13 +72,6 @@ def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
             # a whole model, gathered: DDP's own weights at that step
             ddp_ckpt = _weights(tmp_path / "ddp" / "checkpoints" / "step-000003")
             assert _close(_weights(ckpt), ddp_ckpt) < 1e-4
-            # resumed by one plain process (not sharded): refused, naming the engines
-            refused = run_script(args, env=env)
-            assert refused.returncode == 2
-            assert refused.stderr.strip().splitlines()[-1] == (
-                f"further_pt: error: {ckpt} was written under FSDP; this run uses data "
-                "parallelism: resume with the engine that wrote it (its optimizer state is "
-                "laid out for that engine)")
         proc = run_script(args, env=env, launcher=_launcher(free_port(), fsdp=fsdp))
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = proc.stderr
