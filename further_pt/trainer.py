@@ -13,7 +13,8 @@ what is its own; the Trainer owns what every run shares:
 - named-metric logging (TensorBoard + ``logs/metrics.jsonl``), progress bar;
 - evaluation at epoch ends with the best model kept in ``best/``;
 - checkpoints, resume, preemption (SIGTERM -> checkpoint, exit 75), the final
-  export to ``final/`` and ``metrics.json``.
+  export to ``final/`` and ``metrics.json``;
+- under FSDP, the gathers that make every saved folder and evaluation see the whole model.
 
 The objective's interface (duck-typed, see :class:`Objective`)::
 
@@ -25,7 +26,8 @@ The objective's interface (duck-typed, see :class:`Objective`)::
     total_steps(steps_per_epoch) -> int
     loss(module, batch, stream=, step=, micro=) -> (loss, {name: (numerator, denominator)})
     before_optimizer_step(step) -> None  # e.g. gradual unfreezing drops frozen gradients
-    evaluate(model) -> dict              # at epoch ends, main process; {} = no evaluation
+    evaluate(model) -> dict              # at epoch ends, main process, unless metric is None;
+                                         # gets the whole model (gathered under FSDP)
     better(new, best) -> bool            # compares evaluate()[objective.metric]
     export(model, folder) -> None        # a Hugging Face folder that from_pretrained loads
     summary() -> dict                    # extra keys for metrics.json
