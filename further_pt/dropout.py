@@ -26,7 +26,7 @@ recipes' ``train.fast_cpu_dropout: true`` turns it on; ``false`` keeps torch's.
 
 from __future__ import annotations
 
-import logging
+import math
 from typing import Any
 
 import torch
@@ -35,8 +35,6 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-logger = logging.getLogger("further_pt.dropout")
-
 #: The attention implementation name registered with transformers.
 ATTENTION = "further_pt_cpu_sdpa"
 _LEVELS = 32768  # 15 bits per draw: four draws from each 64-bit random word
@@ -44,9 +42,7 @@ _LEVELS = 32768  # 15 bits per draw: four draws from each 64-bit random word
 
 def drop_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
     """A bool mask, True where a value is dropped, and the scale for the kept ones."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     threshold = round(p * _LEVELS)
     if threshold >= _LEVELS:
         return torch.ones(shape, dtype=torch.bool), 0.0

@@ -167,7 +167,7 @@ class Trainer:
             self.cfg.train.mixed_precision, self.output_dir / "logs",
             find_unused_parameters=find_unused_parameters,
             collective_timeout_s=self.cfg.train.collective_timeout_s)
-        self.sharded = training.check_engine(self.accelerator)  # FSDP: gather to save
+        self.sharded = training.check_engine(self.accelerator)  # refuses; FSDP: gather to save
         if self.resume_from is not None:
             checkpoint.check_same_engine(self.resume_from, self.sharded)
 
@@ -276,6 +276,7 @@ class Trainer:
         log = training.MetricsLog(acc, self.output_dir / "logs", objective.name, self.resolved,
                                   resumed_at=state["step"])
         step = state["step"]
+        whole, whole_at = None, -1  # the model to save/evaluate, gathered at step whole_at
         window: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator], on the device
         window_steps, window_start = 0, time.perf_counter()
         bar = tqdm(total=total_steps, initial=step, desc=objective.name, unit="step",
@@ -328,14 +329,15 @@ class Trainer:
                                     tok_s=f"{values['train/tokens_per_s']:.0f}")
                     window.clear()
                     window_steps, window_start = 0, time.perf_counter()
-                epoch_end = step % steps_per_epoch == 0 or step == total_steps
-                if epoch_end and objective.metric is not None:
-                    whole = self._whole_model(module)  # every process: FSDP gathers
-                    if self.is_main:
-                        self._evaluate(objective, whole, log, state, step,
-                                       math.ceil(step / steps_per_epoch))
-                if step % every == 0 or step == total_steps or stop:
-                    whole = self._whole_model(module)
+                evaluate = (objective.metric is not None
+                            and (step % steps_per_epoch == 0 or step == total_steps))
+                save = step % every == 0 or step == total_steps or stop
+                if evaluate or save:  # every process (FSDP gathers), once per step
+                    whole, whole_at = self._whole_model(module), step
+                if evaluate and self.is_main:
+                    self._evaluate(objective, whole, log, state, step,
+                                   math.ceil(step / steps_per_epoch))
+                if save:
                     optimizer_state = self._optimizer_state(module, optimizer)
                     if self.is_main:
                         checkpoint.save_checkpoint(
@@ -358,7 +360,9 @@ class Trainer:
             watch.close()
             bar.close()
         self._check_replicas(module)
-        result = self._finish(objective, state, step, self._whole_model(module))
+        if whole_at != step:  # the same on every process: nothing gathered at this step
+            whole = self._whole_model(module)
+        result = self._finish(objective, state, step, whole)
         # The DDP reducer must go before the process group: destroyed after it, gloo's
         # destructor can wait forever on a peer that has already exited.
         module = optimizer = None

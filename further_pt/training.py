@@ -163,7 +163,6 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
         project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)),
         **kwargs,
     )
-    check_engine(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SetupError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,17 @@ def write_task(path: Path, n: int, seed: int, labels=("fruit", "motor")) -> Path
             words = FRUIT if label in ("fruit", "sweet") else MOTOR
             fh.write(json.dumps({"text": " ".join(rng.choices(words, k=8)), "label": label}) + "\n")
     return path
+
+
+def weights(folder: Path) -> dict:
+    """A saved model folder's tensors (model.safetensors), by name."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

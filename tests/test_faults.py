@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, pretrain_overrides, run_script
-from safetensors.torch import load_file
+from helpers import REPO, free_port, pretrain_overrides, run_script, weights
 
 STEPS = 8
 
@@ -33,7 +31,7 @@ def _args(out: Path, corpus: Path, model_dir: Path, cache: Path, **extra) -> lis
 
 
 def _same_weights(a: Path, b: Path) -> bool:
-    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    x, y = weights(a), weights(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -126,7 +124,7 @@ def test_nonfinite_losses_stop_the_run_keeping_the_last_good_checkpoint(
                                                                       "step-000004"]
     last = out / "checkpoints" / "step-000004"
     assert json.loads((last / "trainer_state.json").read_text())["nonfinite_steps"] == 1
-    assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
+    assert all(torch.isfinite(t).all() for t in weights(last).values())
     assert not (out / "final").exists()
 
 
@@ -172,12 +170,6 @@ def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert checkpoint.latest_checkpoint(root) == root / "step-000001"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node(rank: int, port: int, args: list[str], log: Path, env: dict[str, str]
           ) -> subprocess.Popen:
     """One "machine" of a two-node job on this host: its own ``accelerate launch`` (torchrun
@@ -217,7 +209,7 @@ def _run_nodes(tmp: Path, name: str, args: list[str], fault1: str | None = None,
     """Start node 0 and node 1 (``fault1`` in node 1's FURTHER_PT_FAULT); wait for node
     ``wait_for``; kill what still runs (a hung node reclaimed). -> (exit codes, node 0's log,
     seconds until node ``wait_for`` exited)."""
-    port, started = _free_port(), time.time()
+    port, started = free_port(), time.time()
     nodes = [_node(r, port, args, tmp / f"{name}{r}.log",
                    {"FURTHER_PT_FAULT": fault1} if fault1 and r == 1 else {}) for r in (0, 1)]
     try:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import run_script, run_scripts, write_task
+from helpers import free_port, run_script, run_scripts, write_task
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +132,11 @@ def test_predict_writes_one_line_per_row_cut_as_in_training(fit_run, task, tmp_p
 def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny_model_dir,
                                                                  task) -> None:
     """T = epochs x optimizer steps per epoch of one process's shard, after accumulation."""
-    import socket
     import sys
 
     from further_pt.schedules import stlr_factor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", str(port)]

@@ -11,14 +11,12 @@ state cut back into shards on resume.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, pretrain_overrides, run_script, write_task
-from safetensors.torch import load_file
+from helpers import REPO, free_port, pretrain_overrides, run_script, weights, write_task
 
 from further_pt.checkpoint import verify
 
@@ -30,28 +28,15 @@ def _launcher(port: int, *, fsdp: bool) -> list[str]:
     return [*launch, str(REPO / "tests" / "fsdp_on_cpu.py")] if fsdp else launch
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The largest elementwise difference of two state dicts with the same keys and shapes."""
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.fixture
-def free_port():
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    return pick
-
-
 @pytest.mark.slow
 def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
-        tmp_path: Path, corpus_file: Path, tiny_model_dir: Path, free_port) -> None:
+        tmp_path: Path, corpus_file: Path, tiny_model_dir: Path) -> None:
     """6 steps, checkpoint at 3: DDP straight through; FSDP killed after step 4, resumed.
 
     Also the plain two-process DDP run's own checks (identical replicas, one log per step).
@@ -70,8 +55,8 @@ def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
             assert verify(ckpt) is None
             assert json.loads((ckpt / "trainer_state.json").read_text())["sharded"] is True
             # a whole model, gathered: DDP's own weights at that step
-            ddp_ckpt = _weights(tmp_path / "ddp" / "checkpoints" / "step-000003")
-            assert _close(_weights(ckpt), ddp_ckpt) < 1e-4
+            ddp_ckpt = weights(tmp_path / "ddp" / "checkpoints" / "step-000003")
+            assert _close(weights(ckpt), ddp_ckpt) < 1e-4
         proc = run_script(args, env=env, launcher=_launcher(free_port(), fsdp=fsdp))
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = proc.stderr
@@ -79,7 +64,7 @@ def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
     assert "weights identical on all 2 processes" in runs["ddp"]  # DDP checks its replicas
     lines = (tmp_path / "ddp" / "logs" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # one log line per logging step, from the main process only
-    assert _close(_weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "fsdp" / "final")
+    assert _close(weights(tmp_path / "ddp" / "final"), weights(tmp_path / "fsdp" / "final")
                   ) < 1e-4
     losses = {name: [json.loads(x)["train/mlm_loss"] for x in (
         tmp_path / name / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -91,8 +76,8 @@ def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
 
 
 @pytest.mark.slow
-def test_fsdp_finetuning_evaluates_and_keeps_the_best_epoch(tmp_path: Path, tiny_model_dir: Path,
-                                                             free_port) -> None:
+def test_fsdp_finetuning_evaluates_and_keeps_the_best_epoch(tmp_path: Path,
+                                                             tiny_model_dir: Path) -> None:
     train = write_task(tmp_path / "train.jsonl", 160, 0)
     dev = write_task(tmp_path / "dev.jsonl", 32, 1)
     out = tmp_path / "fit"

@@ -8,12 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import pretrain_overrides, run_script
-from safetensors.torch import load_file
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
+from helpers import pretrain_overrides, run_script, weights
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +25,9 @@ def test_run_writes_loadable_checkpoints_and_logs(finished_run) -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
     out, _, proc = finished_run
+    # train.fast_cpu_dropout (the recipes' default) on a CPU; eager attention stays as it is
+    assert ("CPU dropout: 7 dropout layers and the attention of 0 model(s) draw their masks "
+            "with further_pt's fast sampler (train.fast_cpu_dropout)") in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003",
                                                                       "step-000006"]
     for folder in (out / "checkpoints" / "step-000003", out / "final"):
@@ -70,7 +68,7 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, tmp_path: Path) -> N
     proc = run_script(resumed_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr and "step-000003" in proc.stderr
-    want, got = _weights(out / "final"), _weights(crashed / "final")
+    want, got = weights(out / "final"), weights(crashed / "final")
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
 
@@ -85,9 +83,11 @@ def test_from_scratch_packed_whole_word(tmp_path: Path, corpus_file: Path) -> No
             "model.from_scratch.vocab_size=400", "model.from_scratch.hidden_size=32",
             "model.from_scratch.intermediate_size=64", "train.max_steps=4",
             "train.warmup_steps=1", "train.batch_size=4", "checkpoint.every_steps=4",
-            "train.log_every_steps=2", "train.gradient_accumulation_steps=2"]
+            "train.log_every_steps=2", "train.gradient_accumulation_steps=2",
+            "train.fast_cpu_dropout=false"]
     proc = run_script(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU dropout:" not in proc.stderr  # false: torch's own dropout
     model = AutoModelForMaskedLM.from_pretrained(out / "final")
     assert model.config.architectures == ["BertForMaskedLM"]
     assert (out / "tokenizer" / "tokenizer.json").is_file()
