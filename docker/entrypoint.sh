@@ -6,8 +6,8 @@
 #
 # Before any work, pretrain, finetune and experiment check that their output_dir (the last
 # `output_dir=` argument; without one, the recipe's relative runs/NAME under the working
-# directory, /runs in the image) and the folder beside it, which holds the run's lock file,
-# can be written by this user: a one-line message and exit 2 otherwise.
+# directory, /runs in the image) can be written by this user: a one-line message and exit 2
+# otherwise.
 #
 # Launcher flags: $ACCELERATE_ARGS (split into words), then whatever of these it does not set:
 #   --num_processes N       N = GPUS x NUM_NODES; GPUS is the GPUs per node, and when it is
@@ -50,7 +50,7 @@ nearest_existing() {
 }
 
 check_output_dir() {  # $1: the output dir, absolute
-  local out="$1" who folder parent fix
+  local out="$1" who folder fix
   who="uid $(id -u) (gid $(id -g))"
   fix="fix: on the host, sudo chown -R $(id -u):$(id -g) the folder mounted there (e.g. ./runs), or run the container as that folder's owner: docker run --user \"\$(id -u):\$(id -g)\" ..."
   folder="$(nearest_existing "$out")"
@@ -60,11 +60,8 @@ check_output_dir() {  # $1: the output dir, absolute
   if ! can_write "$folder"; then
     fail "output_dir $out: $folder is not writable by $who; $fix"
   fi
-  # The run's lock file sits beside the output dir (<parent>/.<name>.lock).
-  parent="$(nearest_existing "$(dirname -- "$out")")"
-  if [ "$parent" != "$folder" ] && ! can_write "$parent"; then
-    fail "output_dir $out: its lock file goes beside it, in $parent, which $who cannot write; use a folder inside it instead, e.g. output_dir=${out%/}/NAME"
-  fi
+  # The run's lock file goes beside the output dir, or inside it where the parent is not
+  # writable (output_dir=/runs): the output dir itself is all that must be writable.
 }
 
 output_dir_of() {  # the last output_dir= argument, made absolute; $PWD without one

@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover - Windows
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+INNER_LOCK = ".further_pt.lock"  # the lock inside an output dir whose parent is read-only
 STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -72,7 +73,7 @@ def prepare_output_dir(
     """
     saved = output_dir / "config.yaml"
     check_output_dir_path(output_dir)
-    if not output_dir.exists() or not any(output_dir.iterdir()):
+    if not output_dir.exists() or not any(p.name != INNER_LOCK for p in output_dir.iterdir()):
         return False
     if overwrite:
         return False
@@ -83,7 +84,9 @@ def prepare_output_dir(
         )
     old = flatten(yaml.safe_load(saved.read_text()) or {})
     new = flatten(config)
-    skip = set(may_differ)
+    # Keys the saved run does not have were added to further_pt after it started: it ran
+    # without them, so they cannot differ from what it did (resuming after an upgrade).
+    skip = set(may_differ) | (set(new) - set(old))
     changed = sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))
     if changed:
         k = changed[0]
@@ -125,9 +128,19 @@ def check_writable(output_dir: Path, needed_bytes: int) -> None:
 
 
 def write_config(output_dir: Path, config: dict[str, Any], *, overwrite: bool) -> None:
-    """Main process only: (discard the old run if asked, then) write the resolved config."""
+    """Main process only: (discard the old run if asked, then) write the resolved config.
+
+    Discarding empties the folder rather than deleting it: it may be a mount point
+    (``/runs`` in the image), and it may hold this run's own lock file.
+    """
     if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
+        for entry in output_dir.iterdir():
+            if entry.name == INNER_LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
@@ -267,22 +280,48 @@ def remove_partial(root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def latest_checkpoint(root: Path, *, checksums: bool = True) -> Path | None:
     """The newest checkpoint that passes verification; broken ones are named in a warning.
 
     Read-only (partial ``.tmp-*`` folders are ignored here; :func:`remove_partial`
-    deletes them), so every process can call it.
+    deletes them), so every process can call it. ``checksums=False`` checks sizes only:
+    the provisional answer of the processes other than the main one
+    (:func:`agree_on_checkpoint`), which would otherwise each re-read every byte.
     """
     if not root.is_dir():
         return None
     candidates = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0),
                         key=step_of, reverse=True)
     for folder in candidates:
-        problem = verify(folder)
+        problem = verify(folder, checksums=checksums)
         if problem is None:
             return folder
-        logger.warning("skipping checkpoint %s: %s", folder, problem)
+        if checksums:
+            logger.warning("skipping checkpoint %s: %s", folder, problem)
     return None
+
+
+def agree_on_checkpoint(mine: Path | None, *, rank: int, broadcast: Any) -> Path | None:
+    """The main process's choice of checkpoint, on every process; the others check sizes.
+
+    Each process picked ``mine`` alone before the process group existed; on NFS or a
+    FUSE bucket two nodes can see different newest checkpoints, and resuming different
+    steps hangs the job in mismatched collectives. Rank 0 (which verified checksums)
+    decides; ``broadcast([obj])`` sends its list to all (Accelerate's
+    ``broadcast_object_list``). A process that cannot see the chosen folder whole
+    (sizes against the manifest) fails with one line naming it.
+    """
+    chosen = broadcast([str(mine) if mine is not None else None])[0]
+    folder = Path(chosen) if chosen is not None else None
+    if rank != 0 and folder is not None and folder != mine:
+        problem = verify(folder, checksums=False)
+        if problem is not None:
+            raise SetupError(f"process {rank} cannot resume from {folder}, the checkpoint the "
+                             f"main process chose: {problem}; is the output dir shared by every "
+                             "node and fully synced?")
+        logger.warning("process %d resumes from %s, the main process's choice (it saw %s)",
+                       rank, folder, mine)
+    return folder
 
 
 def check_same_engine(folder: Path, sharded: bool) -> None:
@@ -318,8 +357,19 @@ _HELD: set[str] = set()  # lock files this process holds (POSIX locks never excl
 
 
 def lock_path(output_dir: Path) -> Path:
-    """Where the lock of ``output_dir`` lives: a hidden file beside it."""
-    return output_dir.parent / f".{output_dir.name}.lock"
+    """Where the lock of ``output_dir`` lives: a hidden file beside it, or inside it.
+
+    Beside it where its parent is writable, so a refused run leaves the output dir
+    untouched. Inside it (``.further_pt.lock``, which the emptiness and overwrite checks
+    ignore) where the parent is not: ``output_dir=/runs`` on a volume mounted at ``/runs``
+    of a container whose user cannot write ``/``.
+    """
+    parent = output_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if os.access(parent, os.W_OK | os.X_OK) or not output_dir.is_dir():
+        return output_dir.parent / f".{output_dir.name}.lock"
+    return output_dir / INNER_LOCK
 
 
 class OutputDirLock:

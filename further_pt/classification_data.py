@@ -62,9 +62,23 @@ def read_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
                          label_column=label_column, invalid_rows=invalid_rows)[0]
 
 
+def read_predict_input(path: str, text_columns: Sequence[str]) -> datasets.Dataset:
+    """The rows ``further-pt predict`` classifies, every column kept, texts checked as training's.
+
+    A null text would be predicted as "" and a number would crash the tokenizer, so each
+    must be a non-blank string (there is no skipping: every row gets a prediction); a file
+    without rows is refused rather than answered with an empty output. Errors name the
+    file, line, column and value (:class:`DataError`) or the file (:class:`ConfigError`).
+    """
+    if not path.startswith("hf:"):
+        check_file(path, "predict input")
+    return load_labelled(path, columns=None, text_columns=text_columns, skip_hint=False)[0]
+
+
 def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | None = None,
                   text_columns: Sequence[str] = (), label_column: str | None = None,
-                  invalid_rows: str = "error") -> tuple[datasets.Dataset, int]:
+                  invalid_rows: str = "error", skip_hint: bool = True
+                  ) -> tuple[datasets.Dataset, int]:
     """Read and check a labelled file: (the rows kept, the number of invalid rows dropped).
 
     Texts must be non-blank strings, labels non-blank strings or integers (see
@@ -72,8 +86,10 @@ def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
     for parquet and hub data), column and value; ``invalid_rows="skip"`` drops and counts
     bad rows instead (logged once). JSON lines are scanned with :mod:`json` before
     ``datasets`` reads them: datasets 5 silently JSON-encodes a column whose values mix
-    types (a number among texts), so mixed columns must never reach it.
+    types (a number among texts), so mixed columns must never reach it. ``skip_hint=False``
+    leaves the ``data.invalid_rows=skip`` hint out of errors (for a reader without that key).
     """
+    hint = _SKIP_HINT if skip_hint else ""
     if invalid_rows not in INVALID_ROWS:
         raise ConfigError(f"config key 'data.invalid_rows': {invalid_rows!r} is not one of "
                           f"{', '.join(INVALID_ROWS)}")
@@ -93,8 +109,10 @@ def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
         if builder == "json" and checked and _is_json_lines(path):
             bad, mixed, rows = _scan_json_lines(path, checked, roles)
             scanned = True
+            if not rows:  # blank lines only: datasets would say 'corresponds to no data'
+                raise ConfigError(f"{path}: holds no rows")
             if bad and invalid_rows == "error":
-                raise DataError(_describe(path, bad) + _SKIP_HINT)
+                raise DataError(_describe(path, bad) + hint)
         kwargs: dict[str, Any] = {"delimiter": "\t"} if ".tsv" in path.lower() else {}
         if builder == "csv":  # "NA", "null", "None" are texts and labels, not missing values
             kwargs["keep_default_na"] = False
@@ -115,7 +133,7 @@ def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
     if roles and not scanned:
         bad = _find_bad_rows(ds, roles, stop_at_first=invalid_rows == "error")
         if bad and invalid_rows == "error":
-            raise DataError(_describe(path, bad) + _SKIP_HINT)
+            raise DataError(_describe(path, bad) + hint)
     if columns is not None:
         ds = ds.select_columns(list(columns))
     if bad:
@@ -423,13 +441,20 @@ def _tok_fingerprint(tokenizer: Any) -> str:
     return instances.tokenizer_fingerprint(tokenizer)
 
 
-def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row. Segmented rows give (batch, segments, length) + ``segment_mask``."""
+def collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Pad to the longest row. Segmented rows give (batch, segments, length) + ``segment_mask``.
+
+    ``pad_to_multiple_of`` (8 on GPUs) rounds the padded length up: tensor-core matmuls
+    want dimensions in multiples of 8, and fewer distinct shapes mean fewer kernels to pick.
+    """
     labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
     first = rows[0]["input_ids"]
     if first and isinstance(first[0], list):  # hierarchical segments
         n_seg = max(len(r["input_ids"]) for r in rows)
         length = max(len(p) for r in rows for p in r["input_ids"])
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
         ids = torch.full((len(rows), n_seg, length), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         seg_mask = torch.zeros((len(rows), n_seg), dtype=torch.bool)
@@ -441,6 +466,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         return {"input_ids": ids, "attention_mask": attn, "token_type_ids": torch.zeros_like(ids),
                 "segment_mask": seg_mask, "labels": labels}
     length = max(len(r["input_ids"]) for r in rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     types = torch.zeros_like(ids)
     attn = torch.zeros_like(ids)

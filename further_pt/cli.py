@@ -1,7 +1,8 @@
 """The ``further-pt`` command: list recipes, check a config, run a job, predict.
 
     further-pt recipes                                 # the shipped recipes, one line each
-    further-pt config recipe=fit data.train_file=t.jsonl   # validate, print the resolved YAML
+    further-pt config recipe=fit                       # the composed recipe, unset keys marked
+    further-pt config --check recipe=fit data.train_file=t.jsonl  # every check a run makes
     further-pt prepare recipe=in_domain data.cache_dir=DIR ...  # tokenise ahead on a CPU
     further-pt pretrain recipe=demo                    # in this process; for several processes:
     further-pt finetune recipe=fit ...                 #   accelerate launch further_pt/<job>.py
@@ -13,22 +14,38 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from further_pt import config, corpus, experiment, finetune, pretrain, pretraining
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from further_pt import (
+    classification_data,
+    config,
+    corpus,
+    experiment,
+    finetune,
+    model,
+    pretrain,
+    pretraining,
+)
 from further_pt.errors import ConfigError, FurtherPTError
-from further_pt.evaluation import predict_file
+from further_pt.evaluation import PREPROCESSING, predict_file
 from further_pt.report import plot_run, plot_schedule, schedule_curves
+from further_pt.schemas import REQUIRED_ONE_OF
 
 USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 
   recipes    list the shipped recipes
-  config     validate a recipe with overrides and print the resolved config (runs nothing)
+  config     [--check] print a recipe composed with its overrides, unset keys marked (runs
+             nothing); --check also makes every check a run makes (files included)
   prepare    tokenise a pretraining recipe's corpus into data.cache_dir (no GPU, no weights)
   pretrain   further-pretrain in this process (several: accelerate launch further_pt/pretrain.py)
   finetune   fine-tune in this process (several: accelerate launch further_pt/finetune.py)
@@ -39,19 +56,150 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 """
 
 
-# The recipe kinds: the top-level key that marks a composed recipe as one of them, the loader
-# that validates it, and the command that runs it.
-KINDS: dict[str, tuple[str, Callable[[list[str]], Any], str]] = {
-    "pretrain": ("objective", pretrain.load, "accelerate launch further_pt/pretrain.py"),
-    "finetune": ("head", finetune.load, "accelerate launch further_pt/finetune.py"),
-    "experiment": ("variants", experiment.load, "further-pt experiment"),
+class Kind(NamedTuple):
+    """A recipe kind: how ``further-pt config`` recognises, shows, checks and runs it."""
+
+    marker: str  # the top-level key that marks a composed recipe as this kind
+    load: Callable[[list[str]], Any]  # the job's loader: every check a run makes
+    schema: type
+    check_values: Callable[..., None] | None  # its validator, called with check_files=False
+    command: str  # what runs it
+
+
+KINDS: dict[str, Kind] = {
+    "pretrain": Kind("objective", pretrain.load, config.PretrainSchema,
+                     config.validate_pretrain, "accelerate launch further_pt/pretrain.py"),
+    "finetune": Kind("head", finetune.load, config.FinetuneSchema, config.validate_finetune,
+                     "accelerate launch further_pt/finetune.py"),
+    # experiment.validate opens the task files: `config` shows an experiment typed only
+    "experiment": Kind("variants", experiment.load, config.ExperimentSchema, None,
+                       "further-pt experiment"),
 }
+NOT_SET = "# <- not set: required before a run"
 
 
 def recipe_kind(recipe: str) -> str:
     """The kind of a recipe, from the keys of its composed form (bases included)."""
     keys = set(config.compose(recipe, []))
-    return next((kind for kind, (marker, _, _) in KINDS.items() if marker in keys), "unknown")
+    return next((name for name, kind in KINDS.items() if kind.marker in keys), "unknown")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class Draft:
+    """A recipe as ``further-pt config`` shows it: composed and typed, unset keys named."""
+
+    cfg: DictConfig
+    unset: dict[str, str]  # key a run needs that nobody set yet -> what may replace it, or ""
+    values_checked: bool  # the kind's validator ran (every value a run checks, files aside)
+
+
+def draft(argv: list[str], name: str) -> Draft:
+    """A recipe for reading before the user has data: the job's loader minus two refusals.
+
+    A key the user still has to give (``???``, or a null that a run needs:
+    ``schemas.REQUIRED_ONE_OF``) is reported rather than refused, and no data file is
+    opened; that is for the run (or ``--check``). Unknown keys and wrong types are still
+    errors. The kind's validator (``check_files=False``) checks every other value on a copy
+    in which each unset key holds a placeholder, so a bad ``train.lr`` is caught, and a
+    derived value (a fitted warm-up) is shown, even while ``data.train_file`` is unset.
+    """
+    kind = KINDS[name]
+    recipe, overrides = config.split_recipe_arg(argv)
+    cfg = config.typed(config.compose_kind(recipe, overrides, kind.schema, name), kind.schema)
+    unset = unset_keys(cfg, kind.schema)
+    trial = _with_placeholders(cfg, unset) if kind.check_values is not None else None
+    if kind.check_values is None or trial is None:
+        return Draft(cfg, unset, values_checked=False)
+    kind.check_values(trial, check_files=False)
+    missing = set(OmegaConf.missing_keys(cfg))
+    for key in unset:  # back to what the recipe says
+        OmegaConf.update(trial, key, MISSING if key in missing else None, merge=False)
+    return Draft(trial, unset, values_checked=True)
+
+
+def unset_keys(cfg: DictConfig, schema: type) -> dict[str, str]:
+    """The ``???`` keys, and the first key of each ``REQUIRED_ONE_OF`` group left all null
+    (with the others as what may replace it: ``{"data.train_file": "tasks"}``)."""
+    missing = set(OmegaConf.missing_keys(cfg))
+    unset = dict.fromkeys(sorted(missing), "")
+    for first, *others in REQUIRED_ONE_OF.get(schema, ()):
+        if all(k not in missing and OmegaConf.select(cfg, k, throw_on_missing=False) is None
+               for k in (first, *others)):
+            unset[first] = ", ".join(others)
+    return unset
+
+
+def _with_placeholders(cfg: DictConfig, keys: Iterable[str]) -> DictConfig | None:
+    """A copy with a stand-in path (or list of one) in each unset key; None if a key takes
+    neither, so the values cannot be checked before it is set."""
+    trial = copy.deepcopy(cfg)
+    for key in keys:
+        for value in ("<not set>", ["<not set>"]):
+            try:
+                OmegaConf.update(trial, key, value, merge=False)
+                break
+            except (OmegaConfBaseException, ValueError):
+                continue
+        else:
+            return None
+    return trial
+
+
+def mark_unset(text: str, unset: dict[str, str]) -> tuple[str, list[str]]:
+    """Append ``NOT_SET`` to the YAML line of each unset key; (text, the keys in line order).
+
+    The YAML is OmegaConf's: two spaces per level, a list's items at their key's level.
+    """
+    path: list[str] = []
+    lines, found = [], []
+    for line in text.splitlines():
+        body = line.lstrip(" ")
+        if body and not body.startswith(("- ", "#")) and ":" in body:
+            del path[(len(line) - len(body)) // 2:]
+            path.append(body.split(":", 1)[0].strip("'\""))
+            key = ".".join(path)
+            if key in unset:
+                found.append(key)
+                line = f"{line}  {NOT_SET}" + (f" (or {unset[key]})" if unset[key] else "")
+        lines.append(line)
+    return "\n".join(lines) + "\n", found + [k for k in unset if k not in found]
+
+
+def _config(args: list[str]) -> int:
+    """``further-pt config [--check] recipe=NAME [key=value ...]``: print the composed recipe.
+
+    Without ``--check`` it is the first thing a new user runs, before they have data:
+    the recipe with each key a run still needs marked, exit 0. ``--check`` runs the job's
+    own loader, so it passes or fails exactly as the run's first second would (exit 2).
+    """
+    check = "--check" in args
+    args = [a for a in args if a != "--check"]
+    recipe, _ = config.split_recipe_arg(args)
+    name = recipe_kind(recipe)
+    if name not in KINDS:
+        raise ConfigError(f"recipe {recipe!r} has none of the keys that mark a recipe "
+                          f"kind ({', '.join(k.marker for k in KINDS.values())})")
+    kind = KINDS[name]
+    if check:
+        print(config.to_yaml(kind.load(args)), end="")
+        print(f"# checked; run it with: {kind.command} {' '.join(args)}", file=sys.stderr)
+        return 0
+    shown = draft(args, name)
+    body, unset = mark_unset(config.to_yaml(shown.cfg), shown.unset)
+    values = "values checked" if shown.values_checked else "values not checked"
+    print(f"# recipe {recipe} ({name}): composed with its bases and overrides; {values},\n"
+          "# files not opened (a run opens them, as does `further-pt config --check ...`)")
+    if unset:
+        named = [k + (f" (or {shown.unset[k]})" if shown.unset[k] else "") for k in unset]
+        print(f"# not set (marked below), required before a run: {', '.join(named)}")
+    print(body, end="")
+    given = [a for a in args if a.split("=", 1)[0] not in unset]
+    todo = "".join(f" {key}=..." for key in unset)
+    print(f"# run it with: {kind.command} {' '.join(given)}{todo}", file=sys.stderr)
+    return 0
 
 
 def _describe(name: str) -> str:
@@ -69,12 +217,34 @@ def _predict(args: list[str]) -> int:
             f"missing {missing[0]}=..." if missing else "options are key=value")
         raise ConfigError(f"predict: {problem}; usage: further-pt predict model=DIR "
                                  "input=FILE output=FILE [batch_size=64]")
+    check_predict_inputs(options["model"], options["input"])
     metrics = predict_file(options["model"], options["input"], options["output"],
                            batch_size=int(options.get("batch_size", 64)))
     print(f"Predictions: {options['output']}")
     if metrics:
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
     return 0
+
+
+def check_predict_inputs(model_dir: str, input_path: str) -> None:
+    """What predict reads, checked before the model loads: one line naming the file, exit 2.
+
+    A weights file cut short by an interrupted copy fails in safetensors with a traceback,
+    and predict's reader (``evaluation.predict_file``) does not check texts as training's
+    does: a null text was predicted as "", a number crashed the tokenizer. The model folder
+    itself (config.json, preprocessing.json) is left to ``predict_file``, which names it.
+    """
+    model.check_weights(model_dir, key="model")
+    prep_path = Path(model_dir) / PREPROCESSING
+    if not prep_path.is_file():
+        return
+    try:
+        prep = json.loads(prep_path.read_text())
+        text_columns = [c for c in (prep["text_column"], prep["text_pair_column"]) if c]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"model: {prep_path} is damaged ({' '.join(str(exc).split())[:120]});"
+                          " copy the model folder again") from None
+    classification_data.read_predict_input(input_path, text_columns)
 
 
 def _options(args: list[str], allowed: set[str], usage: str) -> dict[str, str]:
@@ -159,14 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:14s} {recipe_kind(name):10s} {_describe(name)}")
             return 0
         if command == "config":
-            recipe, _ = config.split_recipe_arg(rest)
-            kind = recipe_kind(recipe)
-            if kind not in KINDS:
-                raise ConfigError(f"recipe {recipe!r} has none of the keys that mark a recipe "
-                                  f"kind ({', '.join(m for m, _, _ in KINDS.values())})")
-            print(config.to_yaml(KINDS[kind][1](rest)), end="")
-            print(f"# run it with: {KINDS[kind][2]} recipe={recipe}", file=sys.stderr)
-            return 0
+            return _config(rest)
         if command == "predict":
             return _predict(rest)
         if command == "plot-schedule":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from further_pt.schemas import ExperimentSchema, FinetuneSchema, PretrainSchema
 
 __all__ = ["ConfigError", "ExperimentSchema", "FinetuneSchema", "PretrainSchema",
            "available_recipes", "load", "validate_finetune", "validate_pretrain"]
+
+logger = logging.getLogger("further_pt.config")
 
 
 # --------------------------------------------------------------------------- recipes
@@ -133,7 +136,20 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
-    """Merge ``cfg`` into the typed schema: unknown keys and wrong types become ConfigError."""
+    """Merge ``cfg`` into the typed schema: unknown keys, wrong types and unset keys are errors."""
+    merged = typed(cfg, schema)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"config key {missing[0]!r} is not set (the recipe must give it)")
+    return merged
+
+
+def typed(cfg: DictConfig, schema: type) -> DictConfig:
+    """Merge ``cfg`` into the typed schema: unknown keys and wrong types become ConfigError.
+
+    Unset (``???``) keys stay unset: :func:`apply_schema` refuses them; ``further-pt config``
+    shows them.
+    """
     base = OmegaConf.structured(schema)
     known = _all_keys(base)
     try:
@@ -144,9 +160,6 @@ def apply_schema(cfg: DictConfig, schema: type) -> DictConfig:
         raise ConfigError(
             f"config key {exc.full_key!r}: {_one_line(exc.msg).split(' full_key')[0]}"
         ) from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise ConfigError(f"config key {missing[0]!r} is not set (the recipe must give it)")
     assert isinstance(merged, DictConfig)
     return merged
 
@@ -159,16 +172,21 @@ def load(argv: list[str], schema: type, *, kind: str,
     of another kind: one whose top-level keys the schema does not know.
     """
     recipe, overrides = split_recipe_arg(argv)
+    cfg = apply_schema(compose_kind(recipe, overrides, schema, kind), schema)
+    if validate is not None:
+        validate(cfg)
+    return cfg
+
+
+def compose_kind(recipe: str, overrides: list[str], schema: type, kind: str) -> DictConfig:
+    """:func:`compose` for a job of ``kind``: a recipe of another kind, or an unknown key in an
+    override, is a ConfigError naming it."""
     raw = compose(recipe, [])
     foreign = sorted(set(raw) - set(OmegaConf.structured(schema)))
     if foreign:
         raise ConfigError(f"recipe {recipe!r} is not a {kind} recipe (it has {foreign[0]!r}); "
                           "`further-pt recipes` lists each recipe with its kind")
-    known = _all_keys(OmegaConf.structured(schema))
-    cfg = apply_schema(compose(recipe, overrides, known), schema)
-    if validate is not None:
-        validate(cfg)
-    return cfg
+    return compose(recipe, overrides, _all_keys(OmegaConf.structured(schema)))
 
 
 # --------------------------------------------------------------------------- values
@@ -195,8 +213,14 @@ def expand_paths(pattern: str) -> list[str]:
     return [expanded] if os.path.isfile(expanded) else []
 
 
-def validate_pretrain(cfg: DictConfig) -> None:
-    """Value checks that types cannot express. Files are checked here, before any work."""
+def validate_pretrain(cfg: DictConfig, *, check_files: bool = True) -> None:
+    """Value checks that types cannot express. Files are checked here, before any work.
+
+    ``check_files=False`` (``further-pt config`` without ``--check``) checks the values
+    alone, for a recipe read before its data exists. A warm-up longer than the run is
+    fitted to it (see :func:`fit_warmup`), not refused: that is what shortening a run for a
+    smoke test does to the recipe's warm-up.
+    """
     m, d, o, t = cfg.model, cfg.data, cfg.objective, cfg.train
     _require(bool(cfg.output_dir), "output_dir", "must be a folder path")
     _require(
@@ -218,7 +242,7 @@ def validate_pretrain(cfg: DictConfig) -> None:
                  "model.from_scratch.max_position_embeddings",
                  f"{fs.max_position_embeddings} is below data.max_seq_length={d.max_seq_length}")
     _require(len(d.train_files) > 0, "data.train_files", "is empty: give at least one file")
-    for i, pattern in enumerate(d.train_files):
+    for i, pattern in enumerate(d.train_files if check_files else ()):
         if not expand_paths(pattern):  # hf:/builtin: names pass through expand_paths
             raise ConfigError(
                 f"config key 'data.train_files[{i}]': no file matches {pattern!r}"
@@ -237,7 +261,9 @@ def validate_pretrain(cfg: DictConfig) -> None:
     _require(0.0 <= d.short_seq_prob <= 1.0, "data.short_seq_prob",
              f"must be in [0, 1], got {d.short_seq_prob}")
     _require(d.max_documents is None or d.max_documents > 0, "data.max_documents", "must be > 0")
-    _require(d.preprocessing_workers >= 1, "data.preprocessing_workers", "must be >= 1")
+    _require(d.preprocessing_workers == "auto" or (
+        isinstance(d.preprocessing_workers, int) and d.preprocessing_workers >= 1),
+        "data.preprocessing_workers", f"must be 'auto' or >= 1, got {d.preprocessing_workers!r}")
     _require(d.dataloader_workers >= 0, "data.dataloader_workers", "must be >= 0")
     _require(0.0 < o.masked_lm_prob < 1.0, "objective.masked_lm_prob",
              f"must be in (0, 1), got {o.masked_lm_prob}")
@@ -262,9 +288,32 @@ def validate_pretrain(cfg: DictConfig) -> None:
             value = m.extend_vocab[key]
             _require(value >= 1, f"model.extend_vocab.{key}", f"must be >= 1, got {value}")
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
-    _require(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps",
-             f"must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.short_run_warmup_ratio < 1, "train.short_run_warmup_ratio",
+             f"must be in [0, 1), got {t.short_run_warmup_ratio}")
+    fitted = fit_warmup(t.warmup_steps, t.max_steps, t.short_run_warmup_ratio)
+    if fitted != t.warmup_steps:
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
+            logger.warning(
+                "train.warmup_steps=%d is longer than the run (train.max_steps=%d): warming up "
+                "over %d steps instead (train.short_run_warmup_ratio=%g of max_steps)",
+                t.warmup_steps, t.max_steps, fitted, t.short_run_warmup_ratio)
+        t.warmup_steps = fitted
     _validate_loop(cfg)
+
+
+def fit_warmup(warmup_steps: int, max_steps: int, short_run_ratio: float) -> int:
+    """The warm-up a run of ``max_steps`` gets: ``warmup_steps``, unless that outlasts the run.
+
+    The paper recipes warm up for 10,000 of 100,000 steps and the demo for 100 of 1,000;
+    a user who shortens a run (``train.max_steps=30`` to try a setup) wants a run, and a
+    warm-up that never ends would leave the lr rising to the last step. So a warm-up longer
+    than the run becomes ``round(short_run_ratio * max_steps)`` (3 of 30 at 0.1: the share
+    BERT's recipe gives it); a warm-up that fits is kept exactly, so no existing run changes.
+    """
+    if warmup_steps <= max_steps:
+        return warmup_steps
+    return round(short_run_ratio * max_steps)
 
 
 def _validate_loop(cfg: DictConfig) -> None:
@@ -301,8 +350,11 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
-def validate_finetune(cfg: DictConfig) -> None:
-    """Value checks of a fine-tuning config; files are checked here, before any work."""
+def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
+    """Value checks of a fine-tuning config; files are checked here, before any work.
+
+    ``check_files=False``: the values alone (``further-pt config`` without ``--check``).
+    """
     m, d, h, t, e = cfg.model, cfg.data, cfg.head, cfg.train, cfg.eval
     _require(bool(cfg.output_dir), "output_dir", "must be a folder path")
     _require(m.extend_vocab is None, "model.extend_vocab",
@@ -312,13 +364,14 @@ def validate_finetune(cfg: DictConfig) -> None:
              "pretraining")
     if cfg.tasks is None:
         _require(d.train_file is not None, "data.train_file", "is not set (or give tasks)")
-        _check_file("data.train_file", d.train_file)
-        _check_file("data.eval_file", d.eval_file)
+        if check_files:
+            _check_file("data.train_file", d.train_file)
+            _check_file("data.eval_file", d.eval_file)
     else:
         _require(len(cfg.tasks) >= 1, "tasks", "give at least one task, or null")
         names = [task.name for task in cfg.tasks]
         _require(len(set(names)) == len(names), "tasks", f"task names repeat: {names}")
-        for i, task in enumerate(cfg.tasks):
+        for i, task in enumerate(cfg.tasks if check_files else ()):
             _check_file(f"tasks[{i}].train_file", task.train_file)
             _check_file(f"tasks[{i}].eval_file", task.eval_file)
     _require(16 <= d.max_seq_length <= 65536, "data.max_seq_length",

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import ast
 import bz2
+import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import lzma
 import os
 import sysconfig
@@ -39,9 +41,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import datasets
+import filelock
 
 from further_pt.config import ConfigError, expand_paths
 from further_pt.errors import DataError
+
+logger = logging.getLogger("further_pt.corpus")
 
 _BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
@@ -187,6 +192,54 @@ def default_cache_dir(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
     return Path(datasets.config.HF_DATASETS_CACHE) / "further_pt"
+
+
+@contextlib.contextmanager
+def preparation_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder/.further_pt-prepare.lock`` (a file lock) while preparing ``what``.
+
+    Data preparation - reading and tokenizing a corpus, training a tokenizer - can take
+    longer than any collective timeout, so processes must not wait for it in a barrier
+    (``main_process_first``): past ``train.collective_timeout_s`` the job would abort and
+    lose the unfinished cache, again on every rerun. They queue on this lock instead,
+    which has no timeout: the first process prepares and fills the cache, the others
+    then find it and load it. Where the cache is node-local each node prepares once; on
+    shared storage the job prepares once.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(folder / ".further_pt-prepare.lock"))
+    if not _try_lock(lock):
+        logger.info("waiting for another process to finish preparing %s (%s)", what, folder)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _try_lock(lock: filelock.FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return False
+    return True
+
+
+def preprocessing_workers(value: int | str, documents: int) -> int:
+    """``data.preprocessing_workers``: a number, or ``auto`` = the cores this process may use.
+
+    While one process prepares, the others on its node wait on the lock, so it may use
+    every core it is allowed (``sched_getaffinity``: cgroups, taskset, container limits),
+    but no more than one worker per 2,000 documents: each worker is a new process, which
+    costs more than it saves on a small corpus.
+    """
+    if value != "auto":
+        return int(value)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, documents // 2000))
 
 
 def load_documents(

@@ -104,11 +104,7 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     tokenizer = load_tokenizer(str(model_dir))
     names = next(iter(classifier.spec.tasks.values()))
     text_cols = [c for c in (prep["text_column"], prep["text_pair_column"]) if c]
-    raw = classification_data.read_labelled(input_path, columns=None)
-    missing = [c for c in text_cols if c not in raw.column_names]
-    if missing:
-        raise ConfigError(f"{input_path}: no column {missing[0]!r} (columns: "
-                          f"{', '.join(raw.column_names)})")
+    raw = classification_data.read_predict_input(input_path, text_cols)  # texts checked
     has_labels = prep["label_column"] in raw.column_names
     labels = (classification_data.encode_labels(raw, prep["label_column"], names, input_path)
               if has_labels else [0] * len(raw))
@@ -119,7 +115,9 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
         max_segments=prep["max_segments"])
     loader = DataLoader(encoded, batch_size=batch_size, collate_fn=lambda rows: (
         classification_data.collate(rows, pad_id=tokenizer.pad_token_id)))
-    preds, refs, probs = predict(classifier, loader, torch.device("cpu"))
+    # The GPU when there is one (the first: predict is one process); the CPU otherwise.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preds, refs, probs = predict(classifier.to(device), loader, device)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -198,7 +198,6 @@ class Classification:
     """Fine-tuning for classification. ``Classification(cfg, resume_from)`` checks; ``build``."""
 
     name = "finetune"
-    find_unused_parameters = True  # custom heads leave the pooler or the HF head without grads
 
     def __init__(self, cfg: DictConfig, resume_from: Path | None) -> None:
         """Read-only checks: the model's config and tokenizer exist and fit the data."""
@@ -213,6 +212,13 @@ class Classification:
                                needs_mask=False)
         check_special_tokens(self.tokenizer, pairs=cfg.data.text_pair_column is not None)
         check_head(self.model_config, cfg.head, trust_remote_code=m.trust_remote_code)
+        # DDP's search for unused parameters costs a graph walk every step: only custom heads
+        # need it (another pooling leaves the pooler unused, an earlier layer the ones above,
+        # a multi-task step the other tasks' heads). The standard head uses every parameter.
+        h = cfg.head
+        self.find_unused_parameters = not (
+            h.pooling == "cls" and list(h.layers) == [-1] and len(cfg.tasks or []) <= 1
+            and cfg.data.truncation != "segments")
         self.unfreezing: layerwise.GradualUnfreezing | None = None
 
     def build(self, trainer: Trainer) -> None:
@@ -222,7 +228,10 @@ class Classification:
             self.tasks, self.data_report = load_tasks(cfg, self.tokenizer)
         trainer.claim()
         self.device = trainer.accelerator.device
-        collate = partial(classification_data.collate, pad_id=self.tokenizer.pad_token_id)
+        # GPUs: lengths in multiples of 8 for the tensor cores
+        self.collate = partial(classification_data.collate, pad_id=self.tokenizer.pad_token_id,
+                               pad_to_multiple_of=8 if self.device.type == "cuda" else None)
+        collate = self.collate
         self.streams = [Stream(task.name, task.train, collate, drop_last=False,
                                lengths=instances.lengths(task.train) if cfg.data.group_by_length
                                else None) for task in self.tasks]
@@ -278,15 +287,21 @@ class Classification:
         if self.unfreezing is not None:
             self.unfreezing.drop_frozen_grads(step)
 
-    def evaluate(self, classifier: Any) -> dict[str, Any]:
-        """Every task's dev metrics (``eval_*``); with several tasks, their means too."""
+    def evaluate(self, classifier: Any, shard: Any = None) -> dict[str, Any]:
+        """Every task's dev metrics (``eval_*``); with several tasks, their means too.
+
+        With a ``shard`` (:class:`~further_pt.trainer.EvalShard`) this process predicts its
+        slice of each dev set and the slices are gathered in order before the metrics.
+        """
         results: dict[str, Any] = {}
         for task in self.tasks:
             if task.eval is None:
                 continue
-            loader = DataLoader(task.eval, batch_size=self.cfg.eval.batch_size, collate_fn=partial(
-                classification_data.collate, pad_id=self.tokenizer.pad_token_id))
+            data = task.eval if shard is None else task.eval.select(shard.span(len(task.eval)))
+            loader = DataLoader(data, batch_size=self.cfg.eval.batch_size, collate_fn=self.collate)
             preds, refs, _ = evaluation.predict(classifier, loader, self.device, task.name)
+            if shard is not None:
+                preds, refs = shard.gather(preds), shard.gather(refs)
             prefix = "eval_" if len(self.tasks) == 1 else f"eval_{task.name}_"
             results.update(evaluation.compute_metrics(preds, refs, task.labels, prefix))
         if len(self.tasks) > 1 and results:

@@ -21,6 +21,7 @@ from one process to the next (hash-map order breaks ties: tokenizers issue
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -80,24 +81,106 @@ def scratch_config(cfg: DictConfig, tokenizer: Any) -> BertConfig:
     )
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a hub id or folder; a ConfigError naming the file when it cannot load.
+
+    The ``tokenizers`` library reports a damaged ``tokenizer.json`` (an interrupted copy, a
+    hand edit) as a bare ``Exception`` or a JSON error without the file's name, so a folder
+    whose tokenizer does not load is searched for the file that is not valid JSON.
+    """
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"model.tokenizer: cannot load a tokenizer from {name_or_path!r} "
-            f"({' '.join(str(exc).split())[:200]})"
-        ) from None
+    except Exception as exc:
+        damaged = _damaged_tokenizer(Path(name_or_path).expanduser())
+        if damaged is None and not isinstance(exc, OSError | ValueError):
+            raise
+        detail = damaged or f"cannot load a tokenizer from {name_or_path!r}"
+        raise ConfigError(f"model.tokenizer: {detail} ({_one_line(exc)})") from None
+
+
+def _damaged_tokenizer(folder: Path) -> str | None:
+    """What is wrong with the first damaged tokenizer file of a folder, naming it; else None."""
+    for name in TOKENIZER_JSON_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            return (f"{path} is not valid JSON ({path.stat().st_size:,} bytes; cut short by "
+                    "an interrupted copy? copy the folder again)")
+        if name == "tokenizer.json":
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(str(path))
+            except Exception:
+                return f"{path} is JSON but not a tokenizer the tokenizers library reads"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config, once a local folder's weights files are known whole.
+
+    Every run reads the config before any work, so a weights file cut short (an interrupted
+    copy) is named here, in one line, rather than by a safetensors traceback minutes later.
+    """
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model.name_or_path: {name_or_path!r} is not a model folder or hub id "
-            f"({' '.join(str(exc).split())[:200]})"
+            f"({_one_line(exc)})"
         ) from None
+    check_weights(name_or_path)
+    return config
+
+
+def check_weights(folder: str | Path, key: str = "model.name_or_path") -> None:
+    """A ConfigError naming the first ``*.safetensors`` file of a local folder that is damaged.
+
+    A safetensors file is 8 bytes of header length, a JSON header giving each tensor's
+    byte range, then the data; so the header alone says how long the file must be, and a
+    copy cut short is found without reading a single tensor. Hub ids (not folders) pass.
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ConfigError(f"{key}: {weights} {problem}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file, or None when its size matches its header."""
+    size = path.stat().st_size
+    again = "an interrupted copy? copy the model folder again"
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or 8 + length > size:
+            return f"is cut short ({size:,} bytes, its header is incomplete): {again}"
+        try:
+            header = json.loads(fh.read(length))
+            end = max((int(t["data_offsets"][1]) for name, t in header.items()
+                       if name != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a damaged header (not a safetensors file?)"
+    expected = 8 + length + end
+    if size < expected:
+        return f"is cut short ({size:,} of the {expected:,} bytes its header lists): {again}"
+    if size > expected:
+        return f"is {size - expected:,} bytes longer than its header lists (damaged)"
+    return None
 
 
 def _concrete_class(auto_cls: Any, config: PretrainedConfig) -> type | None:
@@ -185,9 +268,15 @@ def resolve_attn_implementation(config: PretrainedConfig, nsp: bool,
 
 
 def _build(make: Any, what: str) -> Any:
-    """Run ``make()``, turning transformers' attention-choice errors into one-line ours."""
+    """Run ``make()``, turning transformers' attention-choice errors and a weights file that
+    does not load (damaged after :func:`check_weights` passed) into one-line ours."""
+    from safetensors import SafetensorError
+
     try:
         return make()
+    except SafetensorError as exc:
+        raise ConfigError(f"model.name_or_path: the weights of {what} do not load "
+                          f"({_one_line(exc)}): copy the model folder again") from None
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
         raise SetupError(f"model.attn_implementation: {' '.join(str(exc).split())[:200]}"
                          ) from None

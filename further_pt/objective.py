@@ -16,6 +16,13 @@ encoder is and which modules map hidden states to logits, read off each class's
 attribute, so a look-alike with another head signature falls back to the dense
 path instead of computing something else. Saved weights are the HF model's own,
 untouched layout.
+
+Shapes are static, as in NVIDIA's BERT: each row contributes ``max_predictions``
+positions (:func:`masked_positions`: its labelled positions first, then unlabelled
+fillers whose label is -100), gathered rather than picked with a boolean mask. A
+boolean index has a data-dependent shape: it waits for the GPU to count the mask and
+breaks ``torch.compile`` graphs and CUDA graphs. The loss (a mean over the labelled
+positions) is unchanged.
 """
 
 from __future__ import annotations
@@ -124,13 +131,30 @@ def _nsp_head(model: nn.Module) -> nn.Module | None:
     return getattr(cls, "seq_relationship", None) if cls is not None else None
 
 
+def masked_positions(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, labels)``, both ``(batch, k)``: each row's labelled positions in order,
+    padded with unlabelled positions (label -100). Rows must hold at most ``k`` labels
+    (masking chooses at most ``objective.max_predictions_per_seq``). No host sync."""
+    k = min(k, labels.shape[1])
+    unlabelled = (labels == -100).to(torch.int32)
+    positions = torch.argsort(unlabelled, dim=1, stable=True)[:, :k]
+    return positions, labels.gather(1, positions)
+
+
+def _gather_rows(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``values[b, positions[b, j]]`` for ``values`` of shape (batch, seq, width)."""
+    return values.gather(1, positions.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+
+
 class PretrainingObjective(nn.Module):
     """``forward(batch, labels)`` -> :class:`Losses`; ``self.model`` is the HF model to save."""
 
-    def __init__(self, model: nn.Module, *, nsp: bool, sparse: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, nsp: bool, max_predictions: int,
+                 sparse: bool = True) -> None:
         super().__init__()
         self.model = model
         self.nsp = nsp
+        self.max_predictions = max_predictions
         layout = sparse_layout(model) if sparse else None
         # A tuple is a plain attribute, not a submodule: parameters stay named `model.*` only.
         self._layout = layout
@@ -146,20 +170,21 @@ class PretrainingObjective(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.token_types and token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        chosen = labels != -100
+        positions, targets = masked_positions(labels, self.max_predictions)
         if self.sparse:
             assert self._layout is not None
             encoder, head = self._layout
             with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
                 out = encoder(**inputs)
-            mlm_logits = head(out.last_hidden_state[chosen])
+            picked = _gather_rows(out.last_hidden_state, positions)  # (batch, k, hidden)
+            mlm_logits = head(picked.reshape(-1, picked.shape[-1]))
             nsp_logits = self.nsp_head(out.pooler_output) if self.nsp else None
         else:
             out = self.model(**inputs)
             logits = out.prediction_logits if self.nsp else out.logits
-            mlm_logits = logits[chosen]
+            mlm_logits = _gather_rows(logits, positions).reshape(-1, logits.shape[-1])
             nsp_logits = out.seq_relationship_logits if self.nsp else None
-        mlm = F.cross_entropy(mlm_logits.float(), labels[chosen])
+        mlm = F.cross_entropy(mlm_logits.float(), targets.reshape(-1), ignore_index=-100)
         if not self.nsp:
             return Losses(total=mlm, mlm=mlm)
         assert nsp_logits is not None and next_sentence_label is not None

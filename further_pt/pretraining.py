@@ -89,7 +89,7 @@ def source_instances(cfg: DictConfig, documents: datasets.Dataset, tokenizer: An
     return instances.build_instances(
         documents, tokenizer, nsp=cfg.objective.nsp, max_seq_length=d.max_seq_length,
         short_seq_prob=d.short_seq_prob, txt_documents=d.txt_documents, seed=cfg.seed,
-        num_proc=d.preprocessing_workers)
+        num_proc=corpus.preprocessing_workers(d.preprocessing_workers, len(documents)))
 
 
 class MaskedLM:
@@ -136,8 +136,11 @@ class MaskedLM:
         """Corpus -> (claim the output dir) -> tokenizer -> instances -> model -> masking."""
         cfg, acc = self.cfg, trainer.accelerator
         d, o = cfg.data, cfg.objective
+        self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
         self.seed, self.rank = cfg.seed, trainer.rank
-        with acc.main_process_first():
+        # Preparation waits on a file lock, never in a collective that could time out.
+        cache = corpus.default_cache_dir(d.cache_dir)
+        with corpus.preparation_lock(cache, "the corpus"):
             docs = [source_documents(cfg, s) for s in self.sources]
         trainer.claim()  # the input is readable: only now does the run write its output dir
         base_tokenizer = self.tokenizer
@@ -148,7 +151,7 @@ class MaskedLM:
         elif cfg.model.extend_vocab is not None and self.resume_from is None:
             self.tokenizer, self.new_words = self._extend_vocabulary(docs, trainer)
         tok = self.tokenizer
-        with acc.main_process_first():
+        with corpus.preparation_lock(cache, "the pretraining instances"):
             per_source = [source_instances(cfg, doc, tok) for doc in docs]
         train_set = corpus.mix(per_source, d.source_weights, cfg.seed)
         on_gpu = acc.device.type == "cuda"
@@ -172,15 +175,17 @@ class MaskedLM:
                                               attn_implementation=m.attn_implementation)
         if self.new_words is not None:  # rows of the new tokens: the mean of their pieces
             vocab.extend_model(net, base_tokenizer, tok, self.new_words)
-        self.module = PretrainingObjective(net, nsp=o.nsp)
+        self.module = PretrainingObjective(net, nsp=o.nsp,
+                                           max_predictions=o.max_predictions_per_seq)
         self.world = trainer.world
         self.warmup_steps, heads = self._plan_head_warmup(trainer, net, new_heads)
         head_names = set(heads)
         named = list(net.named_parameters())
         self.head_params = [p for n, p in named if n in head_names]
         self.encoder_params = [p for n, p in named if n not in head_names]
-        self.special_ids = masking.special_ids_tensor(tok).to(acc.device)
-        self.continuation = (masking.word_continuation_table(tok).to(acc.device)
+        # Masking runs on the host (prepare_batch), so these stay on the CPU.
+        self.special_ids = masking.special_ids_tensor(tok)
+        self.continuation = (masking.word_continuation_table(tok)
                              if o.masking in ("whole_word", "span") else None)
 
     def _plan_head_warmup(self, trainer: Trainer, net: Any, new_heads: list[str]
@@ -220,8 +225,8 @@ class MaskedLM:
         folder = trainer.output_dir / "tokenizer"
         chosen = folder / "extend_vocab.json"
         ev, base = self.cfg.model.extend_vocab, self.tokenizer
-        with trainer.accelerator.main_process_first():
-            if trainer.is_main and not chosen.is_file():
+        with corpus.preparation_lock(trainer.output_dir, "the vocabulary extension"):
+            if not chosen.is_file():
                 texts = (row["text"] for doc in docs for row in doc)
                 words = vocab.choose_words(texts, base, max_new_tokens=ev.max_new_tokens,
                                            min_frequency=ev.min_frequency)
@@ -238,8 +243,8 @@ class MaskedLM:
     def _scratch_tokenizer(self, docs: list[Any], trainer: Trainer) -> Any:
         """A WordPiece tokenizer trained on the corpus (main process), saved in the run."""
         folder = trainer.output_dir / "tokenizer"
-        with trainer.accelerator.main_process_first():
-            if not (folder / "tokenizer.json").is_file() and trainer.is_main:
+        with corpus.preparation_lock(trainer.output_dir, "the tokenizer"):
+            if not (folder / "tokenizer.json").is_file():
                 fs = self.cfg.model.from_scratch
                 per_source = math.ceil(fs.tokenizer_training_docs / len(docs))
                 texts = (text for doc in docs for text in islice(
@@ -278,23 +283,34 @@ class MaskedLM:
             head_factor=self.cfg.objective.head_warmup.lr / t.lr, head_groups={"heads"},
             main=lambda s: schedules.linear_factor(s, t.warmup_steps, t.max_steps))
 
-    def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
-             micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
-        """Mask (a pure function of seed, step, rank, micro-batch), then the MLM (+ NSP) loss."""
+    def prepare_batch(self, batch: dict[str, torch.Tensor], *, stream: str, step: int,
+                      micro: int) -> dict[str, torch.Tensor]:
+        """Mask on the host, before the copy to the device: a pure function of (seed, step,
+        rank, micro-batch), so a resumed run masks as the uninterrupted one did.
+
+        On the host because whole-word and span masking walk words in Python (``.tolist()``,
+        numpy): on a GPU batch each of those would wait for the device to drain. Here the
+        CPU works while the GPU runs the previous step.
+        """
         o = self.cfg.objective
-        # Head warm-up on one process: no graph through the frozen encoder (3x less work).
-        # Under DDP every parameter must get a gradient, so it is computed and dropped.
-        self.module.encoder_frozen = step < self.warmup_steps and self.world == 1
-        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(
-            step_seed(self.seed, step, self.rank, micro))
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank, micro))
         masked_ids, labels = masking.mask_tokens(
             batch["input_ids"], batch["attention_mask"], special_ids=self.special_ids,
             mask_token_id=self.tokenizer.mask_token_id, vocab_size=len(self.tokenizer),
             masked_lm_prob=o.masked_lm_prob, max_predictions=o.max_predictions_per_seq,
             continuation=self.continuation, strategy=o.masking, span_p=o.span_geometric_p,
             span_max_length=o.span_max_words, generator=gen)
-        losses = module(masked_ids, batch["attention_mask"], batch["token_type_ids"], labels,
-                        batch.get("next_sentence_label"))
+        return {**batch, "input_ids": masked_ids, "labels": labels}
+
+    def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
+             micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
+        """The MLM (+ NSP) loss of a batch :meth:`prepare_batch` masked."""
+        # Head warm-up on one process: no graph through the frozen encoder (3x less work).
+        # Under DDP every parameter must get a gradient, so it is computed and dropped.
+        self.module.encoder_frozen = step < self.warmup_steps and self.world == 1
+        labels = batch["labels"]
+        losses = module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                        labels, batch.get("next_sentence_label"))
         metrics: dict[str, tuple[Any, Any]] = {"mlm_loss": (losses.mlm.detach(), 1)}
         if losses.nsp is not None:
             metrics["nsp_loss"] = (losses.nsp.detach(), 1)
@@ -307,7 +323,7 @@ class MaskedLM:
             for p in self.encoder_params:
                 p.grad = None
 
-    def evaluate(self, model_: Any) -> dict[str, Any]:
+    def evaluate(self, model_: Any, shard: Any) -> dict[str, Any]:
         return {}
 
     def better(self, new: float, best: float | None) -> bool:

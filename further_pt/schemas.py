@@ -56,7 +56,7 @@ class PretrainDataSchema:
     short_seq_prob: float = MISSING
     max_documents: int | None = MISSING
     cache_dir: str | None = MISSING
-    preprocessing_workers: int = MISSING
+    preprocessing_workers: Any = MISSING  # "auto" or an int >= 1
     dataloader_workers: int = MISSING
     group_by_length: bool = MISSING
 
@@ -95,6 +95,10 @@ class OptimizerSchema:
     log_every_steps: int = MISSING
     collective_timeout_s: float = MISSING
     fast_cpu_dropout: bool = MISSING
+    global_batch_size: int | None = MISSING
+    stop_check_every_steps: int = MISSING
+    tf32: bool = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
@@ -104,6 +108,7 @@ class PretrainTrainSchema(OptimizerSchema):
     gradient_accumulation_steps: int = MISSING
     lr: float = MISSING
     warmup_steps: int = MISSING
+    short_run_warmup_ratio: float = MISSING  # the warm-up's share of a run shorter than it
 
 
 @dataclass
@@ -281,3 +286,12 @@ class ExperimentSchema:
     linear: LinearSchema = field(default_factory=LinearSchema)
     launcher: list[str] = MISSING
 
+
+# Nulls a run refuses: of each group, one key must be set (the validators say which is
+# missing). ``further-pt config`` marks the first key of a group whose keys are all null as
+# not set, beside the ``???`` keys, so a recipe read before its data names what a run needs.
+REQUIRED_ONE_OF: dict[type, list[tuple[str, ...]]] = {
+    PretrainSchema: [("model.name_or_path", "model.from_scratch")],
+    FinetuneSchema: [("data.train_file", "tasks")],
+    ExperimentSchema: [("base_model", "general_pretraining")],
+}

@@ -24,10 +24,15 @@ The objective's interface (duck-typed, see :class:`Objective`)::
     optimizer_groups() -> list[dict]     # AdamW parameter groups, each with its own lr
     schedule(optimizer, total_steps=, steps_per_epoch=) -> LR scheduler
     total_steps(steps_per_epoch) -> int
+    prepare_batch(batch, stream=, step=, micro=) -> batch  # optional: on the host, before the
+                                         # copy to the device (e.g. masking: its Python loops
+                                         # and .tolist() then never wait on the GPU)
     loss(module, batch, stream=, step=, micro=) -> (loss, {name: (numerator, denominator)})
     before_optimizer_step(step) -> None  # e.g. gradual unfreezing drops frozen gradients
-    evaluate(model) -> dict              # at epoch ends, main process, unless metric is None;
-                                         # gets the whole model (gathered under FSDP)
+    evaluate(model, shard) -> dict       # at epoch ends, unless metric is None: every process
+                                         # its EvalShard of the dev set, results gathered; under
+                                         # FSDP the main process alone (shard None), on the
+                                         # gathered whole model
     better(new, best) -> bool            # compares evaluate()[objective.metric]
     export(model, folder) -> None        # a Hugging Face folder that from_pretrained loads
     summary() -> dict                    # extra keys for metrics.json
@@ -52,6 +57,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -80,6 +86,24 @@ class Stream:
     drop_last: bool = False  # pretraining: only full batches; fine-tuning: every example
 
 
+@dataclass(frozen=True)
+class EvalShard:
+    """This process's share of an evaluation set, and how the shares come back together.
+
+    Evaluating on the main process alone leaves N-1 GPUs waiting; each process instead
+    predicts a contiguous slice and ``gather`` (Accelerate's ``gather_for_metrics`` on
+    Python objects) concatenates the slices in rank order, so the metrics are those of
+    the whole set, in order, computed once.
+    """
+
+    rank: int
+    world: int
+    gather: Any  # list -> list: every process's list, concatenated in rank order
+
+    def span(self, n: int) -> range:
+        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+
 class Objective(Protocol):
     name: str
     module: torch.nn.Module
@@ -93,7 +117,7 @@ class Objective(Protocol):
     def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
              micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]: ...
     def before_optimizer_step(self, step: int) -> None: ...
-    def evaluate(self, model: Any) -> dict[str, Any]: ...
+    def evaluate(self, model: Any, shard: EvalShard | None) -> dict[str, Any]: ...
     def better(self, new: float, best: float | None) -> bool: ...
     def export(self, model: Any, folder: Path) -> None: ...
     def summary(self) -> dict[str, Any]: ...
@@ -122,8 +146,11 @@ class Trainer:
                 self.output_dir, self.resolved, overwrite=cfg.overwrite_output_dir,
                 may_differ=resumable_keys)
             self.ckpt_root = self.output_dir / "checkpoints"
-            self.resume_from = (checkpoint.latest_checkpoint(self.ckpt_root) if self.resuming
-                                else None)
+            # Only the main process hashes the files; the others' choice is provisional, replaced
+            # by the main one's once the process group exists (start()).
+            self.resume_from = (checkpoint.latest_checkpoint(
+                self.ckpt_root, checksums=training.launched_rank() == 0) if self.resuming
+                else None)
         except BaseException:
             self.lock.release()
             raise
@@ -163,11 +190,19 @@ class Trainer:
         logging.basicConfig(  # first, so the precision and thread choices are logged
             level=logging.INFO if training.launched_rank() == 0 else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        t = self.cfg.train
         self.accelerator = training.make_accelerator(
-            self.cfg.train.mixed_precision, self.output_dir / "logs",
+            t.mixed_precision, self.output_dir / "logs",
             find_unused_parameters=find_unused_parameters,
-            collective_timeout_s=self.cfg.train.collective_timeout_s)
+            collective_timeout_s=t.collective_timeout_s, tf32=t.tf32)
         self.sharded = training.check_engine(self.accelerator)  # refuses; FSDP: gather to save
+        self.batch_size, self.accum, batch_note = training.resolve_batch(
+            t.batch_size, t.gradient_accumulation_steps, t.global_batch_size, self.world)
+        if self.is_main:
+            logger.info(batch_note)
+        if self.world > 1:  # rank 0 verified its choice; every process resumes that one
+            self.resume_from = checkpoint.agree_on_checkpoint(
+                self.resume_from, rank=self.rank, broadcast=broadcast_object_list)
         if self.resume_from is not None:
             checkpoint.check_same_engine(self.resume_from, self.sharded)
 
@@ -207,7 +242,8 @@ class Trainer:
         cfg, t, acc = self.cfg, self.cfg.train, self.accelerator
         self.claim()
         device, on_gpu = acc.device, acc.device.type == "cuda"
-        batch_size, accum = t.batch_size, t.gradient_accumulation_steps
+        batch_size, accum = self.batch_size, self.accum
+        workers = cfg.data.dataloader_workers
 
         # Data: one resumable stream per dataset; a step draws its stream in proportion to size.
         samplers, loaders = {}, {}
@@ -217,7 +253,8 @@ class Trainer:
                 lengths=s.lengths, batch_size=batch_size)
             loaders[s.name] = DataLoader(
                 s.dataset, batch_size=batch_size, sampler=samplers[s.name], drop_last=s.drop_last,
-                collate_fn=s.collate, num_workers=cfg.data.dataloader_workers, pin_memory=on_gpu,
+                collate_fn=s.collate, num_workers=workers, pin_memory=on_gpu,
+                persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                 # Its own generator: a new iterator otherwise draws from the global RNG,
                 # which would shift dropout after a resume.
                 generator=torch.Generator().manual_seed(cfg.seed))
@@ -255,17 +292,27 @@ class Trainer:
         # gathered to save or evaluate (exports and evaluation stay the DDP code path).
         self._full = (copy.deepcopy(objective.module).to(device)
                       if self.sharded and self.is_main else None)
+        if t.compile:  # in place, before DDP wraps it: saved names and hooks stay the same
+            objective.module.compile()
         module, optimizer = acc.prepare(objective.module, optimizer)
         self._flops = self._flops_per_second_peak(objective)
 
         state: dict[str, Any] = {"step": 0, "streams": {s.name: [0, 0] for s in objective.streams},
                                  "tokens": 0, "nonfinite_steps": 0, "best": None,
-                                 "best_epoch": None, "history": [], "sharded": self.sharded}
+                                 "best_epoch": None, "history": [], "sharded": self.sharded,
+                                 "world_size": self.world, "micro_batch_size": batch_size,
+                                 "global_batch": batch_size * accum * self.world}
         if self.resume_from is not None:
             saved, optimizer_state = checkpoint.load_training_state(self.resume_from, scheduler)
+            positions, converted = training.resume_positions(
+                saved, world=self.world, batch_size=batch_size, accumulation=accum,
+                grouped=any(s.lengths is not None for s in objective.streams))
             self._load_optimizer(module, optimizer, optimizer_state)
-            state.update(saved)
+            state.update({**saved, "streams": positions, "world_size": self.world,
+                          "micro_batch_size": batch_size, "global_batch": state["global_batch"]})
             logger.info("resuming from %s (step %d)", self.resume_from, state["step"])
+            if converted and self.is_main:
+                logger.info(converted)
         elif self.resuming:
             logger.info("no complete checkpoint in %s: starting from step 0", self.ckpt_root)
         iters = {s.name: training.micro_batches(loaders[s.name], samplers[s.name], batch_size,
@@ -282,7 +329,9 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=step, desc=objective.name, unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
         module.train()
-        watch = training.PreemptionWatch()
+        watch = training.PreemptionWatch(every=t.stop_check_every_steps)
+        skips = training.NonfiniteSteps(device, t.max_nonfinite_steps, state)
+        prepare_batch = getattr(objective, "prepare_batch", None)
         try:
             while step < total_steps:
                 torch.manual_seed(training.step_seed(cfg.seed, step, self.rank))  # dropout
@@ -293,6 +342,8 @@ class Trainer:
                 for micro in range(accum):
                     epoch, position, batch = next(iters[name])
                     state["streams"][name] = [epoch, position]
+                    if prepare_batch is not None:
+                        batch = prepare_batch(batch, stream=name, step=step, micro=micro)
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     sync = (acc.no_sync(module) if micro < accum - 1
                             else contextlib.nullcontext())
@@ -312,16 +363,22 @@ class Trainer:
                         pair = torch.stack([_scalar(num, device), _scalar(den, device)])
                         window[key] = window[key] + pair if key in window else pair
                 objective.before_optimizer_step(step)
-                grad_norm = training.optimizer_step(
+                grad_norm, skipped, counted = training.optimizer_step(
                     acc, module.parameters(), optimizer, scheduler, step_loss,
-                    max_grad_norm=t.max_grad_norm, max_nonfinite=t.max_nonfinite_steps,
-                    state=state, step=step, ckpt_root=self.ckpt_root)
+                    max_grad_norm=t.max_grad_norm)
                 step += 1
+                skips.add(skipped, counted, step)
                 window_steps += 1
                 bar.update(1)
                 faults.point("step", step, self.rank)
-                stop = watch.requested(acc)
-                if step % t.log_every_steps == 0 or step == total_steps:
+                stop = watch.requested(acc, step)
+                evaluate = (objective.metric is not None
+                            and (step % steps_per_epoch == 0 or step == total_steps))
+                save = step % every == 0 or step == total_steps or stop
+                logs = step % t.log_every_steps == 0 or step == total_steps
+                if logs or save:  # the loop reads the device here anyway
+                    skips.read(state, step, self.ckpt_root)
+                if logs:
                     values = self._window_values(window, window_steps, window_start, optimizer,
                                                  grad_norm, state)
                     log.log(step, values)
@@ -329,12 +386,9 @@ class Trainer:
                                     tok_s=f"{values['train/tokens_per_s']:.0f}")
                     window.clear()
                     window_steps, window_start = 0, time.perf_counter()
-                evaluate = (objective.metric is not None
-                            and (step % steps_per_epoch == 0 or step == total_steps))
-                save = step % every == 0 or step == total_steps or stop
                 if evaluate or save:  # every process (FSDP gathers), once per step
                     whole, whole_at = self._whole_model(module), step
-                if evaluate and self.is_main:
+                if evaluate and (self.is_main or not self.sharded):
                     self._evaluate(objective, whole, log, state, step,
                                    math.ceil(step / steps_per_epoch))
                 if save:
@@ -396,21 +450,23 @@ class Trainer:
         return values
 
     def _flops_per_second_peak(self, objective: Objective) -> Any:
-        """The objective's FLOPs-per-token function, after measuring the dtype's matmul peak.
+        """The objective's FLOPs-per-token function, after finding the dtype's peak FLOP/s.
 
-        The peak is measured here, once, for the precision the run computes in (a bf16
-        run against the bf16 peak, which on AMX CPUs is ~6x the fp32 one), as nanoGPT's
-        estimate_mfu compares against the hardware's promised peak.
+        The peak is that of the precision the run computes in (a bf16 run against the
+        bf16 peak, which on AMX CPUs is ~6x the fp32 one; an fp32 run under TF32 against
+        the TF32 peak): a GPU's datasheet dense peak where the device is known, else a
+        sustained measurement (:func:`further_pt.hardware.peak_flops`). Logged with its
+        source.
         """
         per_token = objective.flops_per_token()
         if per_token is None:
             return None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             str(self.accelerator.mixed_precision), torch.float32)
-        peak = hardware.matmul_peak_flops(dtype, self.accelerator.device.type, seconds=0.3)
-        logger.info("MFU is logged against a measured %s matmul peak of %.0f GFLOP/s per "
-                    "process (%.2f GFLOP per token)", str(dtype).removeprefix("torch."),
-                    peak / 1e9, per_token / 1e9)
+        peak, source = hardware.peak_flops(dtype, self.accelerator.device,
+                                           tf32=bool(self.cfg.train.tf32))
+        logger.info("MFU is logged against %s FLOP/s per process (%s); the model does %s "
+                    "per token", hardware.si(peak), source, hardware.si(per_token, "FLOP"))
         self._peak = peak
         return objective.flops_per_token  # asked at each log: it can change with the phase
 
@@ -446,15 +502,20 @@ class Trainer:
 
     def _evaluate(self, objective: Objective, whole: Any, log: Any, state: dict[str, Any],
                   step: int, epoch: int) -> None:
-        """Main process, at an epoch end: evaluate, log, keep the best model in ``best/``."""
-        results = objective.evaluate(whole)
-        if not results:
+        """At an epoch end: evaluate (each process a shard, under FSDP the main one alone);
+        the main process logs and keeps the best model in ``best/``."""
+        shard = None if self.sharded else EvalShard(
+            self.rank, self.world,
+            partial(self.accelerator.gather_for_metrics, use_gather_object=True))
+        results = objective.evaluate(whole, shard)
+        if not results or not self.is_main:
             return
         scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
         log.log(step, scalars)
         state["history"].append({"epoch": epoch, "step": step, **scalars})
-        logger.info("epoch %d: %s", epoch, ", ".join(
-            f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2))
+        logger.info("epoch %d: %s (evaluated on %d process%s)", epoch, ", ".join(
+            f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2),
+            1 if self.sharded else self.world, "" if self.sharded or self.world == 1 else "es")
         score = results[f"eval_{objective.metric}"]
         if objective.better(score, state["best"]):
             state["best"], state["best_epoch"] = score, epoch

@@ -22,6 +22,7 @@ def pretrain_overrides(output_dir: Path, corpus: Path, model_dir: Path, cache: P
         "data.max_documents": 300, "train.max_steps": 6, "train.batch_size": 4,
         "train.warmup_steps": 2, "train.log_every_steps": 2, "checkpoint.every_steps": 3,
         "checkpoint.keep_last": 2, "model.attn_implementation": "eager",
+        "objective.nsp": "true",  # the tiny model has both heads: test both objectives
     }
     args.update(extra)
     return ["recipe=demo", *(f"{k}={v}" for k, v in args.items())]

@@ -138,8 +138,8 @@ def test_sparse_mlm_matches_dense_and_trains(arch: str, tokenizers_by_arch: dict
     assert type(net).__name__ == MLM_CLASS[arch]
     net.eval()  # no dropout: the two paths see the same network
     _, masked, attn, types, labels = _batch(tok, docs)
-    sparse = PretrainingObjective(net, nsp=False)
-    dense = PretrainingObjective(net, nsp=False, sparse=False)
+    sparse = PretrainingObjective(net, nsp=False, max_predictions=SEQ)
+    dense = PretrainingObjective(net, nsp=False, max_predictions=SEQ, sparse=False)
     assert sparse.sparse and not dense.sparse
 
     a = sparse(masked, attn, types, labels)
@@ -179,8 +179,9 @@ def test_deberta_non_legacy_head_is_sparse(tokenizers_by_arch: dict[str, Any],
     torch.manual_seed(0)
     net = M.new_pretraining_model(config, nsp=False, attn_implementation=None).eval()
     _, masked, attn, types, labels = _batch(tok, docs)
-    a = PretrainingObjective(net, nsp=False)(masked, attn, types, labels)
-    b = PretrainingObjective(net, nsp=False, sparse=False)(masked, attn, types, labels)
+    a = PretrainingObjective(net, nsp=False, max_predictions=SEQ)(masked, attn, types, labels)
+    dense = PretrainingObjective(net, nsp=False, max_predictions=SEQ, sparse=False)
+    b = dense(masked, attn, types, labels)
     assert abs(a.mlm.item() - b.mlm.item()) < 1e-5
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,16 +18,24 @@ import pytest
 import yaml
 from helpers import pretrain_overrides
 
+from further_pt.cli import main as cli_main
 from further_pt.finetune import main as finetune_main
 from further_pt.pretrain import main as pretrain_main
 
 
 class Env:
-    """Paths a case may use: a tmp dir, the shared corpus, tiny model and tokenizer."""
+    """Paths a case may use: a tmp dir, the shared corpus, tiny model and tokenizer, and (built
+    on first use) a model fine-tuned from the tiny one, for ``further-pt predict``."""
 
-    def __init__(self, tmp: Path, corpus: Path, model_dir: Path, tokenizer) -> None:
+    def __init__(self, tmp: Path, corpus: Path, model_dir: Path, tokenizer,
+                 finetuned: Callable[[], Path]) -> None:
         self.tmp, self.corpus, self.model_dir, self.tokenizer = tmp, corpus, model_dir, tokenizer
         self.out = tmp / "out"
+        self._finetuned = finetuned
+
+    @property
+    def finetuned(self) -> Path:
+        return self._finetuned()
 
     def file(self, name: str, content: str | bytes) -> Path:
         path = self.tmp / name
@@ -47,6 +56,12 @@ class Env:
                 "data.max_seq_length": 32, "data.head_tokens": 8, "train.epochs": 1,
                 "train.batch_size": 2, **extra}
         return ["recipe=fit", *(f"{k}={v}" for k, v in args.items())]
+
+    def predict(self, input_path: Path, model: Path | None = None) -> list[str]:
+        """``further-pt predict`` arguments; the output goes under ``out``, which must stay
+        absent."""
+        return [f"model={model or self.finetuned}", f"input={input_path}",
+                f"output={self.out / 'predictions.jsonl'}"]
 
     def labelled(self, name: str, labels: list[str]) -> Path:
         rows = [json.dumps({"text": f"text number {i}", "label": lab})
@@ -129,6 +144,16 @@ def _wordlevel(env: Env, **special: str) -> Path:
     return folder
 
 
+def _damaged(env: Env, folder: Path, name: str, content: bytes | None = None) -> Path:
+    """A copy of a model folder whose file ``name`` is cut to half (an interrupted copy), or
+    replaced by ``content``."""
+    copy = env.tmp / "damaged"
+    shutil.copytree(folder, copy)
+    data = (copy / name).read_bytes()
+    (copy / name).write_bytes(data[:len(data) // 2] if content is None else content)
+    return copy
+
+
 def _tasks(env: Env, *names: str) -> list[str]:
     train = env.labelled("train.jsonl", ["a", "b", "a", "b"])
     tasks = ",".join(f"{{name:{n},train_file:{train},eval_file:null,text_column:text,"
@@ -138,7 +163,10 @@ def _tasks(env: Env, *names: str) -> list[str]:
 
 
 EXTEND = "{max_new_tokens:10,min_frequency:2}"
-P, F = "pretrain", "finetune"
+P, F, PREDICT = "pretrain", "finetune", "predict"
+ENTRY = {P: pretrain_main, F: finetune_main, PREDICT: lambda argv: cli_main(["predict", *argv])}
+CUT = "model.safetensors is cut short ("
+NOT_JSON = "tokenizer.json is not valid JSON ("
 Case = tuple[str, str, Callable[[Env], list[str]], str]
 CASES: list[Case] = [
     ("missing file", P, lambda e: e.pretrain(**{"data.train_files": f"[{e.tmp}/nope.txt]"}),
@@ -179,9 +207,10 @@ CASES: list[Case] = [
      "'train.collective_timeout_s': must be > 0 seconds, got 0"),
     ("negative steps", P, lambda e: e.pretrain(**{"train.max_steps": -5}),
      "'train.max_steps': must be > 0"),
-    ("warmup beyond max_steps", P, lambda e: e.pretrain(**{"train.warmup_steps": 99}),
-     "'train.warmup_steps': must be in [0, train.max_steps=6]"),
-    ("NSP without an NSP head", P, lambda e: e.pretrain(**{"model.name_or_path": _roberta(e)}),
+    ("negative warmup", P, lambda e: e.pretrain(**{"train.warmup_steps": -1}),
+     "'train.warmup_steps': must be >= 0, got -1"),
+    ("NSP without an NSP head", P, lambda e: e.pretrain(**{
+        "model.name_or_path": _roberta(e), "objective.nsp": "true"}),
      "objective.nsp=true but 'roberta' models have no NSP head"),
     ("not a model", P, lambda e: e.pretrain(**{"model.name_or_path": e.tmp}),
      "is not a model folder or hub id"),
@@ -334,6 +363,49 @@ CASES: list[Case] = [
      "'model.from_scratch.max_position_embeddings': 64 is below data.max_seq_length=128"),
     ("adam beta2 1", F, lambda e: e.finetune(**{"train.adam_beta2": 1}),
      "'train.adam_beta2': must be in [0, 1), got 1.0"),
+    # ---- damaged model folders: an interrupted copy, named before any work
+    ("weights cut short to pretrain", P, lambda e: e.pretrain(**{
+        "model.name_or_path": _damaged(e, e.model_dir, "model.safetensors")}),
+     f"further_pt: error: model.name_or_path: {{tmp}}/damaged/{CUT}"),
+    ("weights cut short to fine-tune", F, lambda e: e.finetune(**{
+        "model.name_or_path": _damaged(e, e.model_dir, "model.safetensors")}),
+     f"further_pt: error: model.name_or_path: {{tmp}}/damaged/{CUT}"),
+    ("weights with a garbled header", P, lambda e: e.pretrain(**{
+        "model.name_or_path": _damaged(e, e.model_dir, "model.safetensors",
+                                       (12).to_bytes(8, "little") + b"not a header")}),
+     "damaged/model.safetensors has a damaged header (not a safetensors file?)"),
+    ("tokenizer.json cut short to pretrain", P, lambda e: e.pretrain(**{
+        "model.name_or_path": _damaged(e, e.model_dir, "tokenizer.json")}),
+     f"further_pt: error: model.tokenizer: {{tmp}}/damaged/{NOT_JSON}"),
+    ("tokenizer.json cut short to fine-tune", F, lambda e: e.finetune(**{
+        "model.name_or_path": _damaged(e, e.model_dir, "tokenizer.json")}),
+     f"further_pt: error: model.tokenizer: {{tmp}}/damaged/{NOT_JSON}"),
+    ("tokenizer.json not a tokenizer", P, lambda e: e.pretrain(**{
+        "model.name_or_path": _damaged(e, e.model_dir, "tokenizer.json", b'{"a": 1}')}),
+     "damaged/tokenizer.json is JSON but not a tokenizer the tokenizers library reads"),
+    # ---- further-pt predict: its model folder and input, checked before the model loads
+    ("predict: weights cut short", PREDICT, lambda e: e.predict(
+        e.labelled("test.jsonl", ["a"]), _damaged(e, e.finetuned, "model.safetensors")),
+     f"further_pt: error: model: {{tmp}}/damaged/{CUT}"),
+    ("predict: tokenizer.json cut short", PREDICT, lambda e: e.predict(
+        e.labelled("test.jsonl", ["a"]), _damaged(e, e.finetuned, "tokenizer.json")),
+     f"further_pt: error: model.tokenizer: {{tmp}}/damaged/{NOT_JSON}"),
+    ("predict: null text", PREDICT, lambda e: e.predict(_rows(
+        e, "test.jsonl", {"text": "fine"}, {"text": None})),
+     "further_pt: error: {tmp}/test.jsonl:2: column 'text' is null: None"),
+    ("predict: text holds a number", PREDICT, lambda e: e.predict(_rows(
+        e, "test.jsonl", {"text": "fine"}, {"text": "also fine"}, {"text": 42})),
+     "further_pt: error: {tmp}/test.jsonl:3: column 'text' holds an int, not a string: 42"),
+    ("predict: blank text in a csv", PREDICT, lambda e: e.predict(e.file(
+        "test.csv", "id,text\n1,hello there\n2,   \n")),
+     "further_pt: error: {tmp}/test.csv:3: column 'text' is blank: '   '"),
+    ("predict: empty input", PREDICT, lambda e: e.predict(e.file("test.jsonl", "")),
+     "further_pt: error: predict input: file {tmp}/test.jsonl is empty"),
+    ("predict: input without rows", PREDICT, lambda e: e.predict(e.file("test.jsonl", "\n\n")),
+     "further_pt: error: {tmp}/test.jsonl: holds no rows"),
+    ("predict: input without the text column", PREDICT, lambda e: e.predict(_rows(
+        e, "test.jsonl", {"body": "fine"})),
+     "further_pt: error: {tmp}/test.jsonl: no column 'text' (columns: body)"),
 ]
 
 
@@ -349,19 +421,34 @@ def _snapshot(path: Path) -> dict[str, bytes] | str | None:
                          ids=[c[0] for c in CASES])
 def test_bad_input(name: str, entry: str, make, expected: str, tmp_path: Path,
                    corpus_file: Path, tiny_model_dir: Path, tokenizer,
-                   capsys: pytest.CaptureFixture) -> None:
-    env = Env(tmp_path, corpus_file, tiny_model_dir, tokenizer)
+                   request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
+    env = Env(tmp_path, corpus_file, tiny_model_dir, tokenizer,
+              lambda: request.getfixturevalue("finetuned_dir"))
     argv = [str(a) for a in make(env)]
     before = _snapshot(env.out)
     capsys.readouterr()
-    code = (pretrain_main if entry == P else finetune_main)(argv)
+    code = ENTRY[entry](argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2, err
     errors = [line for line in err if line.startswith("further_pt:")]
     assert len(errors) == 1 and errors[-1] == err[-1], err
     assert errors[0].startswith("further_pt: error: ")
-    assert expected in errors[0]
+    assert expected.replace("{tmp}", str(tmp_path)) in errors[0]
     assert _snapshot(env.out) == before, "the output dir must not be touched"
+
+
+@pytest.fixture(scope="session")
+def finetuned_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny BERT fine-tuned for one epoch on four rows: a folder ``predict`` takes."""
+    tmp = tmp_path_factory.mktemp("finetuned")
+    train = tmp / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"text number {i}", "label": "ab"[i % 2]})
+                             + "\n" for i in range(4)))
+    assert finetune_main(["recipe=fit", f"output_dir={tmp / 'run'}",
+                          f"model.name_or_path={tiny_model_dir}", f"data.train_file={train}",
+                          "data.max_seq_length=32", "data.head_tokens=8", "train.epochs=1",
+                          "train.batch_size=2"]) == 0
+    return tmp / "run" / "final"
 
 
 def test_the_catalogue_is_long_enough() -> None:

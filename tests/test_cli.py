@@ -28,10 +28,69 @@ def test_config_prints_the_resolved_config(tmp_path: Path, corpus_file: Path,
 
 
 def test_config_errors_and_unknown_command(capsys: pytest.CaptureFixture) -> None:
-    assert main(["config", "recipe=in_domain", "train.lr=1e-4"]) == 2
+    assert main(["config", "--check", "recipe=in_domain", "train.lr=1e-4"]) == 2
     assert "'data.train_files' is not set" in capsys.readouterr().err
     assert main(["fly"]) == 2
     assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+NOT_SET = "# <- not set: required before a run"
+
+
+def test_config_prints_a_recipe_before_there_is_data(capsys: pytest.CaptureFixture) -> None:
+    """The first command a new user runs: the composed recipe, its unset key marked, exit 0."""
+    assert main(["config", "recipe=fit"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[:5] == [
+        "# recipe fit (finetune): composed with its bases and overrides; values checked,",
+        "# files not opened (a run opens them, as does `further-pt config --check ...`)",
+        "# not set (marked below), required before a run: data.train_file",
+        "output_dir: runs/fit",
+        "overwrite_output_dir: false",
+    ]
+    assert [line for line in lines if NOT_SET in line] == [f"  train_file: ???  {NOT_SET}"]
+    cfg = yaml.safe_load(captured.out)  # still YAML: the marks are comments
+    assert cfg["train"]["lr"] == 2e-5 and cfg["data"]["train_file"] == "???"
+    assert captured.err.strip().endswith("recipe=fit data.train_file=...")
+
+
+def test_config_marks_the_corpus_of_a_pretraining_recipe(capsys) -> None:
+    assert main(["config", "recipe=in_domain"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "# not set (marked below), required before a run: data.train_files"
+    assert f"  train_files: ???  {NOT_SET}" in lines
+
+
+def test_config_marks_a_null_that_a_run_refuses(capsys) -> None:
+    """multitask leaves data.train_file null for its tasks list: one of the two is needed."""
+    assert main(["config", "recipe=multitask"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"  train_file: null  {NOT_SET} (or tasks)" in lines
+
+
+def test_config_check_refuses_what_a_run_refuses(tmp_path: Path, capsys) -> None:
+    assert main(["config", "--check", "recipe=fit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["further_pt: error: config key 'data.train_file' is not set "
+                   "(the recipe must give it)"]
+    missing = tmp_path / "train.jsonl"
+    assert main(["config", "recipe=fit", f"data.train_file={missing}"]) == 0  # files: not opened
+    assert NOT_SET not in capsys.readouterr().out
+    assert main(["config", "--check", "recipe=fit", f"data.train_file={missing}"]) == 2
+    assert f"'data.train_file': file {missing} does not exist" in capsys.readouterr().err
+    missing.write_text('{"text": "a", "label": "x"}\n')
+    assert main(["config", "--check", "recipe=fit", f"data.train_file={missing}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["train_file"] == str(missing)
+
+
+def test_config_checks_values_while_a_key_is_unset(capsys) -> None:
+    """A bad value is still refused, and a derived one shown, before the data is named."""
+    assert main(["config", "recipe=fit", "train.lr=-1"]) == 2
+    assert "config key 'train.lr': must be > 0, got -1.0" in capsys.readouterr().err
+    assert main(["config", "recipe=in_domain", "train.max_steps=30"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["warmup_steps"] == 3 and cfg["data"]["train_files"] == "???"
 
 
 def test_config_picks_the_schema_of_the_recipe(tmp_path: Path, capsys) -> None:

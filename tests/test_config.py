@@ -82,7 +82,9 @@ def test_recipe_from_a_file_path_composes_the_shipped_base(tmp_path: Path,
         ("data.train_files=[/nonexistent/*.txt]",
          "config key 'data.train_files[0]': no file matches '/nonexistent/*.txt'"),
         ("data.source_weights=[1,2]", "config key 'data.source_weights': has 2 weights for 1"),
-        ("train.warmup_steps=200000", "config key 'train.warmup_steps': must be in [0"),
+        ("train.warmup_steps=-1", "config key 'train.warmup_steps': must be >= 0, got -1"),
+        ("train.short_run_warmup_ratio=1",
+         "config key 'train.short_run_warmup_ratio': must be in [0, 1), got 1.0"),
         ("model.from_scratch.hidden_size=101", "is not a multiple of num_attention_heads"),
     ],
 )
@@ -128,3 +130,38 @@ def test_a_refused_run_releases_its_output_dir_lock(tmp_path: Path, corpus_file:
     for _ in range(2):
         assert main(argv) == 2
         assert "holds no further_pt run" in capsys.readouterr().err
+
+
+WARMUP_LINE = ("train.warmup_steps=100 is longer than the run (train.max_steps=30): warming up "
+               "over 3 steps instead (train.short_run_warmup_ratio=0.1 of max_steps)")
+
+
+def test_a_shortened_demo_runs_with_a_fitted_warmup(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """`pretrain recipe=demo train.max_steps=30`: a run (warm-up 3 of 30), with one log line."""
+    with caplog.at_level("INFO", logger="further_pt"):
+        cfg = load(["recipe=demo", f"output_dir={tmp_path / 'out'}", "train.max_steps=30"])
+    assert (cfg.train.max_steps, cfg.train.warmup_steps) == (30, 3)
+    assert [r.getMessage() for r in caplog.records if "warm" in r.getMessage()] == [WARMUP_LINE]
+
+
+@pytest.mark.parametrize(("recipe", "max_steps", "warmup"), [
+    ("in_domain", 30, 3), ("in_domain", 9999, 1000), ("in_domain", 10000, 10000),
+    ("in_domain", 100000, 10000), ("demo", 1000, 100), ("demo", 100, 100), ("demo", 99, 10),
+    ("demo", 4, 0)])
+def test_only_a_warmup_longer_than_the_run_changes(recipe: str, max_steps: int, warmup: int,
+                                                   corpus_file: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="further_pt"):
+        cfg = load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]",
+                    f"train.max_steps={max_steps}"])
+    assert cfg.train.warmup_steps == warmup
+    logged = [r for r in caplog.records if "is longer than the run" in r.getMessage()]
+    assert len(logged) == (max_steps < {"in_domain": 10000, "demo": 100}[recipe])
+
+
+def test_fit_warmup_is_its_formula() -> None:
+    assert config.fit_warmup(100, 30, 0.1) == 3  # round(0.1 * 30)
+    assert config.fit_warmup(10000, 1234, 0.1) == 123
+    assert config.fit_warmup(50, 50, 0.1) == 50  # a warm-up as long as the run is kept
+    assert config.fit_warmup(7, 5, 0.0) == 0

@@ -148,6 +148,8 @@ def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny
     proc = run_script(args, script="finetune.py", launcher=launcher,
                       env={"ACCELERATE_USE_CPU": "true"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Evaluation is sharded over both processes and gathered: the whole dev set, once.
+    assert "(evaluated on 2 processes)" in proc.stderr
     per_rank = 160 // 2
     total = 2 * math.ceil(math.ceil(per_rank / 8) / 2)  # 2 epochs x 5 steps
     metrics = json.loads((out / "metrics.json").read_text())
@@ -156,6 +158,12 @@ def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny
                                                 .read_text().splitlines()) if "lr/head" in x}
     for step, lr in lrs.items():  # logged after `step` updates: the lr of the next step
         assert lr == pytest.approx(3e-3 * stlr_factor(step, total, 0.1, 32))
+    assert metrics["eval_examples"] == 40  # every dev example, none twice
+    # The gathered metrics are those of the whole dev set: predict on one process agrees.
+    from further_pt.evaluation import predict_file
+
+    single = predict_file(out / "final", str(task[1]), tmp_path / "pred.jsonl")
+    assert single["eval_accuracy"] == metrics["eval_accuracy"]
 
 
 def test_subsample_and_skipped_rows_are_logged_and_counted(tmp_path, tiny_model_dir) -> None:

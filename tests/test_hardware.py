@@ -23,57 +23,131 @@ from further_pt.hardware import (
 AMX = {"amx_bf16"}
 NONE: set[str] = set()
 
-# (requested, device_type, cuda_bf16, cpu_flags, launcher) -> expected mixed_precision
+A100, V100, P100 = (8, 0), (7, 0), (6, 0)
+
+# (requested, device_type, cuda_capability, cpu_flags, launcher) -> expected mixed_precision
 TABLE = [
     # explicit recipe values win over everything, launcher included
-    ("no", "cuda", True, NONE, "bf16", "no"),
-    ("fp16", "cpu", False, AMX, None, "fp16"),
-    ("bf16", "cpu", False, NONE, "fp16", "bf16"),
-    ("bf16", "cuda", False, NONE, "no", "bf16"),
+    ("no", "cuda", A100, NONE, "bf16", "no"),
+    ("fp16", "cpu", None, AMX, None, "fp16"),
+    ("bf16", "cpu", None, NONE, "fp16", "bf16"),
+    ("bf16", "cuda", V100, NONE, "no", "bf16"),
     # null: accelerate's own setting (the env / its default)
-    (None, "cuda", True, AMX, "fp16", None),
-    (None, "cpu", False, AMX, None, None),
+    (None, "cuda", A100, AMX, "fp16", None),
+    (None, "cpu", None, AMX, None, None),
     # auto: an explicit launcher precision wins
-    ("auto", "cpu", False, NONE, "bf16", "bf16"),
-    ("auto", "cuda", True, NONE, "fp16", "fp16"),
-    ("auto", "cuda", False, NONE, "FP8", "fp8"),
+    ("auto", "cpu", None, NONE, "bf16", "bf16"),
+    ("auto", "cuda", A100, NONE, "fp16", "fp16"),
+    ("auto", "cuda", P100, NONE, "FP8", "fp8"),
     # auto: the launcher's default "no" (or nothing) does not stop detection
-    ("auto", "cuda", True, NONE, "no", "bf16"),
-    ("auto", "cuda", True, NONE, None, "bf16"),
-    ("auto", "cuda", False, AMX, "no", "no"),
-    ("auto", "cpu", False, AMX, "no", "bf16"),
-    ("auto", "cpu", False, {"avx512_bf16"}, None, "bf16"),
-    ("auto", "cpu", False, NONE, "", "no"),
-    ("auto", "cpu", True, NONE, None, "no"),  # cuda_bf16 is irrelevant on a CPU run
-    ("auto", "mps", False, AMX, None, "no"),
+    ("auto", "cuda", A100, NONE, "no", "bf16"),
+    ("auto", "cuda", (9, 0), NONE, None, "bf16"),
+    ("auto", "cuda", V100, AMX, "no", "fp16"),  # V100/T4: fp16 tensor cores, bf16 emulated
+    ("auto", "cuda", (7, 5), NONE, None, "fp16"),
+    ("auto", "cuda", P100, AMX, "no", "no"),
+    ("auto", "cpu", None, AMX, "no", "bf16"),
+    ("auto", "cpu", None, {"avx512_bf16"}, None, "bf16"),
+    ("auto", "cpu", None, NONE, "", "no"),
+    ("auto", "cpu", A100, NONE, None, "no"),  # a GPU's capability is irrelevant on a CPU run
+    ("auto", "mps", None, AMX, None, "no"),
 ]
 
 
-@pytest.mark.parametrize(("requested", "device", "cuda_bf16", "flags", "launcher", "expected"),
+@pytest.mark.parametrize(("requested", "device", "capability", "flags", "launcher", "expected"),
                          TABLE)
-def test_precision_choice_table(requested, device, cuda_bf16, flags, launcher, expected) -> None:
-    chosen, reason = choose_precision(requested, device_type=device, cuda_bf16=cuda_bf16,
+def test_precision_choice_table(requested, device, capability, flags, launcher, expected) -> None:
+    chosen, reason = choose_precision(requested, device_type=device, cuda_capability=capability,
                                       cpu_flags=flags, launcher=launcher)
     assert chosen == expected
     assert reason and "\n" not in reason
 
 
 def test_precision_reasons_name_the_cause() -> None:
-    _, why = choose_precision("no", device_type="cuda", cuda_bf16=True, cpu_flags=NONE,
+    _, why = choose_precision("no", device_type="cuda", cuda_capability=A100, cpu_flags=NONE,
                               launcher="bf16")
     assert "overrides accelerate launch's bf16" in why
-    _, why = choose_precision("auto", device_type="cpu", cuda_bf16=False,
+    _, why = choose_precision("auto", device_type="cpu", cuda_capability=None,
                               cpu_flags={"avx512_bf16", "amx_bf16"}, launcher=None)
     assert why == "auto: bf16, the CPU has amx_bf16/avx512_bf16"
-    _, why = choose_precision("auto", device_type="cpu", cuda_bf16=False, cpu_flags=NONE,
+    _, why = choose_precision("auto", device_type="cpu", cuda_capability=None, cpu_flags=NONE,
                               launcher="bf16")
     assert "wins over auto" in why
+    _, why = choose_precision("auto", device_type="cuda", cuda_capability=(7, 5), cpu_flags=NONE,
+                              launcher=None)
+    assert why.startswith("auto: fp16 with loss scaling") and "compute capability 7.5" in why
+
+
+def test_auto_precision_asks_the_local_gpus_capability_not_emulated_bf16(monkeypatch) -> None:
+    """A T4 (7.5) reports is_bf16_supported() True (emulated): auto must still pick fp16, and
+    ask LOCAL_RANK's device, never creating a tensor (a CUDA context) on cuda:0."""
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda i=None: asked.append(i) or (7, 5))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    chosen, why = hardware.detect_precision("auto")
+    assert chosen == "fp16" and asked == [3], (chosen, why, asked)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    assert hardware.detect_precision("auto")[0] == "bf16"
+
+
+def test_tf32_on_ampere_and_newer_unless_the_recipe_says_no(monkeypatch) -> None:
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        assert hardware.configure_tf32(True, (7, 0)) is None  # V100: no TF32 cores
+        assert torch.backends.cuda.matmul.fp32_precision == before[0]
+        assert hardware.configure_tf32(True, None) is None  # a CPU run
+        note = hardware.configure_tf32(True, (8, 0))
+        assert note and "on (train.tf32=true)" in note
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert "off" in hardware.configure_tf32(False, (9, 0))
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before[0]
+        torch.backends.cudnn.conv.fp32_precision = before[1]
+
+
+@pytest.mark.parametrize(("name", "dtype", "tf32", "peak"), [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, False, 989.4e12),
+    ("NVIDIA H100 PCIe", torch.bfloat16, False, 756.5e12),
+    ("NVIDIA H100 NVL", torch.float16, False, 835.5e12),
+    ("NVIDIA H200", torch.bfloat16, False, 989.4e12),
+    ("NVIDIA H200 NVL", torch.bfloat16, False, 835.5e12),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, False, 312e12),
+    ("NVIDIA A100 80GB PCIe", torch.float32, True, 156e12),
+    ("NVIDIA A100-SXM4-40GB", torch.float32, False, 19.5e12),
+    ("NVIDIA L4", torch.bfloat16, False, 121e12),
+    ("NVIDIA L40S", torch.bfloat16, False, 362.05e12),
+    ("NVIDIA A10", torch.bfloat16, False, 125e12),
+    ("Tesla V100-SXM2-16GB", torch.float16, False, 125e12),
+    ("Tesla V100-PCIE-32GB", torch.float16, False, 112e12),
+    ("Tesla T4", torch.float16, False, 65e12),
+    ("NVIDIA B200", torch.bfloat16, False, 2250e12),
+])
+def test_mfu_peak_is_the_datasheet_dense_peak(name, dtype, tf32, peak) -> None:
+    found, source = hardware.peak_flops(dtype, "cuda", tf32=tf32, device_name=name)
+    assert found == peak and "datasheet" in source
+
+
+def test_unknown_gpu_or_missing_dtype_is_measured_back_to_back(monkeypatch) -> None:
+    monkeypatch.setattr(hardware, "cuda_matmul_peak", lambda dtype: 123e12)
+    assert hardware.datasheet_peak("Tesla T4", torch.bfloat16) is None  # T4 has no bf16 cores
+    assert hardware.datasheet_peak("NVIDIA A10G", torch.bfloat16) is None  # not the A10
+    found, source = hardware.peak_flops(torch.bfloat16, "cuda", device_name="NVIDIA RTX 9999")
+    assert found == 123e12 and "measured, 20 back-to-back" in source
+    assert hardware.si(989.4e12) == "989 TFLOP/s" and hardware.si(114816, "FLOP") == "115 kFLOP"
 
 
 @pytest.mark.parametrize("bad", ["fp32", "AUTO", "", "bfloat16"])
 def test_unknown_precision_is_a_config_error(bad: str) -> None:
     with pytest.raises(ConfigError, match=r"train\.mixed_precision"):
-        choose_precision(bad, device_type="cpu", cuda_bf16=False, cpu_flags=NONE, launcher=None)
+        choose_precision(bad, device_type="cpu", cuda_capability=None, cpu_flags=NONE,
+                         launcher=None)
 
 
 CPUINFO = """\

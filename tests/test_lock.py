@@ -132,3 +132,25 @@ def test_a_child_forked_by_the_holder_does_not_keep_the_lock(tmp_path: Path) -> 
             assert lock.held
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_output_dir_on_a_read_only_parent_holds_its_own_lock(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """output_dir=/runs in a container: the volume is writable, / is not. The lock goes inside
+    the folder; an empty folder with only its lock is a fresh run; overwrite keeps the lock
+    (and the folder itself: it may be a mount point)."""
+    from further_pt import checkpoint
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert lock_path(out) == out / ".further_pt.lock"
+    with OutputDirLock(out):
+        assert prepare_output_dir(out, {"seed": 1}, overwrite=False) is False
+        write_config(out, {"seed": 1}, overwrite=False)
+        (out / "checkpoints").mkdir()
+        assert prepare_output_dir(out, {"seed": 1}, overwrite=False) is True
+        write_config(out, {"seed": 2}, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == [".further_pt.lock", "config.yaml"]
+        with pytest.raises(SetupError):  # still held
+            OutputDirLock(out).acquire()

@@ -94,3 +94,17 @@ def test_head_warmup_then_the_main_schedule_shifted() -> None:
     assert seen[4] == [0.0, 0.0]  # the main schedule starts at its own step 0 (warmup from 0)
     assert seen[5] == [pytest.approx(2.5e-5)] * 2 and seen[6] == [pytest.approx(5e-5)] * 2
     assert seen[13] == [pytest.approx(5e-5 * 1 / 8)] * 2  # main step 9 of 10
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 3, 4, 10, 29])
+def test_a_shortened_runs_schedule_equals_its_formula(step: int) -> None:
+    """demo at train.max_steps=30: warm-up fitted to 3 steps, then linear decay to 0 at 30."""
+    from further_pt.config import fit_warmup
+    from further_pt.schedules import linear_factor
+
+    warmup = fit_warmup(100, 30, 0.1)
+    lrs = _lrs("linear", 30, warmup_steps=warmup)
+    expected = step / 3 if step < 3 else (30 - step) / (30 - 3)
+    assert warmup == 3
+    assert lrs[step] == pytest.approx(2e-5 * expected, rel=1e-12)
+    assert linear_factor(step, warmup, 30) == pytest.approx(expected, rel=1e-12)
