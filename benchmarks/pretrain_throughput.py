@@ -98,6 +98,7 @@ def ours_cmd(args: argparse.Namespace, model: Path, corpus: Path, out: Path,
             "objective.nsp=false", "objective.head_warmup.steps=0",
             f"data.max_seq_length={args.seq}",
             f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
+            "train.global_batch_size=null",  # the recipe's 32 would accumulate 2 x 16
             "train.warmup_steps=0", f"train.log_every_steps={log_every}",
             f"checkpoint.every_steps={args.steps}", "checkpoint.keep_last=1"]
 

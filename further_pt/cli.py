@@ -6,10 +6,12 @@
     further-pt prepare recipe=in_domain data.cache_dir=DIR ...  # tokenise ahead on a CPU
     further-pt pretrain recipe=demo                    # in this process; for several processes:
     further-pt finetune recipe=fit ...                 #   accelerate launch further_pt/<job>.py
+    further-pt finetune -m recipe=fit train.lr=1e-5,2e-5 ...  # a sweep: one run per value
     further-pt predict model=runs/fit/final input=test.jsonl output=predictions.jsonl
     further-pt experiment recipe=paper_grid task.train_file=... task.eval_file=... corpora...
     further-pt plot-schedule recipe=ulmfit [steps=1000] [layers=12] [output=schedule.png]
     further-pt plot-run runs/fit [output=run.png]
+    further-pt select corpus=[in_domain.txt.gz] task=train.jsonl k=50 output=knn.txt.gz
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from further_pt import (
     model,
     pretrain,
     pretraining,
+    sweep,
 )
 from further_pt.errors import ConfigError, FurtherPTError
 from further_pt.evaluation import PREPROCESSING, predict_file
@@ -49,10 +52,15 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
   prepare    tokenise a pretraining recipe's corpus into data.cache_dir (no GPU, no weights)
   pretrain   further-pretrain in this process (several: accelerate launch further_pt/pretrain.py)
   finetune   fine-tune in this process (several: accelerate launch further_pt/finetune.py)
+             pretrain/finetune -m [--launcher L] ... key=a,b: a sweep, one run per grid point,
+             each in output_dir/key=value, summarised in output_dir/sweep.md and sweep.csv
   predict    model=DIR input=FILE output=FILE [batch_size=64]: predictions as JSON lines
   experiment run the FiT / ITPT / IDPT / CDPT (/ Feat) grid and write report.md and plots
   plot-schedule  recipe=NAME [steps=1000] [layers=12] [output=FILE.png]: lr per layer group
   plot-run   OUTPUT_DIR [output=FILE.png]: loss, lr and accuracy curves of a run
+  select     corpus=[FILES] task=FILE output=FILE.txt.gz [k=50 ...]: the corpus documents
+             nearest to the task's texts, as a pretraining corpus (kNN-TAPT); --help: all keys
+  doctor     [work=DIR]: does further_pt run right here, and how fast (GPU: ~5 min)
 """
 
 
@@ -317,6 +325,33 @@ def _experiment(args: list[str]) -> int:
     return 0
 
 
+def _doctor(rest: list[str]) -> int:
+    """Every check that applies on this machine, one line each, then the summary line."""
+    from further_pt import doctor
+
+    options = dict(arg.split("=", 1) for arg in rest if "=" in arg)
+    unknown = sorted(set(options) - {"work"}) + [a for a in rest if "=" not in a]
+    if unknown:
+        raise ConfigError(f"doctor: unknown option {unknown[0]!r} (usage: further-pt doctor "
+                          "[work=DIR])")
+    work = Path(options["work"]) if "work" in options else None
+    checks = doctor.diagnose(work)
+    print(doctor.summary(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def _select(rest: list[str]) -> int:
+    """The corpus documents nearest to a task's texts, written as a pretraining corpus."""
+    from further_pt import selection
+
+    if "--help" in rest or "-h" in rest:
+        print(selection.HELP, end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    print(selection.summary(selection.select(selection.parse(rest))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -340,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             return _prepare(rest)
         if command == "experiment":
             return _experiment(rest)
+        if command == "select":
+            return _select(rest)
+        if command in ("pretrain", "finetune") and sweep.wanted(rest):
+            return sweep.main(command, rest)
+        if command == "doctor":
+            return _doctor(rest)
     except FurtherPTError as exc:
         print(f"further_pt: error: {exc}", file=sys.stderr)
         return exc.exit_code

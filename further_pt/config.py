@@ -299,7 +299,7 @@ def validate_pretrain(cfg: DictConfig, *, check_files: bool = True) -> None:
                 "over %d steps instead (train.short_run_warmup_ratio=%g of max_steps)",
                 t.warmup_steps, t.max_steps, fitted, t.short_run_warmup_ratio)
         t.warmup_steps = fitted
-    _validate_loop(cfg)
+    _validate_loop(cfg, check_files=check_files)
 
 
 def fit_warmup(warmup_steps: int, max_steps: int, short_run_ratio: float) -> int:
@@ -316,9 +316,10 @@ def fit_warmup(warmup_steps: int, max_steps: int, short_run_ratio: float) -> int
     return round(short_run_ratio * max_steps)
 
 
-def _validate_loop(cfg: DictConfig) -> None:
+def _validate_loop(cfg: DictConfig, *, check_files: bool = True) -> None:
     """The keys of the training loop, optimizer and checkpoints that every kind shares."""
     t, c = cfg.train, cfg.checkpoint
+    validate_trackers(t, check_installed=check_files)
     _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
     _require(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
              f"must be > 0, got {t.gradient_accumulation_steps}")
@@ -338,6 +339,55 @@ def _validate_loop(cfg: DictConfig) -> None:
     _require(c.every_steps is None or c.every_steps > 0, "checkpoint.every_steps",
              f"must be > 0 or null (every epoch), got {c.every_steps}")
     _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+
+
+#: pip package of each tracker whose import name differs (Accelerate's names; the rest
+#: install under their own name). aim: Accelerate drives aim < 4 only.
+TRACKER_PACKAGES = {"comet_ml": "comet-ml", "aim": "'aim<4'"}
+
+
+def installed_trackers() -> set[str]:
+    """The trackers Accelerate finds importable here (its own checks, versions included)."""
+    from accelerate.tracking import get_available_trackers
+
+    return {str(t) for t in get_available_trackers()}
+
+
+def validate_trackers(t: DictConfig, *, check_installed: bool) -> None:
+    """``train.trackers``: null, ``none`` or ``[]`` -> ``[]``; one name -> a list of it.
+
+    Each name must be one of Accelerate's trackers, and (``check_installed``, as a run
+    checks) importable: a tracker that is missing would otherwise fail at its first log
+    call, after the data and model have loaded. Normalised in place, so config.yaml and the
+    trackers' own config record the list that ran.
+    """
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    raw = t.trackers
+    if raw is None or raw == "none":
+        names: list[Any] = []
+    elif isinstance(raw, str):
+        names = [raw]
+    elif isinstance(raw, ListConfig | list):
+        names = list(raw)
+    else:
+        raise ConfigError(f"config key 'train.trackers': a list of tracker names, [] or none; "
+                          f"got {raw!r}")
+    known = list(LOGGER_TYPE_TO_CLASS)
+    installed = installed_trackers() if check_installed else set(known)
+    for i, name in enumerate(names):
+        key = f"train.trackers[{i}]"
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config key {key!r}: unknown tracker {name!r}{hint}; one of "
+                              f"{', '.join(known)}")
+        if name not in installed:
+            package = TRACKER_PACKAGES.get(name, name)
+            raise ConfigError(f"config key {key!r}: {name} is not installed here; pip install "
+                              f"{package} (or drop it from train.trackers)")
+    _require(len(set(names)) == len(names), "train.trackers", f"lists a tracker twice: {names}")
+    t.trackers = names
 
 
 def _check_file(key: str, path: str | None) -> None:
@@ -411,7 +461,7 @@ def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
              "conflicts with train.unfreeze (a frozen encoder is never unfrozen)")
     _choice("eval.metric", e.metric, ("accuracy", "macro_f1", "error_rate"))
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
-    _validate_loop(cfg)
+    _validate_loop(cfg, check_files=check_files)
 
 
 def flatten(node: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:

@@ -132,16 +132,21 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
 
 @torch.no_grad()
 def mlm_loss(model_dir: str | Path, texts: list[str], *, max_seq_length: int, seed: int,
-             batch_size: int = 16) -> float:
+             batch_size: int = 16) -> float | None:
     """Mean MLM loss of a pretrained encoder on ``texts`` (packed blocks, fixed masks).
 
     The forgetting measure of the experiment report: the same texts, blocks and
-    masks for every model (given the same tokenizer), so the losses compare.
+    masks for every model (given the same tokenizer), so the losses compare. None
+    when the folder holds no MLM head (a sentence-transformers base, an encoder
+    saved without its pretraining heads): its loss would score a randomly
+    initialised head, not what the encoder knows.
     """
-
-
     tokenizer = load_tokenizer(str(model_dir))
-    model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    model, info = AutoModelForMaskedLM.from_pretrained(str(model_dir), output_loading_info=True)
+    model.eval()
+    prefix = f"{model.base_model_prefix}."
+    if any(not k.startswith(prefix) for k in info.get("missing_keys") or []):
+        return None
     ids = instances.encode_plain(tokenizer, texts)
     blocks = pack_documents([x for x in ids if x], max_seq_length=max_seq_length,
                             cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)

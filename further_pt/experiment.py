@@ -59,8 +59,11 @@ from further_pt.report import finetune_stage
 
 logger = logging.getLogger("further_pt.experiment")
 SCRIPTS = Path(__file__).resolve().parent
-PRETRAIN_RECIPES = {"itpt": "within_task", "idpt": "in_domain", "cdpt": "cross_domain"}
-VARIANTS = ("fit", "itpt", "idpt", "cdpt", "feat", "linear")
+# `selected` (kNN-TAPT, Gururangan et al. 2020): in-domain documents nearest the task's texts,
+# chosen by `further-pt select`; pretrained like in-domain text.
+PRETRAIN_RECIPES = {"itpt": "within_task", "idpt": "in_domain", "cdpt": "cross_domain",
+                    "selected": "in_domain"}
+VARIANTS = ("fit", "itpt", "idpt", "cdpt", "selected", "feat", "linear")
 STAGES = "stages.json"
 ENTRY_POINTS = {"pretrain.py": pretrain.main, "finetune.py": finetune.main}
 # Keys that may change between runs into one output dir: they only add (or drop) stages, or
@@ -164,6 +167,13 @@ def _grid_free(resolved: Any) -> Any:
     return {k: v for k, v in resolved.items() if k not in GRID_KEYS}
 
 
+def _changed(saved: Any, resolved: Any) -> list[str]:
+    """Grid-free keys whose value differs; keys the saved experiment lacks (added to
+    further_pt after it started, so it ran without them) are not a change."""
+    old, new = config.flatten(_grid_free(saved)), config.flatten(_grid_free(resolved))
+    return sorted(k for k in old if old[k] != new.get(k))
+
+
 def check_sizes(cfg: DictConfig) -> int:
     """Read the training labels once; every size must be drawable. Returns the row count.
 
@@ -191,10 +201,12 @@ def run(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.yaml"
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if saved.is_file() and _grid_free(OmegaConf.to_container(OmegaConf.load(saved))) != (
-            _grid_free(resolved)):
+    changed = _changed(OmegaConf.to_container(OmegaConf.load(saved)), resolved) if (
+        saved.is_file()) else []
+    if changed:
         raise ConfigError(f"output_dir {out} holds an experiment with a different config "
-                          f"(only {', '.join(GRID_KEYS)} may change); use another output_dir")
+                          f"({changed[0]}; only {', '.join(GRID_KEYS)} may change); use another "
+                          "output_dir")
     train_rows = check_sizes(cfg)
     checkpoint.atomic_write_text(saved, OmegaConf.to_yaml(resolved))
     runner = Runner(cfg, out)
@@ -212,9 +224,10 @@ def run(cfg: DictConfig) -> Path:
     task = cfg.task
     corpora = {"itpt": list(cfg.corpora.within_task or [task.train_file]),
                "idpt": list(cfg.corpora.in_domain),
-               "cdpt": [*cfg.corpora.in_domain, *general_files]}
+               "cdpt": [*cfg.corpora.in_domain, *general_files],
+               "selected": list(cfg.corpora.selected or [])}
     models: dict[str, str] = {"fit": str(base), "feat": str(base)}
-    for variant in ("itpt", "idpt", "cdpt"):  # once each, shared by every size and seed
+    for variant in ("itpt", "idpt", "cdpt", "selected"):  # once each, shared by sizes and seeds
         if variant not in cfg.variants:
             continue
         folder = out / f"pretrain-{variant}"
@@ -259,6 +272,8 @@ def run(cfg: DictConfig) -> Path:
         texts = heldout.read_text().splitlines()
         for variant, model_dir in models.items():
             if variant not in forgetting and variant != "feat":
+                # None: the model has no trained MLM head (a head-less base such as a
+                # sentence-transformers checkpoint), so its loss would score a random head
                 forgetting[variant] = evaluation.mlm_loss(
                     model_dir, texts, max_seq_length=cfg.forgetting.max_seq_length, seed=0)
         checkpoint.atomic_write_text(cached, json.dumps(forgetting, indent=1))
@@ -342,11 +357,11 @@ def validate(cfg: DictConfig) -> None:
         path = cfg.task[key]
         if not Path(path).is_file():
             raise ConfigError(f"config key 'task.{key}': file {path} does not exist")
-    needs = {"idpt": "in_domain", "cdpt": "cross_domain"}
+    needs = {"idpt": "in_domain", "cdpt": "cross_domain", "selected": "selected"}
     for variant, key in needs.items():
         if variant in cfg.variants and not cfg.corpora[key]:
             raise ConfigError(f"config key 'corpora.{key}': variant {variant} needs a corpus")
-    for key in ("within_task", "in_domain", "cross_domain"):
+    for key in ("within_task", "in_domain", "cross_domain", "selected"):
         for i, spec in enumerate(cfg.corpora[key] or []):
             if not expand_paths(spec):
                 raise ConfigError(f"config key 'corpora.{key}[{i}]': no file matches {spec!r}")

@@ -11,7 +11,9 @@ so its peers learn of it only from ``train.collective_timeout_s``:
 - ``checkpoint_write``: half-way through writing a checkpoint (files written, no manifest);
 - ``after_checkpoint``: right after a checkpoint is complete.
 
-``FURTHER_PT_FAULT=nan:STEP`` makes every loss from that step on non-finite.
+``FURTHER_PT_FAULT=nan:STEP`` makes every loss from that step on non-finite;
+``FURTHER_PT_FAULT=overflow:STEP`` makes that one step's loss infinite, as an fp16
+overflow does (``further-pt doctor`` checks that a run under a GradScaler survives it).
 Unset, these checks cost one dictionary lookup.
 """
 
@@ -42,3 +44,9 @@ def nan_from(step: int) -> bool:
     """True when the fault spec asks for non-finite losses from an earlier or this step."""
     spec = _spec()
     return bool(spec) and spec[0] == "nan" and step >= int(spec[1])
+
+
+def overflow_at(step: int) -> bool:
+    """True when the fault spec asks for an infinite loss at exactly this step."""
+    spec = _spec()
+    return bool(spec) and spec[0] == "overflow" and step == int(spec[1])

@@ -43,7 +43,8 @@ logger = logging.getLogger("further_pt.finetuning")
 
 RESUMABLE_KEYS = ("output_dir", "overwrite_output_dir", "train.log_every_steps",
                   "checkpoint.keep_last", "data.dataloader_workers", "data.cache_dir",
-                  "eval.batch_size")
+                  "eval.batch_size", "train.trackers", "train.stop_check_every_steps",
+                  "train.collective_timeout_s", "train.compile")
 
 
 @dataclass

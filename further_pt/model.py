@@ -331,6 +331,86 @@ def new_pretraining_model(config: PretrainedConfig, *, nsp: bool,
 
 
 def save_folder(model: Any, tokenizer: Any, folder: Path) -> None:
-    """A standard HF folder: safetensors weights + config + tokenizer."""
+    """A standard HF folder: safetensors weights + config + tokenizer.
+
+    The Trainer adds the base's sentence-transformers modules to every folder it saves
+    (:func:`write_st_modules`), this one included.
+    """
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- sentence-transformers modules
+#: sentence-transformers' own files at a model folder's top level (README.md, the model card,
+#: describes the base and is not carried).
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def st_modules(name_or_path: str | None) -> dict[str, bytes]:
+    """The sentence-transformers module files of a base model, by relative path; {} for none.
+
+    ``modules.json`` lists the modules ``SentenceTransformer`` chains: the transformer at
+    the folder's top level (path ``""``, the weights further_pt trains), then pooling,
+    normalisation, dense layers... each in its own folder (``1_Pooling/``). Those folders and
+    the top-level ST_FILES are read here (a hub id from the hub's cache or the hub) to be
+    written into every folder the run saves (:func:`write_st_modules`). A base whose
+    transformer lives in a subfolder (the old ``0_Transformer/`` layout) cannot be carried:
+    the saved weights are at the top level. Logged either way.
+    """
+    if name_or_path is None:
+        return {}
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        folder = _hub_st_folder(name_or_path)
+        if folder is None:
+            return {}
+    modules_path = folder / "modules.json"
+    if not modules_path.is_file():
+        return {}
+    try:
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+        paths = [str(m.get("path", "")) for m in modules]
+    except (ValueError, AttributeError, TypeError) as exc:  # not ours to refuse: warn
+        logger.warning("%s is not a valid modules.json (%s): sentence-transformers modules are "
+                       "not carried into the saved folders", modules_path, _one_line(exc))
+        return {}
+    if "" not in paths:
+        logger.warning("%s keeps its transformer in a subfolder (%s): its sentence-transformers "
+                       "modules are not carried into the saved folders", name_or_path,
+                       ", ".join(paths))
+        return {}
+    files = {name: (folder / name).read_bytes() for name in ST_FILES if (folder / name).is_file()}
+    for sub in (p for p in paths if p):
+        files[f"{sub}/"] = b""  # the folder itself: Normalize has no file, yet is listed
+        for path in sorted((folder / sub).rglob("*")) if (folder / sub).is_dir() else ():
+            if path.is_file():
+                files[path.relative_to(folder).as_posix()] = path.read_bytes()
+    logger.info("sentence-transformers modules of %s (%s) are carried into every saved folder",
+                name_or_path, ", ".join(f"{m.get('path') or '.'}: {m.get('type', '?')}"
+                                        for m in modules))
+    return files
+
+
+def _hub_st_folder(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model's sentence-transformers files; None when it has none
+    (or they cannot be had: offline and not in the cache, where the run then saves without)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        modules = json.loads(Path(hf_hub_download(repo_id, "modules.json")).read_text())
+        subfolders = [f"{m['path']}/*" for m in modules if m.get("path")]
+        return Path(snapshot_download(repo_id, allow_patterns=[*ST_FILES, *subfolders]))
+    except Exception as exc:  # no such file, offline, gated: the run goes on without them
+        logger.info("no sentence-transformers modules for %s (%s)", repo_id, _one_line(exc))
+        return None
+
+
+def write_st_modules(files: dict[str, bytes], folder: Path) -> None:
+    """Write :func:`st_modules`'s files into a saved model folder (nothing for {})."""
+    for rel, data in files.items():
+        path = folder / rel
+        if rel.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)

@@ -55,7 +55,8 @@ logger = logging.getLogger("further_pt.pretraining")
 RESUMABLE_KEYS = (
     "output_dir", "overwrite_output_dir", "train.max_steps", "train.log_every_steps",
     "checkpoint.every_steps", "checkpoint.keep_last", "data.dataloader_workers",
-    "data.preprocessing_workers", "data.cache_dir",
+    "data.preprocessing_workers", "data.cache_dir", "train.trackers",
+    "train.stop_check_every_steps", "train.collective_timeout_s", "train.compile",
 )
 
 

@@ -22,11 +22,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from further_pt import schedules
+from further_pt import paired, schedules
 from further_pt.checkpoint import atomic_write_text
 
 NAMES = {"fit": "BERT-FiT", "itpt": "BERT-ITPT-FiT", "idpt": "BERT-IDPT-FiT",
-         "cdpt": "BERT-CDPT-FiT", "feat": "BERT-Feat", "linear": "TF-IDF + LogReg"}
+         "cdpt": "BERT-CDPT-FiT", "selected": "BERT-kNN-TAPT-FiT", "feat": "BERT-Feat",
+         "linear": "TF-IDF + LogReg"}
 P_VALUE = 0.05  # Welch's t-test level of the data-size sentences
 
 
@@ -40,7 +41,7 @@ def finetune_stage(variant: str, size: int | None, seed: int) -> str:
     return f"finetune-{variant}-{size_tag(size)}-seed{seed}"
 
 
-PRETRAINED = ("itpt", "idpt", "cdpt")
+PRETRAINED = ("itpt", "idpt", "cdpt", "selected")
 
 
 def variant_keys(cfg: Any) -> list[str]:
@@ -109,6 +110,8 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
                 "pretrain_steps": steps,
                 "pretrain_seconds": stages.get(stage, {}).get("seconds") if stage else None,
                 "forgetting_mlm_loss": forgetting.get(variant),
+                # measured as not applicable: the encoder has no trained MLM head
+                "forgetting_na": variant in forgetting and forgetting[variant] is None,
                 "error_rates": errors,
             })
         fit = next(r for r in block if r["key"] == "fit")["error_rate_mean"]
@@ -136,7 +139,8 @@ def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
         "delta = relative error reduction against BERT-FiT" + (" at the same training size"
                                                                if several else "") +
         " (Sun et al. 2019, Table 6's Avg. delta); forgetting = MLM loss of the encoder on "
-        "held-out general text.", "",
+        "held-out general text (n/a: the encoder has no trained MLM head - a head-less base - "
+        "so the loss would score a random head).", "",
         "| model |" + (" training examples |" if several else "") + " error rate (%) | "
         "macro-F1 (%) | delta vs FiT | pretraining steps | pretraining time (s) | "
         "forgetting (MLM loss) |",
@@ -147,7 +151,8 @@ def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
             f" {100 * r['error_rate_mean']:.2f} +- "
             f"{100 * r['error_rate_sd']:.2f} | {100 * r['macro_f1_mean']:.2f} | "
             f"{100 * r['relative_error_reduction']:+.1f}% | {_fmt(r['pretrain_steps'], 'd')} | "
-            f"{_fmt(r['pretrain_seconds'], '.0f')} | {_fmt(r['forgetting_mlm_loss'], '.3f')} |")
+            f"{_fmt(r['pretrain_seconds'], '.0f')} | "
+            f"{'n/a' if r.get('forgetting_na') else _fmt(r['forgetting_mlm_loss'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -246,8 +251,31 @@ def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, flo
     if len(cfg.train_sizes) > 1:
         plot = _data_size_plot(out, table)
         text += data_size_markdown(table, cfg, plot.name if plot else None)
+    pairs = _paired(out, cfg)
+    text += paired.markdown(pairs, lambda size: "all" if size is None else str(size))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(paired.PAIRED_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({**r, "train_size": "all" if r["train_size"] is None else r["train_size"],
+                      "diffs": ";".join(f"{d:.6f}" for d in r["diffs"])} for r in pairs)
+    atomic_write_text(out / "paired.csv", buffer.getvalue())
     atomic_write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def _paired(out: Path, cfg: Any) -> list[dict[str, Any]]:
+    """Per-seed dev error rates of every finished fine-tuning stage, paired against FiT."""
+    errors: dict[tuple[Any, str], dict[int, float]] = {}
+    for size in cfg.train_sizes:
+        for key in keys_at(cfg, size):
+            found = {}
+            for seed in cfg.seeds:
+                path = out / finetune_stage(key, size, seed) / "metrics.json"
+                if path.is_file():
+                    found[seed] = json.loads(path.read_text())["eval_error_rate"]
+            errors[(size, key)] = found
+    return paired.paired_rows(errors, {size: keys_at(cfg, size) for size in cfg.train_sizes},
+                              lambda key: label(cfg, key))
 
 
 def _data_size_plot(out: Path, table: list[dict[str, Any]]) -> Path | None:

@@ -99,6 +99,8 @@ class OptimizerSchema:
     stop_check_every_steps: int = MISSING
     tf32: bool = MISSING
     compile: bool = MISSING
+    trackers: Any = MISSING  # a list of Accelerate trackers (tensorboard, wandb, mlflow, ...);
+    # [] / none / null: none. Any, not list[str]: `train.trackers=wandb` (one name) is a list too
 
 
 @dataclass
@@ -215,6 +217,7 @@ class CorporaSchema:
     within_task: list[str] | None = MISSING  # null: the task's training text
     in_domain: list[str] = MISSING
     cross_domain: list[str] = MISSING
+    selected: list[str] | None = None  # `further-pt select`'s output: the `selected` variant
 
 
 @dataclass

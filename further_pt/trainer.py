@@ -68,7 +68,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from further_pt import checkpoint, dropout, faults, hardware, layerwise, training
+from further_pt import step as step_
 from further_pt.errors import Preempted, SetupError, TrainingFailed
+from further_pt.model import st_modules, write_st_modules
 
 logger = logging.getLogger("further_pt.trainer")
 
@@ -194,9 +196,9 @@ class Trainer:
         self.accelerator = training.make_accelerator(
             t.mixed_precision, self.output_dir / "logs",
             find_unused_parameters=find_unused_parameters,
-            collective_timeout_s=t.collective_timeout_s, tf32=t.tf32)
+            collective_timeout_s=t.collective_timeout_s, tf32=t.tf32, trackers=list(t.trackers))
         self.sharded = training.check_engine(self.accelerator)  # refuses; FSDP: gather to save
-        self.batch_size, self.accum, batch_note = training.resolve_batch(
+        self.batch_size, self.accum, batch_note = step_.resolve_batch(
             t.batch_size, t.gradient_accumulation_steps, t.global_batch_size, self.world)
         if self.is_main:
             logger.info(batch_note)
@@ -304,7 +306,7 @@ class Trainer:
                                  "global_batch": batch_size * accum * self.world}
         if self.resume_from is not None:
             saved, optimizer_state = checkpoint.load_training_state(self.resume_from, scheduler)
-            positions, converted = training.resume_positions(
+            positions, converted = step_.resume_positions(
                 saved, world=self.world, batch_size=batch_size, accumulation=accum,
                 grouped=any(s.lengths is not None for s in objective.streams))
             self._load_optimizer(module, optimizer, optimizer_state)
@@ -330,7 +332,7 @@ class Trainer:
                    disable=not self.is_main, dynamic_ncols=True)
         module.train()
         watch = training.PreemptionWatch(every=t.stop_check_every_steps)
-        skips = training.NonfiniteSteps(device, t.max_nonfinite_steps, state)
+        skips = step_.NonfiniteSteps(device, t.max_nonfinite_steps, state)
         prepare_batch = getattr(objective, "prepare_batch", None)
         try:
             while step < total_steps:
@@ -352,6 +354,8 @@ class Trainer:
                                                        micro=micro)
                         if faults.nan_from(step + 1):
                             loss = loss * float("nan")
+                        elif faults.overflow_at(step + 1):
+                            loss = loss * float("inf")
                         acc.backward(loss / accum)
                     if micro == 0:
                         faults.point("micro", step + 1, self.rank)
@@ -363,7 +367,7 @@ class Trainer:
                         pair = torch.stack([_scalar(num, device), _scalar(den, device)])
                         window[key] = window[key] + pair if key in window else pair
                 objective.before_optimizer_step(step)
-                grad_norm, skipped, counted = training.optimizer_step(
+                grad_norm, skipped, counted = step_.optimizer_step(
                     acc, module.parameters(), optimizer, scheduler, step_loss,
                     max_grad_norm=t.max_grad_norm)
                 step += 1
@@ -395,7 +399,8 @@ class Trainer:
                     optimizer_state = self._optimizer_state(module, optimizer)
                     if self.is_main:
                         checkpoint.save_checkpoint(
-                            self.ckpt_root, step, write_model=partial(objective.export, whole),
+                            self.ckpt_root, step, write_model=partial(self._export, objective,
+                                                                      whole),
                             optimizer_state=optimizer_state, scheduler=scheduler,
                             state={**state, "step": step}, keep_last=cfg.checkpoint.keep_last)
                     acc.wait_for_everyone()
@@ -417,6 +422,7 @@ class Trainer:
         if whole_at != step:  # the same on every process: nothing gathered at this step
             whole = self._whole_model(module)
         result = self._finish(objective, state, step, whole)
+        log.final(step, result)  # main process: metrics.json's numbers; others: {}
         # The DDP reducer must go before the process group: destroyed after it, gloo's
         # destructor can wait forever on a peer that has already exited.
         module = optimizer = None
@@ -465,7 +471,7 @@ class Trainer:
             str(self.accelerator.mixed_precision), torch.float32)
         peak, source = hardware.peak_flops(dtype, self.accelerator.device,
                                            tf32=bool(self.cfg.train.tf32))
-        logger.info("MFU is logged against %s FLOP/s per process (%s); the model does %s "
+        logger.info("MFU is logged against %s per process (%s); the model does %s "
                     "per token", hardware.si(peak), source, hardware.si(per_token, "FLOP"))
         self._peak = peak
         return objective.flops_per_token  # asked at each log: it can change with the phase
@@ -521,10 +527,24 @@ class Trainer:
             state["best"], state["best_epoch"] = score, epoch
 
             def save_best(folder: Path) -> None:
-                objective.export(whole, folder)
+                self._export(objective, whole, folder)
                 (folder / "eval_results.json").write_text(json.dumps(results, indent=1))
 
             checkpoint.save_model_folder(self.output_dir / "best", save_best)
+
+    def _export(self, objective: Objective, whole: Any, folder: Path) -> None:
+        """``objective.export``, plus the base model's sentence-transformers modules.
+
+        A sentence-transformers base (all-MiniLM-L6-v2, e5, bge) owes its embeddings to
+        modules.json, its pooling and its normalisation as much as to its weights; a folder
+        without them loads in ``SentenceTransformer`` with plain mean pooling and no
+        normalisation. So every folder written (checkpoints, ``best/``, ``final/``) carries
+        them over from ``model.name_or_path`` (read once, see :func:`model.st_modules`).
+        """
+        objective.export(whole, folder)
+        if not hasattr(self, "_st_files"):
+            self._st_files = st_modules(self.cfg.model.name_or_path)
+        write_st_modules(self._st_files, folder)
 
     def _check_replicas(self, module: Any) -> None:
         """DDP keeps replicas in sync; prove it before the final model is written."""
@@ -552,7 +572,7 @@ class Trainer:
                     final, lambda f: shutil.copytree(best, f, dirs_exist_ok=True))
             else:
                 final_from = f"last step ({step})"
-                checkpoint.save_model_folder(final, partial(objective.export, whole))
+                checkpoint.save_model_folder(final, partial(self._export, objective, whole))
             metrics.update({"final_model": final_from, "best_epoch": state["best_epoch"],
                             "steps": step, "tokens": state["tokens"],
                             "nonfinite_steps": state["nonfinite_steps"],

@@ -1,9 +1,9 @@
 """Training primitives the Trainer is built from, each testable alone.
 
 One Accelerate setup, one resumable sampler, one way to seed a step, one
-optimizer-step guard, one preemption watch, one metrics log, and the shell
-contract of the entry points (errors -> exit codes). The loop itself is
-:class:`further_pt.trainer.Trainer`.
+preemption watch, one metrics log, and the shell contract of the entry points
+(errors -> exit codes). The optimizer step itself is :mod:`further_pt.step`; the
+loop is :class:`further_pt.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from further_pt import hardware
 from further_pt.config import flatten
-from further_pt.errors import ConfigError, FurtherPTError, SetupError, TrainingFailed
+from further_pt.errors import FurtherPTError, SetupError, TrainingFailed
 
 logger = logging.getLogger("further_pt.training")
 
-__all__ = ["MetricsLog", "NonfiniteSteps", "PreemptionWatch", "ResumableSampler",
-           "checkpoint_bytes", "entry_point", "make_accelerator", "micro_batches",
-           "optimizer_step", "resolve_batch", "resume_positions", "step_seed"]
+__all__ = ["MetricsLog", "PreemptionWatch", "ResumableSampler", "checkpoint_bytes",
+           "entry_point", "make_accelerator", "micro_batches", "step_seed"]
 
 
 class PreemptionWatch:
@@ -152,8 +151,10 @@ def check_engine(accelerator: Any) -> bool:
 
 def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
                      find_unused_parameters: bool = False,
-                     collective_timeout_s: float = 1800.0, tf32: bool = True) -> Any:
-    """An Accelerator logging to TensorBoard under ``log_dir``, on the fastest precision.
+                     collective_timeout_s: float = 1800.0, tf32: bool = True,
+                     trackers: list[str] | tuple[str, ...] = ()) -> Any:
+    """An Accelerator logging to ``trackers`` (``train.trackers``; TensorBoard writes under
+    ``log_dir``), on the fastest precision.
 
     ``mixed_precision``: ``auto`` picks bf16 where the hardware runs it fast (CUDA
     GPUs with bf16; CPUs with AMX-BF16 or AVX512-BF16) and fp32 elsewhere, unless
@@ -180,7 +181,7 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     if precision is not None:
         kwargs["mixed_precision"] = precision
     accelerator = Accelerator(
-        log_with="tensorboard",
+        log_with=list(trackers) or None,  # names checked installed by config.validate_trackers
         project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)),
         **kwargs,
     )
@@ -232,185 +233,6 @@ def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed that is a pure function of (seed, step, rank, ...)."""
     text = "-".join(str(p) for p in (seed, *parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def optimizer_step(accelerator: Any, params: Iterator[torch.nn.Parameter], optimizer: Any,
-                   scheduler: Any, loss: torch.Tensor, *, max_grad_norm: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clip, step, advance the schedule; ``(grad_norm, skipped, nonfinite_loss)`` as tensors.
-
-    A step whose loss or gradient is not finite must not change the weights. How that
-    is done depends on who owns the check, and none of the ways reads the device:
-
-    - **fp16 (a GradScaler)**: ``optimizer.step()`` is always called. The scaler found
-      the inf/NaN while unscaling (inside ``clip_grad_norm_``), skips the update itself and
-      halves the scale in ``update()``. Skipping the call instead would leave the scaler
-      un-updated, and the next ``unscale_()`` raises "unscale_() has already been called
-      on this optimizer since the last update()". ``skipped`` is "the scale went down":
-      Accelerate's ``step_was_skipped`` cannot see a skip inside a fused optimizer,
-      which receives ``found_inf`` and steps anyway. (fp16 reads the scale on the host
-      anyway: the scaler's ``update`` does.)
-    - **bf16/fp32 with fused AdamW** (CUDA and CPU, not sharded): the finiteness flag is
-      handed to the fused kernel as ``found_inf``, the same mechanism GradScaler uses; the
-      kernel leaves weights, moments and step count untouched. No host read.
-    - otherwise (another optimizer, or FSDP's DTensors): the check is read on the host.
-
-    DDP all-reduced the gradients, so every process skips the same steps. The schedule
-    advances either way: a skipped step is still a step. ``nonfinite_loss`` is what counts
-    toward ``train.max_nonfinite_steps`` (:class:`NonfiniteSteps`): under fp16 only a
-    non-finite *loss*, since overflowing gradients are the scaler's routine business.
-    """
-    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor; its local value
-        grad_norm = grad_norm.full_tensor()
-    bad_loss = ~torch.isfinite(loss.detach())
-    bad = bad_loss | ~torch.isfinite(grad_norm)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None:
-        before = scaler.get_scale()
-        optimizer.step()
-        skipped = torch.tensor(float(scaler.get_scale() < before), device=loss.device)
-        counted = bad_loss.float()
-    elif _fused(inner):
-        inner.found_inf = bad.float()
-        try:
-            optimizer.step()
-        finally:
-            del inner.found_inf
-        skipped = counted = bad.float()
-    else:
-        if not bad.item():
-            optimizer.step()
-        skipped = counted = bad.float()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, skipped, counted
-
-
-def _fused(optimizer: Any) -> bool:
-    """A fused torch optimizer over plain tensors: it takes ``found_inf`` and skips on device."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return False
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    return all(g.get("fused") for g in optimizer.param_groups) and not any(
-        type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params)
-
-
-class NonfiniteSteps:
-    """Skipped updates, counted on the device and read at log and checkpoint time.
-
-    ``add`` keeps device scalars (the current run of counted steps, the step at which a
-    run first reached ``limit`` = ``train.max_nonfinite_steps``, the skips since the
-    last read); :meth:`read` is the one host read, done where the loop reads the device
-    anyway. Reaching the limit raises :class:`TrainingFailed` at that read, naming the
-    step where it happened: a few steps late at most, and harmless, since no skipped
-    step changed the weights.
-    """
-
-    def __init__(self, device: torch.device, limit: int, state: dict[str, Any]) -> None:
-        self.limit = limit
-        self.run = torch.full((), float(state.get("nonfinite_run", 0)), device=device)
-        self.hit = torch.zeros((), device=device)  # the step a run reached the limit; 0: none
-        self.window = torch.zeros((), device=device)
-
-    def add(self, skipped: torch.Tensor, counted: torch.Tensor, step: int) -> None:
-        """Record optimizer step ``step`` (1-based)."""
-        self.run = (self.run + counted) * counted
-        reached = (self.run >= self.limit) & (self.hit == 0)
-        self.hit = torch.where(reached, torch.full_like(self.hit, float(step)), self.hit)
-        self.window = self.window + skipped
-
-    def read(self, state: dict[str, Any], step: int, ckpt_root: Path) -> None:
-        run, hit, window = (int(x) for x in torch.stack(
-            [self.run, self.hit, self.window]).tolist())
-        self.window = torch.zeros_like(self.window)
-        state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + window
-        state["nonfinite_run"] = run
-        if window:
-            logger.warning("%d update(s) skipped by step %d: non-finite loss or gradient "
-                           "(%d in all)", window, step, state["nonfinite_steps"])
-        if hit:
-            raise TrainingFailed(
-                f"{self.limit} non-finite steps in a row at step {hit}; stopped. The last good "
-                f"checkpoint is kept in {ckpt_root}")
-
-
-def resolve_batch(batch_size: int, accumulation: int, global_batch: int | None, world: int
-                  ) -> tuple[int, int, str]:
-    """``(micro-batch per device, accumulation steps, a log line)`` for ``world`` processes.
-
-    ``train.global_batch_size: null`` keeps the per-device meaning: ``batch_size`` per
-    device and micro-batch, ``accumulation`` micro-batches a step, so the global batch
-    grows with the GPU count (8 GPUs turn a recipe's 32 into 256 at the lr tuned for 32).
-    A number fixes the examples per optimizer step whatever the world size: each process
-    takes ``global / world``, in the fewest micro-batches of at most ``batch_size``
-    (the memory bound), e.g. 32 on 1 GPU with batch_size 16 -> 2 x 16; on 8 -> 1 x 4.
-    Refused with one line when the processes cannot share it evenly.
-    """
-    if global_batch is None:
-        total = batch_size * accumulation * world
-        return batch_size, accumulation, (
-            f"global batch {total} = {world} process(es) x {batch_size} per device x "
-            f"{accumulation} accumulation step(s) (train.global_batch_size=null)")
-    if global_batch <= 0 or global_batch % world:
-        raise ConfigError(f"train.global_batch_size={global_batch} does not divide evenly over "
-                          f"{world} process(es); use a multiple of {world}")
-    if accumulation != 1:
-        raise ConfigError("train.gradient_accumulation_steps: with train.global_batch_size set, "
-                          "accumulation is derived from it; leave gradient_accumulation_steps at "
-                          f"1 (got {accumulation})")
-    per_device = global_batch // world
-    accum = next(a for a in range(math.ceil(per_device / batch_size), per_device + 1)
-                 if per_device % a == 0)
-    micro = per_device // accum
-    return micro, accum, (f"global batch {global_batch} = {world} process(es) x {micro} per "
-                          f"device x {accum} accumulation step(s) (train.global_batch_size="
-                          f"{global_batch}, train.batch_size={batch_size} at most per device)")
-
-
-def resume_positions(saved: dict[str, Any], *, world: int, batch_size: int, accumulation: int,
-                     grouped: bool) -> tuple[dict[str, list[int]], str | None]:
-    """The streams' ``[epoch, micro-batch]`` positions for this run, from a checkpoint's state.
-
-    Under the same world size they are the saved ones. Under another, the data position
-    carries over exactly when it is a global example offset: rank ``r`` of ``w`` reads
-    every ``w``-th index of the epoch's permutation, so after ``p`` micro-batches of ``b``
-    the job has read the permutation's first ``p * b * w`` examples, whatever ``w``.
-    That needs the same global batch (else the schedule's steps mean other data), no
-    per-process length grouping, and an offset that is a whole number of the new
-    micro-batches; otherwise one line refuses, naming both sizes. Returns the positions
-    and a log line when converted.
-    """
-    old_world = saved.get("world_size", world)
-    streams = {k: list(v) for k, v in saved["streams"].items()}
-    if old_world == world:
-        return streams, None
-    old_batch = saved.get("micro_batch_size", batch_size)
-    old_global = saved.get("global_batch", old_batch * old_world)
-    new_global = batch_size * accumulation * world
-
-    def refuse(why: str) -> ConfigError:
-        return ConfigError(f"the checkpoint was written by {old_world} process(es) and this run "
-                           f"has {world}: {why}; resume with {old_world} process(es)")
-
-    if old_global != new_global:
-        raise refuse(f"the global batch would change from {old_global} to {new_global} "
-                     "(set train.global_batch_size to keep it on any number of processes)")
-    if grouped:
-        raise refuse("data.group_by_length groups batches within each process, so the data "
-                     "position does not carry over")
-    converted, notes = {}, []
-    for name, (epoch, position) in streams.items():
-        consumed = position * old_batch * old_world
-        if consumed % (batch_size * world):
-            raise refuse(f"stream {name!r} stopped after {consumed} examples of epoch {epoch}, "
-                         f"not a whole number of {batch_size} x {world}")
-        converted[name] = [epoch, consumed // (batch_size * world)]
-        notes.append(f"{name}: example {consumed} of epoch {epoch}")
-    return converted, (f"resuming a {old_world}-process checkpoint on {world} process(es), "
-                       f"global batch {new_global} kept; data position {', '.join(notes)}")
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -498,8 +320,30 @@ def _step_of_line(line: str) -> float:
         return math.inf
 
 
+#: The W&B and MLflow run ids of this output dir, so that a resumed run continues them.
+TRACKER_RUNS = "trackers.json"
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as one level of ``section/key`` scalars, as every tracker takes it.
+
+    TensorBoard's hparams and MLflow's params take only numbers, strings and booleans: a
+    list (``data.train_files``) becomes its JSON text and a null ``"null"``, rather than
+    being dropped, so the tracker holds the whole recipe that ran.
+    """
+    return {k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
+            for k, v in flatten(config, sep="/").items()}
+
+
 class MetricsLog:
-    """Scalars to TensorBoard (through Accelerate's tracker) and to ``logs/metrics.jsonl``."""
+    """Scalars to the run's trackers (``train.trackers``) and to ``logs/metrics.jsonl``.
+
+    Accelerate drives the trackers: each gets the resolved config when the run starts, the
+    same named scalars as metrics.jsonl at every logging step and evaluation, and the final
+    metrics (:meth:`final`) at the end. W&B and MLflow runs are named after the output dir;
+    their ids are kept in ``logs/trackers.json``, so a run resumed from a checkpoint goes on
+    logging into the W&B / MLflow run it started instead of opening one per restart.
+    """
 
     def __init__(self, accelerator: Any, log_dir: Path, run_name: str, config: dict, *,
                  resumed_at: int = 0) -> None:
@@ -508,9 +352,19 @@ class MetricsLog:
         short by the kill, so that metrics.jsonl holds each step once."""
         self.accelerator = accelerator
         self.path = log_dir / "metrics.jsonl"
-        flat = {k: v for k, v in flatten(config, sep="/").items()
-                if isinstance(v, int | float | str | bool)}
-        accelerator.init_trackers(run_name, config=flat)
+        self.runs_path = log_dir / TRACKER_RUNS
+        if accelerator.is_main_process:
+            log_dir.mkdir(parents=True, exist_ok=True)  # W&B's files go here (below)
+        try:
+            accelerator.init_trackers(run_name, config=tracker_config(config),
+                                      init_kwargs=self._init_kwargs(log_dir, resumed_at))
+        except Exception as exc:  # a tracker's server, login or store refused: one line
+            text = " ".join(str(exc).split())[:300]
+            raise SetupError(f"train.trackers: {[str(t) for t in accelerator.log_with]} could not "
+                             f"start ({type(exc).__name__}: {text}); fix its settings (env) "
+                             "and rerun, or drop it from train.trackers") from exc
+        if accelerator.is_main_process:
+            self._remember_runs()
         if accelerator.is_main_process and self.path.is_file():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             kept = [line for line in lines if _step_of_line(line) <= resumed_at]
@@ -519,12 +373,56 @@ class MetricsLog:
                 tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
                 os.replace(tmp, self.path)
 
+    def _init_kwargs(self, log_dir: Path, resumed_at: int) -> dict[str, dict[str, Any]]:
+        """Per-tracker arguments: the run's name, W&B's folder, and on resume the run to go on.
+
+        A tracker's own settings stay in its environment variables (``WANDB_MODE``,
+        ``MLFLOW_TRACKING_URI``, ...), which these do not override; W&B writes under
+        ``logs/`` unless ``WANDB_DIR`` says where.
+        """
+        label = log_dir.parent.name  # the output dir's name
+        saved: dict[str, str] = {}
+        if resumed_at and self.runs_path.is_file():
+            saved = json.loads(self.runs_path.read_text(encoding="utf-8"))
+        wandb: dict[str, Any] = {"name": label}
+        if not os.environ.get("WANDB_DIR"):
+            wandb["dir"] = str(log_dir)
+        mlflow: dict[str, Any] = {"run_name": label}
+        if "wandb" in saved:
+            wandb.update(id=saved["wandb"], resume="allow")
+        if "mlflow" in saved:
+            mlflow = {"run_id": saved["mlflow"]}
+        return {"wandb": wandb, "mlflow": mlflow}
+
+    def _remember_runs(self) -> None:
+        """Write the W&B / MLflow run ids this run logs to (main process)."""
+        ids = {}
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                ids["wandb"] = tracker.tracker.id
+            elif tracker.name == "mlflow":
+                ids["mlflow"] = tracker.tracker.info.run_id
+        if ids:
+            tmp = self.runs_path.with_name(f".{TRACKER_RUNS}.tmp")
+            tmp.write_text(json.dumps(ids, indent=1), encoding="utf-8")
+            os.replace(tmp, self.runs_path)
+
     def log(self, step: int, values: dict[str, float]) -> None:
         self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+
+    def final(self, step: int, metrics: dict[str, Any]) -> None:
+        """metrics.json's numbers (eval metrics, steps, tokens, best epoch) as ``final/<key>``,
+        so a tracker's run table shows each run's outcome without reading its history."""
+        flat = flatten({k: v for k, v in metrics.items() if k not in ("config", "history")},
+                       sep="/")
+        values = {f"final/{k}": v for k, v in flat.items()
+                  if isinstance(v, int | float) and not isinstance(v, bool)}
+        if values:
+            self.accelerator.log(values, step=step)
 
     def close(self) -> None:
         """Flush the trackers. Accelerate also destroys the process group here: call last."""

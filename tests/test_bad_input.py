@@ -399,6 +399,13 @@ CASES: list[Case] = [
     ("predict: blank text in a csv", PREDICT, lambda e: e.predict(e.file(
         "test.csv", "id,text\n1,hello there\n2,   \n")),
      "further_pt: error: {tmp}/test.csv:3: column 'text' is blank: '   '"),
+    ("unknown tracker did-you-mean", P, lambda e: e.pretrain(**{"train.trackers": "[tensorbord]"}),
+     "config key 'train.trackers[0]': unknown tracker 'tensorbord' (did you mean "
+     "'tensorboard'?)"),
+    ("tracker listed twice", F, lambda e: e.finetune(**{
+        "train.trackers": "[tensorboard,tensorboard]"}), "'train.trackers': lists a tracker twice"),
+    ("trackers not a list", F, lambda e: e.finetune(**{"train.trackers": 5}),
+     "config key 'train.trackers': a list of tracker names, [] or none"),
     ("predict: empty input", PREDICT, lambda e: e.predict(e.file("test.jsonl", "")),
      "further_pt: error: predict input: file {tmp}/test.jsonl is empty"),
     ("predict: input without rows", PREDICT, lambda e: e.predict(e.file("test.jsonl", "\n\n")),

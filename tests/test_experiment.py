@@ -183,7 +183,7 @@ def test_train_sizes_are_checked_before_any_stage(tmp_path, tiny_model_dir, caps
     ("ablations=[{name:itpt,variant:itpt,overrides:[]}]",
      "config key 'ablations[0].name': 'itpt' must be lowercase letters, digits and _, and not"),
     ("ablations=[{name:no_warmup,variant:fit,overrides:[]}]",
-     "config key 'ablations[0].variant': must be one of itpt, idpt, cdpt, got 'fit'"),
+     "config key 'ablations[0].variant': must be one of itpt, idpt, cdpt, selected, got 'fit'"),
     ("ablations=[{name:no_warmup,variant:idpt,overrides:[]}]",
      "config key 'ablations[0].variant': idpt is not in variants"),
     ("ablations=[{name:a,variant:itpt,overrides:[]},{name:a,variant:itpt,overrides:[]}]",
@@ -213,6 +213,7 @@ def test_linear_without_sklearn_names_the_extra(tmp_path, monkeypatch, capsys) -
            "further-pt[linear]" in capsys.readouterr().err
 
 
+@pytest.mark.smoke
 def test_plot_schedule_shows_the_slanted_triangle(tmp_path, capsys) -> None:
     from omegaconf import OmegaConf
 
@@ -296,3 +297,61 @@ def test_an_ablation_can_be_limited_to_some_sizes(experiment, tmp_path) -> None:
     view = (out / "report.md").read_text().split("## Training-set size")[1]
     row = next(line for line in view.splitlines() if line.startswith("| BERT-ITPT-FiT (itpt_lr)"))
     assert row.endswith(" | not run |") and row.count("(n=2)") == 1  # 8: run; all: not run
+
+
+def test_paired_report_against_fit(experiment) -> None:
+    """The report pairs every row with BERT-FiT at the same seed (same subsample): per-seed
+    differences, their mean, a 95% t interval, paired t and Wilcoxon p-values."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    out, _ = experiment
+    with open(out / "paired.csv") as fh:
+        rows = {(r["train_size"], r["key"]): r for r in csv.DictReader(fh)}
+    for tag, _ in SIZES:
+        size = tag.removeprefix("n")
+        err = {(v, s): json.loads((out / f"finetune-{v}-{tag}-seed{s}" / "metrics.json")
+                                  .read_text())["eval_error_rate"] for v in ("fit", "itpt")
+               for s in (1, 2)}
+        diffs = [err["itpt", s] - err["fit", s] for s in (1, 2)]
+        row = rows[size, "itpt"]
+        assert row["seeds"] == "2" and row["variant"] == "BERT-ITPT-FiT"
+        assert [float(d) for d in row["diffs"].split(";")] == pytest.approx(diffs)
+        assert float(row["mean_diff"]) == pytest.approx(sum(diffs) / 2)
+        if diffs[0] != diffs[1]:
+            half = scipy_stats.t.ppf(0.975, 1) * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5
+            assert float(row["ci_high"]) - float(row["ci_low"]) == pytest.approx(2 * half)
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Paired against BERT-FiT"):]
+    assert "| model | training examples | seeds | mean difference | 95% interval |" in section
+    assert "| BERT-ITPT-FiT | 8 | 2 |" in section
+
+
+def test_paired_summary_is_its_formula() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    from further_pt.paired import summarise
+
+    diffs = [-0.02, -0.01, -0.03, 0.0, -0.02, -0.015, -0.025, -0.005]
+    got = summarise(diffs)
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    half = stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
+    assert got["mean_diff"] == pytest.approx(mean)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((mean - half, mean + half))
+    assert got["p_t"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    assert got["p_wilcoxon"] == pytest.approx(stats.wilcoxon(diffs).pvalue)
+    assert 0 < got["p_t"] < 0.01 and got["p_wilcoxon"] < 0.05
+    same = summarise([0.01, 0.01, 0.01])  # no spread: t undefined, Wilcoxon still defined
+    assert same["p_t"] is None and same["p_wilcoxon"] is not None
+
+
+def test_forgetting_is_not_applicable_without_an_mlm_head(tmp_path, tiny_model_dir) -> None:
+    """A head-less base (sentence-transformers style) would score a random MLM head."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from further_pt.evaluation import mlm_loss
+
+    texts = ["the quick brown fox jumps over the lazy dog " * 4] * 8
+    assert mlm_loss(tiny_model_dir, texts, max_seq_length=32, seed=0) > 0
+    bare = tmp_path / "bare"
+    AutoModel.from_pretrained(tiny_model_dir).save_pretrained(bare)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bare)
+    assert mlm_loss(bare, texts, max_seq_length=32, seed=0) is None

@@ -45,6 +45,7 @@ def reference(tmp_path_factory, corpus_file, tiny_model_dir) -> tuple[Path, Path
     return base / "run" / "final", cache
 
 
+@pytest.mark.smoke
 def test_kill_9_at_every_point_then_rerun_matches_uninterrupted(reference, tmp_path, corpus_file,
                                                                 tiny_model_dir) -> None:
     """One run killed (SIGKILL) five times, once at each fault point, each rerun resuming the

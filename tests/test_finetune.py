@@ -35,6 +35,7 @@ def fit_run(tmp_path_factory, tiny_model_dir, task):
     return out, args, proc
 
 
+@pytest.mark.smoke
 def test_fit_learns_and_writes_metrics(fit_run) -> None:
     out, _, proc = fit_run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -48,6 +49,7 @@ def test_fit_learns_and_writes_metrics(fit_run) -> None:
     assert "dev accuracy" in proc.stdout
 
 
+@pytest.mark.smoke
 def test_final_model_is_a_standard_hf_classifier(fit_run) -> None:
     from transformers import pipeline
 
@@ -110,6 +112,7 @@ def test_multitask_evaluates_each_task(tmp_path, tiny_model_dir, task) -> None:
     assert metrics["steps"] == 3 * (math.ceil(160 / 16) + math.ceil(90 / 16))
 
 
+@pytest.mark.smoke
 def test_predict_writes_one_line_per_row_cut_as_in_training(fit_run, task, tmp_path,
                                                             capsys) -> None:
     from further_pt.cli import main

@@ -34,6 +34,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.smoke
 @pytest.mark.slow
 def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
         tmp_path: Path, corpus_file: Path, tiny_model_dir: Path) -> None:

@@ -17,7 +17,18 @@ import torch
 from helpers import free_port, pretrain_overrides, run_script
 
 from further_pt import checkpoint, training
+from further_pt import step as optim_step
 from further_pt.errors import ConfigError, SetupError, TrainingFailed
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Tests here build Accelerators in this process; later in-process runs (other files)
+    must find Accelerate's process-wide state as a new process would."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _launcher(n: int) -> list[str]:
@@ -51,13 +62,14 @@ def _tiny_step_setup(scaler: bool):
     return acc, model, optimizer, scheduler
 
 
+@pytest.mark.smoke
 def test_fp16_overflow_is_skipped_by_the_scaler_and_the_run_goes_on() -> None:
     """Item 1: a real GradScaler, inf gradients at steps 2 and 3: every step calls
     optimizer.step() (no "unscale_() has already been called"), the skips are counted, the
     scale halves at each, and the weights move only on the finite steps."""
     acc, model, optimizer, scheduler = _tiny_step_setup(scaler=True)
     x = torch.randn(8, 4)
-    skips = training.NonfiniteSteps(torch.device("cpu"), limit=3, state={})
+    skips = optim_step.NonfiniteSteps(torch.device("cpu"), limit=3, state={})
     scales, skipped_at = [], []
     for step in range(1, 6):
         before = [p.detach().clone() for p in model.parameters()]
@@ -65,7 +77,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_the_run_goes_on() -> None:
         acc.backward(loss)  # Accelerate scales the loss by the scaler
         if step in (2, 3):
             next(model.parameters()).grad.fill_(float("inf"))
-        _, skipped, counted = training.optimizer_step(acc, model.parameters(), optimizer,
+        _, skipped, counted = optim_step.optimizer_step(acc, model.parameters(), optimizer,
                                                       scheduler, loss.detach(), max_grad_norm=1.0)
         skips.add(skipped, counted, step)
         scales.append(acc.scaler.get_scale())
@@ -81,6 +93,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_the_run_goes_on() -> None:
     assert state == {"nonfinite_steps": 2, "nonfinite_run": 0}
 
 
+@pytest.mark.smoke
 def test_bf16_fp32_guard_skips_on_the_device_without_reading_it(monkeypatch) -> None:
     """Item 5: with fused AdamW the non-finite guard is the kernel's found_inf: no .item(), and
     weights, moments and the step count stay as they were."""
@@ -88,7 +101,7 @@ def test_bf16_fp32_guard_skips_on_the_device_without_reading_it(monkeypatch) -> 
     x = torch.randn(8, 4)
     loss = model(x).pow(2).mean()
     acc.backward(loss)
-    _, skipped, _ = training.optimizer_step(acc, model.parameters(), optimizer, scheduler,
+    _, skipped, _ = optim_step.optimizer_step(acc, model.parameters(), optimizer, scheduler,
                                             loss.detach(), max_grad_norm=1.0)
     assert skipped.item() == 0
     inner = optimizer.optimizer
@@ -102,7 +115,7 @@ def test_bf16_fp32_guard_skips_on_the_device_without_reading_it(monkeypatch) -> 
 
     monkeypatch.setattr(torch.Tensor, "item", no_host_read)
     monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
-    _, skipped, counted = training.optimizer_step(acc, model.parameters(), optimizer, scheduler,
+    _, skipped, counted = optim_step.optimizer_step(acc, model.parameters(), optimizer, scheduler,
                                                   loss.detach(), max_grad_norm=1.0)
     monkeypatch.undo()
     assert skipped.item() == counted.item() == 1
@@ -113,7 +126,7 @@ def test_bf16_fp32_guard_skips_on_the_device_without_reading_it(monkeypatch) -> 
 
 
 def test_nonfinite_limit_names_the_step_it_was_reached_at() -> None:
-    skips = training.NonfiniteSteps(torch.device("cpu"), limit=2, state={})
+    skips = optim_step.NonfiniteSteps(torch.device("cpu"), limit=2, state={})
     for step, bad in enumerate([0, 1, 0, 1, 1, 1], start=1):
         flag = torch.tensor(float(bad))
         skips.add(flag, flag, step)
@@ -157,7 +170,7 @@ def test_stop_signal_is_agreed_every_n_steps_not_every_step() -> None:
     (4, 1, 32, 2, (4, 4)),
 ])
 def test_global_batch_is_resolved_per_world_size(batch, accum, global_, world, expected) -> None:
-    micro, steps, line = training.resolve_batch(batch, accum, global_, world)
+    micro, steps, line = optim_step.resolve_batch(batch, accum, global_, world)
     assert (micro, steps) == expected
     assert micro * steps * world == (global_ or batch * accum * world)
     assert line.startswith(f"global batch {micro * steps * world} = {world} process(es) x "
@@ -167,9 +180,9 @@ def test_global_batch_is_resolved_per_world_size(batch, accum, global_, world, e
 def test_a_global_batch_that_does_not_divide_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"train.global_batch_size=32 does not divide evenly "
                                           r"over 3 process\(es\)"):
-        training.resolve_batch(32, 1, 32, 3)
+        optim_step.resolve_batch(32, 1, 32, 3)
     with pytest.raises(ConfigError, match=r"train\.gradient_accumulation_steps"):
-        training.resolve_batch(8, 2, 32, 1)
+        optim_step.resolve_batch(8, 2, 32, 1)
 
 
 # ---------------------------------------------------------------- 4. world size on resume
@@ -183,7 +196,7 @@ def test_data_position_converts_to_another_world_size_exactly() -> None:
     read = {i for s in old for i in s.order()[:3 * 4].tolist()}  # 3 micro-batches of 4
     saved = {"world_size": 2, "micro_batch_size": 4, "global_batch": 8,
              "streams": {"corpus": [0, 3]}}
-    positions, note = training.resume_positions(saved, world=1, batch_size=8, accumulation=1,
+    positions, note = optim_step.resume_positions(saved, world=1, batch_size=8, accumulation=1,
                                                 grouped=False)
     assert positions == {"corpus": [0, 3]} and "example 24 of epoch 0" in note
     new = training.ResumableSampler(n, seed=seed, rank=0, world_size=1)
@@ -191,11 +204,11 @@ def test_data_position_converts_to_another_world_size_exactly() -> None:
     rest = list(new)
     assert set(rest).isdisjoint(read) and len(read) + len(rest) == n
     # 1 -> 4 processes, 2 per device: 24 examples = 3 micro-batches of 2 x 4
-    positions, _ = training.resume_positions(
+    positions, _ = optim_step.resume_positions(
         {**saved, "world_size": 1, "micro_batch_size": 8}, world=4, batch_size=2,
         accumulation=1, grouped=False)
     assert positions == {"corpus": [0, 3]}
-    assert training.resume_positions(saved, world=2, batch_size=4, accumulation=2,
+    assert optim_step.resume_positions(saved, world=2, batch_size=4, accumulation=2,
                                      grouped=True) == ({"corpus": [0, 3]}, None)
 
 
@@ -210,7 +223,7 @@ def test_another_world_size_is_refused_naming_both(change, match) -> None:
     kwargs = {"accumulation": 1, "grouped": False, **change}
     with pytest.raises(ConfigError, match=rf"^the checkpoint was written by 2 process\(es\) and "
                                           rf"this run has {change['world']}: {match}"):
-        training.resume_positions(saved, **kwargs)
+        optim_step.resume_positions(saved, **kwargs)
 
 
 @pytest.mark.slow

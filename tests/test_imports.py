@@ -30,13 +30,15 @@ LAYERS: list[set[str]] = [
     {"classification_data"},
     {"heads"},
     {"evaluation"},
-    {"linear_baseline"},
-    {"training"},
+    {"linear_baseline", "selection"},
+    {"training", "step"},
     {"trainer"},
     {"pretraining", "finetuning"},
     {"pretrain", "finetune"},
+    {"paired"},
     {"report"},
-    {"experiment"},
+    {"experiment", "doctor"},
+    {"sweep"},
     {"cli"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -21,6 +21,7 @@ def finished_run(tmp_path_factory, corpus_file, tiny_model_dir):
     return out, args, proc
 
 
+@pytest.mark.smoke
 def test_run_writes_loadable_checkpoints_and_logs(finished_run) -> None:
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
@@ -57,6 +58,7 @@ def test_rerunning_a_finished_run_does_nothing(finished_run) -> None:
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.smoke
 def test_resumed_run_equals_uninterrupted_run(finished_run, tmp_path: Path) -> None:
     out, args, _ = finished_run
     crashed = tmp_path / "crashed"

@@ -1,0 +1,96 @@
+"""Paired comparisons for the report: each variant against BERT-FiT, seed by seed.
+
+At a seed, every row of the grid fine-tunes on the same stratified subsample with the
+same seed (the experiment draws the sample from the seed, not from the model). Two
+rows' error rates at one seed therefore share the sample's luck, and the spread of
+their *difference* across seeds is much smaller than either row's own spread: at 400
+labels the seed-to-seed spread is 1-2 points, which hides effects of that size from an
+unpaired comparison of means but not from a paired one.
+
+Per training size and variant: the per-seed differences d_s = error(variant, s) -
+error(FiT, s) (negative = fewer errors), their mean with a 95% t interval
+(mean +- t(0.975, n-1) * sd / sqrt(n)), the paired t-test (scipy ``ttest_rel``) and the
+Wilcoxon signed-rank test (``wilcoxon``, exact for small n; differences of zero are
+dropped as in its default ``zero_method``), and how many seeds the variant won.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+from typing import Any
+
+PAIRED_COLUMNS = ("train_size", "variant", "key", "seeds", "mean_diff", "ci_low", "ci_high",
+                  "p_t", "p_wilcoxon", "wins", "diffs")
+
+
+def paired_rows(errors: dict[tuple[Any, str], dict[int, float]], keys: dict[Any, list[str]],
+                label: Any) -> list[dict[str, Any]]:
+    """One row per (size, variant other than FiT) with a paired comparison to FiT.
+
+    ``errors[(size, key)][seed]`` is a stage's dev error rate; ``keys[size]`` the rows
+    fine-tuned at that size; ``label(key)`` a row's display name. Only seeds both rows
+    finished are paired.
+    """
+    found = []
+    for size, here in keys.items():
+        fit = errors.get((size, "fit"), {})
+        for key in here:
+            if key == "fit":
+                continue
+            mine = errors.get((size, key), {})
+            seeds = sorted(set(fit) & set(mine))
+            diffs = [mine[s] - fit[s] for s in seeds]
+            found.append({"train_size": size, "variant": label(key), "key": key,
+                          "seeds": len(seeds), "wins": sum(d < 0 for d in diffs),
+                          "diffs": diffs, **summarise(diffs)})
+    return found
+
+
+def summarise(diffs: list[float]) -> dict[str, float | None]:
+    """Mean, 95% t interval, paired t and Wilcoxon p-values of per-seed differences."""
+    n = len(diffs)
+    out: dict[str, float | None] = {"mean_diff": statistics.mean(diffs) if diffs else None,
+                                    "ci_low": None, "ci_high": None, "p_t": None,
+                                    "p_wilcoxon": None}
+    if n < 2 or importlib.util.find_spec("scipy") is None:
+        return out
+    from scipy import stats
+
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    out.update(ci_low=mean - half, ci_high=mean + half)
+    if sd > 0:  # t is undefined when every seed moved by the same amount
+        out["p_t"] = float(stats.ttest_rel(diffs, [0.0] * n).pvalue)
+    if any(d != 0 for d in diffs):
+        out["p_wilcoxon"] = float(stats.wilcoxon(diffs).pvalue)
+    return out
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
+
+
+def markdown(rows: list[dict[str, Any]], size_label: Any) -> str:
+    """The paired section of report.md (empty when no row has two paired seeds)."""
+    shown = [r for r in rows if r["seeds"] >= 2]
+    if not shown:
+        return ""
+    lines = [
+        "", "## Paired against BERT-FiT (same subsample, same seed)", "",
+        "Error-rate difference, variant minus BERT-FiT, in points (negative: fewer errors), "
+        "over the seeds both finished; 95% interval from the t distribution; p-values of the "
+        "paired t-test and the Wilcoxon signed-rank test; wins = seeds where the variant made "
+        "fewer errors." + ("" if importlib.util.find_spec("scipy") is not None else
+                           " (scipy is not installed: intervals and tests are left out.)"),
+        "", "| model | training examples | seeds | mean difference | 95% interval | paired t p "
+        "| Wilcoxon p | wins |", "|---|---|---|---|---|---|---|---|"]
+    for r in shown:
+        interval = ("-" if r["ci_low"] is None else
+                    f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]")
+        lines.append(
+            f"| {r['variant']} | {size_label(r['train_size'])} | {r['seeds']} | "
+            f"{100 * r['mean_diff']:+.2f} | {interval} | {_p(r['p_t'])} | "
+            f"{_p(r['p_wilcoxon'])} | {r['wins']}/{r['seeds']} |")
+    return "\n".join(lines) + "\n"
