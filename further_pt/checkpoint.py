@@ -99,6 +99,15 @@ def prepare_output_dir(
     return True
 
 
+def saved_has_key(output_dir: Path, key: str) -> bool:
+    """Whether the run's saved config.yaml has ``key`` (dotted): false for a run started
+    before further_pt had the key."""
+    saved = output_dir / "config.yaml"
+    if not saved.is_file():
+        return True
+    return key in flatten(yaml.safe_load(saved.read_text()) or {})
+
+
 def check_output_dir_path(output_dir: Path) -> None:
     """The output dir is a folder (or can become one) in a writable place. Writes nothing."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -301,18 +310,24 @@ def latest_checkpoint(root: Path, *, checksums: bool = True) -> Path | None:
     return None
 
 
-def agree_on_checkpoint(mine: Path | None, *, rank: int, broadcast: Any) -> Path | None:
+def agree_on_checkpoint(mine: Path | None, *, rank: int, broadcast: Any, root: Path
+                        ) -> Path | None:
     """The main process's choice of checkpoint, on every process; the others check sizes.
 
     Each process picked ``mine`` alone before the process group existed; on NFS or a
     FUSE bucket two nodes can see different newest checkpoints, and resuming different
     steps hangs the job in mismatched collectives. Rank 0 (which verified checksums)
     decides; ``broadcast([obj])`` sends its list to all (Accelerate's
-    ``broadcast_object_list``). A process that cannot see the chosen folder whole
-    (sizes against the manifest) fails with one line naming it.
+    ``broadcast_object_list``) by folder name, joined to each process's own ``root`` (the
+    checkpoints folder): nodes may mount shared storage at different paths. A process
+    that cannot see the chosen folder whole (sizes against the manifest) fails with one
+    line naming it.
     """
-    chosen = broadcast([str(mine) if mine is not None else None])[0]
-    folder = Path(chosen) if chosen is not None else None
+    # By name: nodes may mount the shared output dir at different paths.
+    chosen = broadcast([mine.name if mine is not None else None])[0]
+    folder = None
+    if chosen is not None:
+        folder = (mine.parent if mine is not None else root) / chosen
     if rank != 0 and folder is not None and folder != mine:
         problem = verify(folder, checksums=False)
         if problem is not None:

@@ -225,6 +225,7 @@ class Classification:
     def build(self, trainer: Trainer) -> None:
         """Tasks -> (claim the output dir) -> streams -> classifier -> layer groups."""
         cfg, t = self.cfg, self.cfg.train
+        self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
         with trainer.accelerator.main_process_first():
             self.tasks, self.data_report = load_tasks(cfg, self.tokenizer)
         trainer.claim()

@@ -41,33 +41,34 @@ def optimizer_step(accelerator: Any, params: Iterator[torch.nn.Parameter], optim
       the inf/NaN while unscaling (inside ``clip_grad_norm_``), skips the update itself and
       halves the scale in ``update()``. Skipping the call instead would leave the scaler
       un-updated, and the next ``unscale_()`` raises "unscale_() has already been called
-      on this optimizer since the last update()". ``skipped`` is "the scale went down":
-      Accelerate's ``step_was_skipped`` cannot see a skip inside a fused optimizer,
-      which receives ``found_inf`` and steps anyway. (fp16 reads the scale on the host
-      anyway: the scaler's ``update`` does.)
+      on this optimizer since the last update()". ``skipped`` is "the unscaled gradient
+      norm is not finite", exactly what the scaler found while unscaling, read on the
+      device (Accelerate's ``step_was_skipped`` cannot see a skip inside a fused
+      optimizer, which receives ``found_inf`` and steps anyway; comparing the scale
+      before and after would be two host reads).
     - **bf16/fp32 with fused AdamW** (CUDA and CPU, not sharded): the finiteness flag is
       handed to the fused kernel as ``found_inf``, the same mechanism GradScaler uses; the
       kernel leaves weights, moments and step count untouched. No host read.
     - otherwise (another optimizer, or FSDP's DTensors): the check is read on the host.
 
-    DDP all-reduced the gradients, so every process skips the same steps. The schedule
-    advances either way: a skipped step is still a step. ``nonfinite_loss`` is what counts
-    toward ``train.max_nonfinite_steps`` (:class:`NonfiniteSteps`): under fp16 only a
+    The skip is decided by the gradient norm alone: DDP averaged the gradients, so it is
+    the same on every process and every replica takes the same steps (a loss is a
+    process's own: a micro-batch without labels has a NaN loss and zero gradients). The
+    schedule advances either way: a skipped step is still a step. The third value is
+    what counts toward ``train.max_nonfinite_steps`` (:class:`NonfiniteSteps`, which
+    takes the worst process at each read): the skipped step, or under fp16 only a
     non-finite *loss*, since overflowing gradients are the scaler's routine business.
     """
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor; its local value
         grad_norm = grad_norm.full_tensor()
-    bad_loss = ~torch.isfinite(loss.detach())
-    bad = bad_loss | ~torch.isfinite(grad_norm)
+    bad = ~torch.isfinite(grad_norm)
     inner = getattr(optimizer, "optimizer", optimizer)
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None:
-        before = scaler.get_scale()
-        optimizer.step()
-        skipped = torch.tensor(float(scaler.get_scale() < before), device=loss.device)
-        counted = bad_loss.float()
+        optimizer.step()  # the scaler skips the update and halves its scale
+        skipped, counted = bad.float(), (~torch.isfinite(loss.detach())).float()
     elif _fused(inner):
         inner.found_inf = bad.float()
         try:
@@ -100,8 +101,8 @@ class NonfiniteSteps:
     run first reached ``limit`` = ``train.max_nonfinite_steps``, the skips since the
     last read); :meth:`read` is the one host read, done where the loop reads the device
     anyway. Reaching the limit raises :class:`TrainingFailed` at that read, naming the
-    step where it happened: a few steps late at most, and harmless, since no skipped
-    step changed the weights.
+    step where it happened: up to ``train.log_every_steps - 1`` steps late, and
+    harmless, since no skipped step changed the weights.
     """
 
     def __init__(self, device: torch.device, limit: int, state: dict[str, Any]) -> None:
@@ -118,8 +119,13 @@ class NonfiniteSteps:
         self.window = self.window + skipped
 
     def read(self, state: dict[str, Any], step: int, ckpt_root: Path) -> None:
-        run, hit, window = (int(x) for x in torch.stack(
-            [self.run, self.hit, self.window]).tolist())
+        """Every process reads at the same steps; with several, the worst one's counts (a
+        non-finite fp16 loss is a process's own), so all raise together or none does."""
+        values = torch.stack([self.run, self.hit, self.window])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                torch.distributed.get_world_size() > 1):
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        run, hit, window = (int(x) for x in values.tolist())
         self.window = torch.zeros_like(self.window)
         state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + window
         state["nonfinite_run"] = run
@@ -180,13 +186,17 @@ def resume_positions(saved: dict[str, Any], *, world: int, batch_size: int, accu
     """
     old_world = saved.get("world_size", world)
     streams = {k: list(v) for k, v in saved["streams"].items()}
-    if old_world == world:
-        return streams, None
     old_batch = saved.get("micro_batch_size", batch_size)
+    if old_world == world and old_batch == batch_size:
+        return streams, None
     old_global = saved.get("global_batch", old_batch * old_world)
     new_global = batch_size * accumulation * world
 
     def refuse(why: str) -> ConfigError:
+        if old_world == world:
+            return ConfigError(f"the checkpoint's micro-batch is {old_batch} per device and this "
+                               f"run's is {batch_size}: {why}; resume with "
+                               f"train.batch_size={old_batch}")
         return ConfigError(f"the checkpoint was written by {old_world} process(es) and this run "
                            f"has {world}: {why}; resume with {old_world} process(es)")
 
@@ -204,5 +214,6 @@ def resume_positions(saved: dict[str, Any], *, world: int, batch_size: int, accu
                          f"not a whole number of {batch_size} x {world}")
         converted[name] = [epoch, consumed // (batch_size * world)]
         notes.append(f"{name}: example {consumed} of epoch {epoch}")
-    return converted, (f"resuming a {old_world}-process checkpoint on {world} process(es), "
-                       f"global batch {new_global} kept; data position {', '.join(notes)}")
+    return converted, (f"resuming a {old_world}-process checkpoint ({old_batch} per device) on "
+                       f"{world} process(es) ({batch_size} per device), global batch "
+                       f"{new_global} kept; data position {', '.join(notes)}")

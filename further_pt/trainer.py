@@ -198,13 +198,22 @@ class Trainer:
             find_unused_parameters=find_unused_parameters,
             collective_timeout_s=t.collective_timeout_s, tf32=t.tf32, trackers=list(t.trackers))
         self.sharded = training.check_engine(self.accelerator)  # refuses; FSDP: gather to save
+        global_batch = t.global_batch_size
+        if global_batch is not None and self.resuming and not checkpoint.saved_has_key(
+                self.output_dir, "train.global_batch_size"):
+            # a run started before the key existed keeps its per-device batch
+            global_batch = None
+            logger.warning("%s was started before train.global_batch_size existed: it resumes "
+                           "with its per-device batch (train.global_batch_size=null)",
+                           self.output_dir)
         self.batch_size, self.accum, batch_note = step_.resolve_batch(
-            t.batch_size, t.gradient_accumulation_steps, t.global_batch_size, self.world)
+            t.batch_size, t.gradient_accumulation_steps, global_batch, self.world)
         if self.is_main:
             logger.info(batch_note)
         if self.world > 1:  # rank 0 verified its choice; every process resumes that one
             self.resume_from = checkpoint.agree_on_checkpoint(
-                self.resume_from, rank=self.rank, broadcast=broadcast_object_list)
+                self.resume_from, rank=self.rank, broadcast=broadcast_object_list,
+                root=self.ckpt_root)
         if self.resume_from is not None:
             checkpoint.check_same_engine(self.resume_from, self.sharded)
 
@@ -310,6 +319,8 @@ class Trainer:
                 saved, world=self.world, batch_size=batch_size, accumulation=accum,
                 grouped=any(s.lengths is not None for s in objective.streams))
             self._load_optimizer(module, optimizer, optimizer_state)
+            if acc.scaler is not None and saved.get("grad_scaler"):
+                acc.scaler.load_state_dict(saved["grad_scaler"])  # fp16: the scale it had
             state.update({**saved, "streams": positions, "world_size": self.world,
                           "micro_batch_size": batch_size, "global_batch": state["global_batch"]})
             logger.info("resuming from %s (step %d)", self.resume_from, state["step"])
@@ -346,6 +357,8 @@ class Trainer:
                     state["streams"][name] = [epoch, position]
                     if prepare_batch is not None:
                         batch = prepare_batch(batch, stream=name, step=step, micro=micro)
+                        if on_gpu:  # new tensors: pinned, so the copy below is asynchronous
+                            batch = {k: v.pin_memory() for k, v in batch.items()}
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     sync = (acc.no_sync(module) if micro < accum - 1
                             else contextlib.nullcontext())
@@ -398,6 +411,8 @@ class Trainer:
                 if save:
                     optimizer_state = self._optimizer_state(module, optimizer)
                     if self.is_main:
+                        if acc.scaler is not None:  # fp16: resume at the scale reached
+                            state["grad_scaler"] = acc.scaler.state_dict()
                         checkpoint.save_checkpoint(
                             self.ckpt_root, step, write_model=partial(self._export, objective,
                                                                       whole),
@@ -469,8 +484,10 @@ class Trainer:
             return None
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             str(self.accelerator.mixed_precision), torch.float32)
-        peak, source = hardware.peak_flops(dtype, self.accelerator.device,
-                                           tf32=bool(self.cfg.train.tf32))
+        device = self.accelerator.device
+        tf32 = bool(self.cfg.train.tf32) and device.type == "cuda" and (
+            torch.cuda.get_device_capability(device)[0] >= 8)  # as make_accelerator set it
+        peak, source = hardware.peak_flops(dtype, device, tf32=tf32)
         logger.info("MFU is logged against %s per process (%s); the model does %s "
                     "per token", hardware.si(peak), source, hardware.si(per_token, "FLOP"))
         self._peak = peak

@@ -110,11 +110,11 @@ def test_bf16_fp32_guard_skips_on_the_device_without_reading_it(monkeypatch) -> 
     loss = model(x).pow(2).mean() * float("nan")
     acc.backward(loss)
 
-    def no_host_read(self):
+    def no_host_read(self, *args, **kwargs):
         raise AssertionError("the guard read the device")
 
-    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
-    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+    for host_read in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, host_read, no_host_read)
     _, skipped, counted = optim_step.optimizer_step(acc, model.parameters(), optimizer, scheduler,
                                                   loss.detach(), max_grad_norm=1.0)
     monkeypatch.undo()
@@ -210,6 +210,13 @@ def test_data_position_converts_to_another_world_size_exactly() -> None:
     assert positions == {"corpus": [0, 3]}
     assert optim_step.resume_positions(saved, world=2, batch_size=4, accumulation=2,
                                      grouped=True) == ({"corpus": [0, 3]}, None)
+    # the same world with another micro-batch (a GPU with less memory): the same conversion
+    positions, note = optim_step.resume_positions(saved, world=2, batch_size=2, accumulation=2,
+                                                  grouped=False)
+    assert positions == {"corpus": [0, 6]} and "(4 per device) on 2 process(es) (2 per" in note
+    with pytest.raises(ConfigError, match=r"^the checkpoint's micro-batch is 4 per device and "
+                                          r"this run's is 2: data\.group_by_length"):
+        optim_step.resume_positions(saved, world=2, batch_size=2, accumulation=2, grouped=True)
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -237,14 +244,16 @@ def test_resume_from_one_process_on_two_and_back(tmp_path, corpus_file, tiny_mod
     first = _pretrain(args, 1, {"FURTHER_PT_FAULT": "step:3"})
     assert first.returncode != 0 and (out / "checkpoints" / "step-000002").is_dir()
     second = _pretrain(args, 2, {"FURTHER_PT_FAULT": "step:5"})
-    assert "resuming a 1-process checkpoint on 2 process(es), global batch 4 kept; data " \
-           "position corpus: example 8 of epoch 0" in second.stderr, second.stderr[-3000:]
+    assert "resuming a 1-process checkpoint (4 per device) on 2 process(es) (2 per device), " \
+           "global batch 4 kept; data position corpus: example 8 of epoch 0" in second.stderr, (
+               second.stderr[-3000:])
     assert "global batch 4 = 2 process(es) x 2 per device x 1 accumulation step(s)" in (
         second.stderr)
     third = _pretrain(args, 1)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert "resuming a 2-process checkpoint on 1 process(es), global batch 4 kept; data " \
-           "position corpus: example 16 of epoch 0" in third.stderr, third.stderr[-3000:]
+    assert "resuming a 2-process checkpoint (2 per device) on 1 process(es) (4 per device), " \
+           "global batch 4 kept; data position corpus: example 16 of epoch 0" in third.stderr, (
+               third.stderr[-3000:])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6
     state = json.loads((out / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
@@ -267,7 +276,7 @@ def _agree(rank: int, store_dir: str, root: str, result_dir: str) -> None:
     ckpts = Path(root)
     # Rank 1's view lags (NFS): it has not seen step 6 yet and picks step 4.
     mine = ckpts / ("step-000006" if rank == 0 else "step-000004")
-    chosen = checkpoint.agree_on_checkpoint(mine, rank=rank, broadcast=broadcast)
+    chosen = checkpoint.agree_on_checkpoint(mine, rank=rank, broadcast=broadcast, root=ckpts)
     (Path(result_dir) / f"rank{rank}").write_text(str(chosen))
     dist.destroy_process_group()
 
@@ -298,8 +307,8 @@ def test_every_process_resumes_the_main_processs_checkpoint(tmp_path, monkeypatc
     assert checkpoint.latest_checkpoint(root, checksums=False) == root / "step-000004"
     with pytest.raises(SetupError, match=r"cannot resume from .*step-000006, the checkpoint "
                                          r"the main process chose: model\.safetensors has 3 "):
-        checkpoint.agree_on_checkpoint(root / "step-000004", rank=1,
-                                       broadcast=lambda objs: [str(root / "step-000006")])
+        checkpoint.agree_on_checkpoint(root / "step-000004", rank=1, root=root,
+                                       broadcast=lambda objs: ["step-000006"])
 
 
 # ---------------------------------------------------------------- 2. preparation
