@@ -31,7 +31,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import torch
 
 from further_pt.config import expand_paths
 from further_pt.corpus import MAX_DOCUMENT_CHARS, builder_for, check_file, json_lines, open_bytes
@@ -68,8 +70,8 @@ class Options:
 KEYS = {f.name: (f.default, f.metadata["meaning"]) for f in fields(Options)}
 USAGE = "further-pt select corpus=[FILES] task=FILE output=FILE.txt.gz [key=value ...]"
 HELP = (f"usage: {USAGE}\n\nPicks the k corpus documents nearest to each task text (kNN-TAPT,"
-        " Gururangan et al. 2020)\nand writes them as a pretraining corpus, with a report "
-        "beside it (NAME.select.json).\n\n  key              default     meaning\n" + "".join(
+        " Gururangan et al. 2020)\nand writes them as a pretraining corpus, with a report beside "
+        "it (NAME.select.json).\n\n  key              default     meaning\n" + "".join(
             f"  {key:17s}{str(d).lower() if d != REQUIRED else d:12s}{meaning}\n"
             for key, (d, meaning) in KEYS.items()))
 
@@ -99,7 +101,7 @@ def parse(args: Sequence[str]) -> Options:
             if not raw.strip().isdigit() or int(raw) <= 0:
                 raise ConfigError(f"select: {key} must be a whole number > 0, got {raw!r}")
             value = int(raw)
-        values[key] = None if key == "encoder" and raw in ("", "null") else value
+        values[key] = None if key == "encoder" and raw in ("", "null", "none") else value
     opts = Options(**values)
     if opts.method not in ("tfidf", "embedding"):
         raise ConfigError(f"select: method must be tfidf or embedding, got {opts.method!r}")
@@ -121,8 +123,7 @@ def corpus_files(specs: Sequence[str]) -> list[str]:
     for i, spec in enumerate(specs):
         found = [] if spec.startswith(("hf:", "builtin:")) else expand_paths(spec)
         if not found or any(path.lower().endswith(".zst") for path in found):
-            raise ConfigError(f"select: corpus[{i}]: no local file matches {spec!r} (plain, "
-                              ".gz, .bz2 or .xz; not .zst)")
+            raise ConfigError(f"select: corpus[{i}]: no local file matches {spec!r} (nor .zst)")
         for path in found:
             check_file(path, f"select: corpus[{i}]")
         files += found
@@ -140,8 +141,6 @@ def _records(path: str, column: str) -> Iterator[tuple[str, Any]]:
         rows: Iterator[tuple[str, Any]] = ((f"{path}:{n}", obj if isinstance(obj, dict) else {})
                                            for n, obj in json_lines(path))
     else:  # csv, tsv, parquet: streamed by datasets, no cache written
-        import datasets
-
         kwargs = {"delimiter": "\t"} if ".tsv" in path.lower() else {}
         stream = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True,
                                        **kwargs)
@@ -181,8 +180,13 @@ def read_task(path: str, column: str) -> list[str]:
     else:
         from further_pt.classification_data import load_labelled
 
-        texts = load_labelled(path, columns=[column], text_columns=[column],
-                              skip_hint=False)[0][column]
+        quiet = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # a small file: no "Generating train split" bar
+        try:
+            texts = load_labelled(path, columns=[column], text_columns=[column],
+                                  skip_hint=False)[0][column]
+        finally:
+            (datasets.disable_progress_bars if quiet else datasets.enable_progress_bars)()
     unique = list(dict.fromkeys(t for t in (" ".join(t.split()) for t in texts) if t))
     if not unique:
         raise DataError(f"select: task {path} holds no text")
@@ -193,7 +197,6 @@ def digests(texts: Sequence[str]) -> np.ndarray:
     """A 64-bit digest of each text (blake2b: the same in every process and run)."""
     return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(),
                                        "little", signed=True) for t in texts), np.int64, len(texts))
-
 
 
 class TfIdf:
@@ -215,8 +218,7 @@ class TfIdf:
             logger.info("pass 1 (document frequencies): %s documents", f"{n:,}")
         self.idf = (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)
         queries = self._weigh(self.vectorizer.transform(self.task))
-        self.terms = np.unique(queries.indices)
-        self.terms = self.terms[df[self.terms] > 0]
+        self.terms = np.intersect1d(queries.indices, np.flatnonzero(df))  # sorted, unique
         self.width = len(self.terms)
         self.queries = queries[:, self.terms]  # only the task's terms add to a dot product
         self.cache = self.width * len(self.task) <= 4 * BLOCK_ELEMENTS  # else rebuilt per chunk
@@ -231,21 +233,19 @@ class TfIdf:
         return self._weigh(self.vectorizer.transform(chunk))[:, self.terms]
 
     def scores(self, docs: Any, lo: int, hi: int) -> np.ndarray:
-        """(task texts lo:hi) x (chunk) cosines."""
+        """(chunk) x (task texts lo:hi) cosines."""
         block = self.dense.get(lo)
         if block is None:
             block = self.queries[lo:hi].T.toarray()  # terms x task texts
             if self.cache:
                 self.dense[lo] = block
-        return np.asarray(docs @ block).T
+        return np.asarray(docs @ block)
 
 
 class Embedding:
-    """Cosine of an encoder's embeddings: the mean of the last hidden states over the
-    attention mask, L2-normalised; texts batched by length."""
+    """Cosine of an encoder's last hidden states mean-pooled over the attention mask."""
 
     def __init__(self, opts: Options, task: list[str]) -> None:
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         try:
@@ -254,16 +254,13 @@ class Embedding:
         except Exception as exc:  # a missing folder, a hub id offline, a damaged file
             raise ConfigError(f"select: encoder {opts.encoder} cannot be loaded "
                               f"({' '.join(str(exc).split())[:200]})") from None
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
+        self.device = self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval().device
         self.max_length = min(opts.max_seq_length, getattr(
             self.model.config, "max_position_embeddings", None) or opts.max_seq_length)
         self.batch_size, self.width = opts.batch_size, self.model.config.hidden_size
         self.queries = self.embed(task)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        import torch
-
         out = np.empty((len(texts), self.width), np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
         with torch.no_grad():
@@ -279,13 +276,12 @@ class Embedding:
         return out
 
     def scores(self, docs: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        return self.queries[lo:hi] @ docs.T
-
+        return docs @ self.queries[lo:hi].T
 
 
 def _top(scores: np.ndarray, ids: np.ndarray, hashes: np.ndarray, k: int) -> list[np.ndarray]:
     """Per row the k best (highest score, then lowest id), one entry per distinct text."""
-    order = np.lexsort((ids, hashes), axis=1)  # copies of a text side by side, lowest id first
+    order = np.lexsort((ids, -scores, hashes), axis=1)  # copies side by side, the best first
     hashes_sorted = np.take_along_axis(hashes, order, 1)
     copy = np.pad(hashes_sorted[:, 1:] == hashes_sorted[:, :-1], ((0, 0), (1, 0)))
     later = np.empty_like(copy)
@@ -319,13 +315,13 @@ def select(opts: Options) -> dict[str, Any]:
         found.update(hashes[in_task].tolist())
         keep = ~in_task & np.isin(ids - n, np.unique(hashes, return_index=True)[1])  # 1st copy
         docs, kk = scorer.embed(chunk), min(k, len(chunk))
-        block = max(1, min(n_task, BLOCK_ELEMENTS // max(scorer.width, len(chunk), 1)))
+        block = max(1, min(n_task, BLOCK_ELEMENTS // max(scorer.width, opts.chunk_size)))
         for lo in range(0, n_task, block):
             rows = slice(lo, min(lo + block, n_task))
-            scores = np.ascontiguousarray(scorer.scores(docs, lo, rows.stop), dtype=np.float32)
-            scores[:, ~keep] = -np.inf
-            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-            new = [np.take_along_axis(scores, part, 1), ids[part], hashes[part]]
+            scores = torch.from_numpy(np.asarray(scorer.scores(docs, lo, rows.stop), np.float32))
+            scores[torch.from_numpy(~keep)] = -torch.inf
+            top, part = (t.T.numpy() for t in scores.topk(kk, dim=0))  # task texts x kk
+            new = [top, ids[part], hashes[part]]
             both = [np.concatenate([b[rows], c], 1) for b, c in zip(best, new, strict=True)]
             for b, m in zip(best, _top(*both, k), strict=True):
                 b[rows] = m
@@ -376,8 +372,7 @@ def _write(opts: Options, files: list[str], task: list[str], best: list[np.ndarr
     return report
 
 
-def report_path(output: Path) -> Path:
-    """``x.txt.gz`` / ``x.txt`` -> ``x.select.json`` beside it."""
+def report_path(output: Path) -> Path:  # x.txt.gz, x.txt -> x.select.json beside it
     return output.with_name(re.sub(r"\.txt(\.gz)?$", "", output.name, flags=re.I) + ".select.json")
 
 
