@@ -417,7 +417,7 @@ def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path) -> Non
     seen: list[torch.device] = []
 
     class Stop(Exception):
-        pass
+        """Ends predict_file at its predict call, once the device is known."""
 
     def fake_predict(classifier, loader, device, task=None):
         seen.append(device)
