@@ -86,12 +86,20 @@ def optimizer_step(accelerator: Any, params: Iterator[torch.nn.Parameter], optim
 
 
 def _fused(optimizer: Any) -> bool:
-    """A fused torch optimizer over plain tensors: it takes ``found_inf`` and skips on device."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return False
+    """A fused torch optimizer over plain tensors: it takes ``found_inf`` and skips on device.
+
+    Decided once per optimizer (its groups and parameters do not change during a run) and
+    kept on it: the loop asks at every step.
+    """
+    known = getattr(optimizer, "_further_pt_fused", None)
+    if known is not None:
+        return known
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    return all(g.get("fused") for g in optimizer.param_groups) and not any(
+    fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups) and not any(
         type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params)
+    optimizer._further_pt_fused = fused
+    return fused
 
 
 class NonfiniteSteps:

@@ -83,9 +83,12 @@ def test_output_dir_guard(tmp_path: Path) -> None:
                        match=r"different config \(train.lr: 0.0001 there, 5e-05 now\)"):
         checkpoint.prepare_output_dir(out, other, overwrite=False)
     assert checkpoint.prepare_output_dir(out, other, overwrite=True) is False
-    # A key added to further_pt after the run started: the run resumes after the upgrade.
-    upgraded = {"train": {"lr": 1e-4, "max_steps": 10, "global_batch_size": None}, "seed": 1}
+    # A key added to further_pt after the run started: the run resumes after the upgrade,
+    # and the Trainer can tell that the run never had it (it then keeps the old behaviour).
+    upgraded = {"train": {"lr": 1e-4, "max_steps": 10, "global_batch_size": 32}, "seed": 1}
     assert checkpoint.prepare_output_dir(out, upgraded, overwrite=False) is True
+    assert checkpoint.saved_has_key(out, "train.lr")
+    assert not checkpoint.saved_has_key(out, "train.global_batch_size")
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
