@@ -52,7 +52,7 @@ def cpu_model() -> str:
 
 def bf16_flags() -> str:
     """The CPU's fast-bf16 flags (amx_bf16, avx512_bf16) as further_pt sees them, or 'none'."""
-    from further_pt.hardware import cpu_bf16_flags
+    from further_pt.train.hardware import cpu_bf16_flags
 
     return ",".join(sorted(cpu_bf16_flags())) or "none"
 
@@ -77,7 +77,7 @@ def peak_flops(dtype_name: str, threads: int) -> float:
     The MFU denominator: measured here, on this machine and thread count, because a
     datasheet peak says nothing about a shared 2-vCPU VM.
     """
-    from further_pt.hardware import matmul_peak_flops
+    from further_pt.train.hardware import matmul_peak_flops
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +122,7 @@ def tiny_model_folder(folder: Path, corpus_lines: list[str]) -> Path:
     if source is not None:
         tok = AutoTokenizer.from_pretrained(str(source))
     else:
-        from further_pt.model import train_wordpiece
+        from further_pt.objectives.encoder import train_wordpiece
 
         tok = train_wordpiece(corpus_lines, vocab_size=2000, lowercase=True, max_seq_length=512)
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def texts(limit: int, source: str = "in_domain") -> list[str]:
     path = SHARED / f"{source}.txt.gz"
     if path.is_file():
         return [line.strip() for line in read_lines(path, limit)]
-    from further_pt.corpus import builtin_corpus
+    from further_pt.data.corpus import builtin_corpus
 
     corpus = builtin_corpus("python-docstrings", Path("/tmp/further_pt_bench"))
     return corpus.read_text().splitlines()[:limit]
@@ -175,7 +175,7 @@ def texts(limit: int, source: str = "in_domain") -> list[str]:
 
 def tokenizer() -> Any:
     """all-MiniLM-L6-v2's uncased WordPiece (30,522 pieces) if installed, else one trained here."""
-    from further_pt.model import load_tokenizer, train_wordpiece
+    from further_pt.objectives.encoder import load_tokenizer, train_wordpiece
 
     folder = minilm_folder()
     if folder is not None:

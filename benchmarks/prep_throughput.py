@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
             out = ds.map(tokenize, batched=True, num_proc=procs, remove_columns=["text"])
             out = out.map(group_texts, batched=True, num_proc=procs)
         else:
-            from further_pt.instances import build_instances
+            from further_pt.data.instances import build_instances
 
             out = build_instances(ds, tok, nsp=args.path == "further_pt_nsp", max_seq_length=SEQ,
                                   short_seq_prob=0.1, txt_documents="line", seed=0,

@@ -23,7 +23,7 @@ Reported: whole-run tokens/s = N x batch x seq / wall seconds (what a run gets)
 and steady-state tokens/s (ours: the trainer's metrics.jsonl windows after the
 first; ref: from the end of step ``--log-every`` to the last). MFU = steady
 tokens/s x model FLOPs per token / the measured matmul peak of the dtype that
-side runs in (``further_pt.hardware.matmul_peak_flops``). Model FLOPs per token
+side runs in (``further_pt.train.hardware.matmul_peak_flops``). Model FLOPs per token
 are the same for both sides, ``hardware.encoder_flops_per_token(config, seq,
 head_fraction=0.15)``: the encoder plus the MLM head on the 15% of positions
 that carry a loss, the useful work. The reference's head also scores the other
@@ -128,7 +128,7 @@ def ours_precision(run_dir: Path) -> str:
     """The dtype ours trained in: its resolved train.mixed_precision as the Trainer resolves it."""
     from omegaconf import OmegaConf
 
-    from further_pt.hardware import detect_precision
+    from further_pt.train.hardware import detect_precision
 
     requested = OmegaConf.load(run_dir / "config.yaml").train.mixed_precision
     chosen, _ = detect_precision(requested)
@@ -216,7 +216,7 @@ def main() -> None:
 
 
 def common_flops(config: Any, seq: int, head_fraction: float) -> float:
-    from further_pt.hardware import encoder_flops_per_token
+    from further_pt.train.hardware import encoder_flops_per_token
 
     return encoder_flops_per_token(config, seq, head_fraction=head_fraction)
 

@@ -11,8 +11,8 @@ same command resumes.
 The recipe, top to bottom: config -> output dir checks -> objective checks ->
 Accelerate -> objective build (labelled data, classifier, layer groups) -> the
 Trainer's loop (evaluating each epoch, keeping the best) -> metrics.json. The
-objective is :class:`further_pt.finetuning.Classification`; the loop is
-:class:`further_pt.trainer.Trainer`.
+objective is :class:`further_pt.objectives.classification.Classification`; the loop is
+:class:`further_pt.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ if __package__ in (None, "") and sys.path and Path(sys.path[0]).name == "further
 
 from omegaconf import DictConfig
 
-from further_pt import config, training
-from further_pt.finetuning import RESUMABLE_KEYS, Classification
-from further_pt.trainer import Trainer
+from further_pt.config import recipes
+from further_pt.objectives.classification import RESUMABLE_KEYS, Classification
+from further_pt.train import launch
+from further_pt.train.trainer import Trainer
 
 
 def load(argv: list[str]) -> DictConfig:
-    return config.load(argv, config.FinetuneSchema, kind="finetune",
-                       validate=config.validate_finetune)
+    return recipes.load(argv, recipes.FinetuneSchema, kind="finetune",
+                       validate=recipes.validate_finetune)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def report(cfg: DictConfig, metrics: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.entry_point(sys.argv[1:] if argv is None else argv, load, run, report)
+    return launch.entry_point(sys.argv[1:] if argv is None else argv, load, run, report)
 
 
 if __name__ == "__main__":

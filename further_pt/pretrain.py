@@ -9,8 +9,8 @@ Re-running the same command resumes from the newest complete checkpoint.
 
 The recipe, top to bottom: config -> output dir checks -> objective checks ->
 Accelerate -> objective build (corpus, tokenizer, instances, model) -> the
-Trainer's loop -> final model. The objective is :class:`further_pt.pretraining.MaskedLM`;
-the loop is :class:`further_pt.trainer.Trainer`.
+Trainer's loop -> final model. The objective is :class:`further_pt.objectives.masked_lm.MaskedLM`;
+the loop is :class:`further_pt.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ if __package__ in (None, "") and sys.path and Path(sys.path[0]).name == "further
 
 from omegaconf import DictConfig
 
-from further_pt import config, training
-from further_pt.pretraining import RESUMABLE_KEYS, MaskedLM
-from further_pt.trainer import Trainer
+from further_pt.config import recipes
+from further_pt.objectives.masked_lm import RESUMABLE_KEYS, MaskedLM
+from further_pt.train import launch
+from further_pt.train.trainer import Trainer
 
 
 def load(argv: list[str]) -> DictConfig:
-    return config.load(argv, config.PretrainSchema, kind="pretrain",
-                       validate=config.validate_pretrain)
+    return recipes.load(argv, recipes.PretrainSchema, kind="pretrain",
+                       validate=recipes.validate_pretrain)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -54,7 +55,7 @@ def report(cfg: DictConfig, final: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.entry_point(sys.argv[1:] if argv is None else argv, load, run, report)
+    return launch.entry_point(sys.argv[1:] if argv is None else argv, load, run, report)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from transformers import (
     RobertaTokenizer,
 )
 
-from further_pt import model as M
+from further_pt.data.masking import mask_tokens, special_ids_tensor
 from further_pt.errors import ConfigError
-from further_pt.masking import mask_tokens, special_ids_tensor
-from further_pt.objective import PretrainingObjective
+from further_pt.objectives import encoder as M
+from further_pt.objectives.mlm_loss import PretrainingObjective
 
 SEQ = 40
 ARCHS = ["bert", "roberta", "distilbert", "electra", "deberta_v2", "modernbert"]

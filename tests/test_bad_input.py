@@ -18,7 +18,7 @@ import pytest
 import yaml
 from helpers import pretrain_overrides
 
-from further_pt.cli import main as cli_main
+from further_pt.cli.main import main as cli_main
 from further_pt.finetune import main as finetune_main
 from further_pt.pretrain import main as pretrain_main
 
@@ -81,7 +81,7 @@ def _roberta(env: Env) -> Path:
 
 
 def _big_tokenizer(env: Env) -> Path:
-    from further_pt.model import train_wordpiece
+    from further_pt.objectives.encoder import train_wordpiece
 
     words = [f"word{i} token{i * 7} piece{i * 13}" for i in range(3000)]
     folder = env.tmp / "big-tokenizer"
@@ -471,7 +471,7 @@ def test_head_layers_bounds(layers: list[int], bad: int | None) -> None:
     from transformers import BertConfig
 
     from further_pt.errors import ConfigError
-    from further_pt.finetuning import check_head
+    from further_pt.objectives.classification import check_head
 
     head = OmegaConf.create({"pooling": "mean", "layers": layers})
     config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2)
@@ -486,7 +486,7 @@ def test_head_layers_bounds(layers: list[int], bad: int | None) -> None:
 def test_max_seq_length_alone_is_valid(tmp_path: Path) -> None:
     """recipe=fit with only data.max_seq_length=128: head_tokens auto follows (32 of 126)."""
     from further_pt.finetune import load
-    from further_pt.finetuning import head_tokens
+    from further_pt.objectives.classification import head_tokens
 
     train = tmp_path / "train.jsonl"
     train.write_text('{"text": "x", "label": "a"}\n')

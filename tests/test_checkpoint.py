@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from further_pt import checkpoint
-from further_pt.config import ConfigError
+from further_pt.config.recipes import ConfigError
 from further_pt.errors import SetupError
-from further_pt.training import ResumableSampler
+from further_pt.train import checkpoint
+from further_pt.train.launch import ResumableSampler
 
 
 def _save(root: Path, step: int, keep_last: int = 3) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from further_pt.classification_data import (
+from further_pt.data.labelled import (
     describe_subsample,
     encode_labels,
     label_names,

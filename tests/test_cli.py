@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from further_pt.cli import main
+from further_pt.cli.main import main
 
 
 def test_recipes_lists_every_recipe(capsys: pytest.CaptureFixture) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from further_pt import config
-from further_pt.cli import recipe_kind
-from further_pt.config import ConfigError
+from further_pt.cli.main import recipe_kind
+from further_pt.config import recipes
+from further_pt.config.recipes import ConfigError
 from further_pt.pretrain import load, main
 
 PAPER = {"model.name_or_path": "bert-base-uncased", "train.max_steps": 100000,
@@ -21,30 +21,30 @@ PAPER = {"model.name_or_path": "bert-base-uncased", "train.max_steps": 100000,
 @pytest.mark.parametrize("recipe", ["within_task", "in_domain", "cross_domain"])
 def test_paper_recipes_carry_the_paper_defaults(recipe: str, corpus_file: Path) -> None:
     cfg = load([f"recipe={recipe}", f"data.train_files=[{corpus_file}]"])
-    flat = config.flatten(config.OmegaConf.to_container(cfg))
+    flat = recipes.flatten(recipes.OmegaConf.to_container(cfg))
     assert {k: flat[k] for k in PAPER} == PAPER
 
 
 def test_every_shipped_recipe_is_complete_for_the_schema() -> None:
-    names = [n for n in config.available_recipes() if recipe_kind(n) == "pretrain"]
+    names = [n for n in recipes.available_recipes() if recipe_kind(n) == "pretrain"]
     assert names == ["cross_domain", "demo", "in_domain", "within_task"]
     for name in names:
-        cfg = config.compose(name, [])
-        if config.OmegaConf.is_missing(cfg.data, "train_files"):  # the user names the corpus
+        cfg = recipes.compose(name, [])
+        if recipes.OmegaConf.is_missing(cfg.data, "train_files"):  # the user names the corpus
             with pytest.raises(ConfigError, match=r"'data\.train_files' is not set"):
-                config.apply_schema(cfg, config.PretrainSchema)
+                recipes.apply_schema(cfg, recipes.PretrainSchema)
             cfg.data.train_files = ["corpus.txt"]
-        config.apply_schema(cfg, config.PretrainSchema)
+        recipes.apply_schema(cfg, recipes.PretrainSchema)
 
 
 def test_corpus_recipes_are_thin_compositions_of_one_base() -> None:
     """ITPT/IDPT/CDPT differ from the base only in output_dir: nothing is copied."""
-    base = config.flatten(config.OmegaConf.to_container(config.compose("in_domain", [])))
+    base = recipes.flatten(recipes.OmegaConf.to_container(recipes.compose("in_domain", [])))
     for name in ("within_task", "cross_domain"):
-        other = config.flatten(config.OmegaConf.to_container(config.compose(name, [])))
+        other = recipes.flatten(recipes.OmegaConf.to_container(recipes.compose(name, [])))
         assert {k for k in base if base[k] != other[k]} == {"output_dir"}
     for name in ("within_task", "in_domain", "cross_domain"):
-        text = (config.recipes_dir() / f"{name}.yaml").read_text()
+        text = (recipes.recipes_dir() / f"{name}.yaml").read_text()
         assert "base/pretrain@_here_" in text and len(text.splitlines()) < 12
 
 
@@ -55,7 +55,7 @@ def test_glob_override_and_weights(tmp_path: Path) -> None:
     cfg = load(["recipe=cross_domain", files, "data.source_weights=[1,3]",
                        "train.max_steps=70000"])
     assert list(cfg.data.train_files) == [f"{tmp_path}/*.txt", f"{tmp_path}/c.txt.gz"]
-    assert config.expand_paths(cfg.data.train_files[0]) == [str(tmp_path / "a.txt"),
+    assert recipes.expand_paths(cfg.data.train_files[0]) == [str(tmp_path / "a.txt"),
                                                             str(tmp_path / "b.txt")]
     assert list(cfg.data.source_weights) == [1.0, 3.0] and cfg.train.max_steps == 70000
 
@@ -161,7 +161,7 @@ def test_only_a_warmup_longer_than_the_run_changes(recipe: str, max_steps: int, 
 
 
 def test_fit_warmup_is_its_formula() -> None:
-    assert config.fit_warmup(100, 30, 0.1) == 3  # round(0.1 * 30)
-    assert config.fit_warmup(10000, 1234, 0.1) == 123
-    assert config.fit_warmup(50, 50, 0.1) == 50  # a warm-up as long as the run is kept
-    assert config.fit_warmup(7, 5, 0.0) == 0
+    assert recipes.fit_warmup(100, 30, 0.1) == 3  # round(0.1 * 30)
+    assert recipes.fit_warmup(10000, 1234, 0.1) == 123
+    assert recipes.fit_warmup(50, 50, 0.1) == 50  # a warm-up as long as the run is kept
+    assert recipes.fit_warmup(7, 5, 0.0) == 0

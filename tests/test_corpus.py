@@ -9,8 +9,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from further_pt.config import ConfigError
-from further_pt.corpus import builder_for, load_documents, mix, resolve_sources
+from further_pt.config.recipes import ConfigError
+from further_pt.data.corpus import builder_for, load_documents, mix, resolve_sources
 
 
 def _load(tmp_path: Path, spec: str, **kw) -> datasets.Dataset:
@@ -91,7 +91,7 @@ def test_a_text_that_is_not_a_string_is_a_data_error(tmp_path: Path) -> None:
 def test_a_pyarrow_crash_on_a_number_becomes_a_data_error(tmp_path: Path, monkeypatch) -> None:
     import pyarrow as pa
 
-    from further_pt.corpus import load_files
+    from further_pt.data.corpus import load_files
     from further_pt.errors import DataError
 
     path = tmp_path / "t.jsonl.gz"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from further_pt import doctor
-from further_pt.doctor import Check
+from further_pt.cli import doctor
+from further_pt.cli.doctor import Check
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
-from further_pt import dropout as D
+from further_pt.train import dropout as D
 
 
 def test_drop_rate_and_scale_match_the_requested_p() -> None:

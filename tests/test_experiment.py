@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import write_task
 
-from further_pt.cli import main
+from further_pt.cli.main import main
 
 # The linear reference joins the grid where its optional extra is installed.
 VARIANTS = ["fit", "itpt", *(["linear"] if importlib.util.find_spec("sklearn") else [])]
@@ -108,8 +108,8 @@ def test_data_size_view(experiment) -> None:
 
 def test_linear_reference_row(experiment) -> None:
     pytest.importorskip("sklearn")
-    from further_pt import linear_baseline
-    from further_pt.classification_data import stratified_subsample
+    from further_pt.data.labelled import stratified_subsample
+    from further_pt.study import linear
 
     out, _ = experiment
     m = {(tag, s): json.loads((out / f"finetune-linear-{tag}-seed{s}" / "metrics.json")
@@ -120,10 +120,10 @@ def test_linear_reference_row(experiment) -> None:
     assert m["all", 1]["eval_error_rate"] == m["all", 2]["eval_error_rate"] <= 0.1  # separable
     row = next(r for r in _csv(out) if r["key"] == "linear" and r["train_size"] == "all")
     assert float(row["error_rate_sd"]) == 0.0 and row["pretrain_steps"] == ""
-    _, labels, names = linear_baseline.read_train(
+    _, labels, names = linear.read_train(
         str(out.parent / "train.jsonl"), "text", "label")
     assert names == ["fruit", "motor"]
-    rows = linear_baseline.sample_rows(labels, 8, 1, num_classes=2, where="t")
+    rows = linear.sample_rows(labels, 8, 1, num_classes=2, where="t")
     assert rows == stratified_subsample(labels, 8, 1, num_classes=2, where="t")
     assert sorted(labels[r] for r in rows) == [0] * 4 + [1] * 4
 
@@ -133,7 +133,7 @@ def test_rerun_does_no_work(experiment, caplog) -> None:
     before = (out / "stages.json").read_text()
     mtimes = {p: p.stat().st_mtime_ns for p in [*out.rglob("metrics.json"),
                                                 *(out / "pretrain-itpt" / "final").iterdir()]}
-    with caplog.at_level(logging.INFO, logger="further_pt.experiment"):
+    with caplog.at_level(logging.INFO, logger="further_pt.study.experiment"):
         assert main(argv) == 0
     assert (out / "stages.json").read_text() == before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
@@ -217,10 +217,10 @@ def test_linear_without_sklearn_names_the_extra(tmp_path, monkeypatch, capsys) -
 def test_plot_schedule_shows_the_slanted_triangle(tmp_path, capsys) -> None:
     from omegaconf import OmegaConf
 
-    from further_pt import config
-    from further_pt.report import schedule_curves
+    from further_pt.config import recipes
+    from further_pt.study.report import schedule_curves
 
-    cfg = config.compose("ulmfit", [])
+    cfg = recipes.compose("ulmfit", [])
     curves = schedule_curves(cfg, layers=4, steps=1000)
     head = curves["head"]
     assert head[0] == pytest.approx(5e-5 / 32) and max(head) == pytest.approx(5e-5)
@@ -327,7 +327,7 @@ def test_paired_report_against_fit(experiment) -> None:
 
 def test_paired_summary_is_its_formula() -> None:
     stats = pytest.importorskip("scipy.stats")
-    from further_pt.paired import summarise
+    from further_pt.study.paired import summarise
 
     diffs = [-0.02, -0.01, -0.03, 0.0, -0.02, -0.015, -0.025, -0.005]
     got = summarise(diffs)
@@ -347,7 +347,7 @@ def test_forgetting_is_not_applicable_without_an_mlm_head(tmp_path, tiny_model_d
     """A head-less base (sentence-transformers style) would score a random MLM head."""
     from transformers import AutoModel, AutoTokenizer
 
-    from further_pt.evaluation import mlm_loss
+    from further_pt.objectives.evaluation import mlm_loss
 
     texts = ["the quick brown fox jumps over the lazy dog " * 4] * 8
     assert mlm_loss(tiny_model_dir, texts, max_seq_length=32, seed=0) > 0

@@ -134,8 +134,8 @@ def test_nonfinite_losses_stop_the_run_keeping_the_last_good_checkpoint(
 
 def test_unwritable_output_dir_fails_before_training(tmp_path, corpus_file, tiny_model_dir,
                                                      monkeypatch) -> None:
-    from further_pt import checkpoint
-    from further_pt.config import ConfigError
+    from further_pt.config.recipes import ConfigError
+    from further_pt.train import checkpoint
 
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
@@ -148,7 +148,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, corpus_file, tiny
 
 
 def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
-    from further_pt import checkpoint
+    from further_pt.train import checkpoint
 
     root = tmp_path / "checkpoints"
     param = torch.nn.Parameter(torch.ones(2))
@@ -297,7 +297,7 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_mode
 
 def test_a_broken_collective_becomes_one_line(tmp_path) -> None:
     from further_pt.errors import TrainingFailed
-    from further_pt.training import lost_peers
+    from further_pt.train.launch import lost_peers
 
     closed = RuntimeError("[/x/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                           "[127.0.0.1]:41090. This is typically caused by a remote worker "

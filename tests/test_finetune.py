@@ -75,7 +75,7 @@ def test_rerun_does_nothing_and_unknown_eval_label_is_named(fit_run, tmp_path, t
 
 def test_ulmfit_hierarchical_with_accumulation(tmp_path, tiny_model_dir, task) -> None:
     """STLR + discriminative rates + gradual unfreezing + concat pooling over 2 segments."""
-    from further_pt.heads import load_classifier
+    from further_pt.objectives.heads import load_classifier
 
     out = tmp_path / "ulmfit"
     args = _args("ulmfit", out, tiny_model_dir, *task, **{
@@ -115,7 +115,7 @@ def test_multitask_evaluates_each_task(tmp_path, tiny_model_dir, task) -> None:
 @pytest.mark.smoke
 def test_predict_writes_one_line_per_row_cut_as_in_training(fit_run, task, tmp_path,
                                                             capsys) -> None:
-    from further_pt.cli import main
+    from further_pt.cli.main import main
 
     out, _, _ = fit_run
     preds = tmp_path / "preds.jsonl"
@@ -137,7 +137,7 @@ def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny
     """T = epochs x optimizer steps per epoch of one process's shard, after accumulation."""
     import sys
 
-    from further_pt.schedules import stlr_factor
+    from further_pt.objectives.schedules import stlr_factor
 
     port = free_port()
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -163,7 +163,7 @@ def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny
         assert lr == pytest.approx(3e-3 * stlr_factor(step, total, 0.1, 32))
     assert metrics["eval_examples"] == 40  # every dev example, none twice
     # The gathered metrics are those of the whole dev set: predict on one process agrees.
-    from further_pt.evaluation import predict_file
+    from further_pt.objectives.evaluation import predict_file
 
     single = predict_file(out / "final", str(task[1]), tmp_path / "pred.jsonl")
     assert single["eval_accuracy"] == metrics["eval_accuracy"]

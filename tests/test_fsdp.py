@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import REPO, free_port, pretrain_overrides, run_script, weights, write_task
 
-from further_pt.checkpoint import verify
+from further_pt.train.checkpoint import verify
 
 
 def _launcher(port: int, *, fsdp: bool) -> list[str]:

@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import free_port, pretrain_overrides, run_script
 
-from further_pt import checkpoint, training
-from further_pt import step as optim_step
 from further_pt.errors import ConfigError, SetupError, TrainingFailed
+from further_pt.train import checkpoint, launch
+from further_pt.train import step as optim_step
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +146,7 @@ def test_stop_signal_is_agreed_every_n_steps_not_every_step() -> None:
         reduced.append(1)
         return tensor
 
-    watch = training.PreemptionWatch(every=10)
+    watch = launch.PreemptionWatch(every=10)
     try:
         acc = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
         watch.received = 15
@@ -192,14 +192,14 @@ def test_data_position_converts_to_another_world_size_exactly() -> None:
     """Item 4: after p micro-batches of b on w processes the job read the epoch's first
     p*b*w examples; resumed on w' processes, the ranks together read exactly the rest."""
     n, seed = 96, 3
-    old = [training.ResumableSampler(n, seed=seed, rank=r, world_size=2) for r in range(2)]
+    old = [launch.ResumableSampler(n, seed=seed, rank=r, world_size=2) for r in range(2)]
     read = {i for s in old for i in s.order()[:3 * 4].tolist()}  # 3 micro-batches of 4
     saved = {"world_size": 2, "micro_batch_size": 4, "global_batch": 8,
              "streams": {"corpus": [0, 3]}}
     positions, note = optim_step.resume_positions(saved, world=1, batch_size=8, accumulation=1,
                                                 grouped=False)
     assert positions == {"corpus": [0, 3]} and "example 24 of epoch 0" in note
-    new = training.ResumableSampler(n, seed=seed, rank=0, world_size=1)
+    new = launch.ResumableSampler(n, seed=seed, rank=0, world_size=1)
     new.set_position(0, positions["corpus"][1] * 8)
     rest = list(new)
     assert set(rest).isdisjoint(read) and len(read) + len(rest) == n
@@ -333,7 +333,7 @@ def test_preparation_longer_than_the_collective_timeout_completes(tmp_path, docs
 
 
 def test_preprocessing_workers_auto_is_the_cores_this_process_may_use(monkeypatch) -> None:
-    from further_pt import corpus
+    from further_pt.data import corpus
 
     monkeypatch.setattr(corpus.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert corpus.preprocessing_workers("auto", 1_000_000) == 4
@@ -353,15 +353,15 @@ def test_preprocessing_workers_auto_is_the_cores_this_process_may_use(monkeypatc
     "remote process exited or there was a network error",
 ])
 def test_a_lost_nccl_peer_is_the_same_one_line(text: str) -> None:
-    failed = training.lost_peers(RuntimeError(text), world=8, step=41, timeout_s=1800,
+    failed = launch.lost_peers(RuntimeError(text), world=8, step=41, timeout_s=1800,
                                  ckpt_root=Path("/runs/x/checkpoints"))
     assert failed is not None
     line = str(failed)
     assert line.startswith("lost contact with the other processes during step 42 (")
     assert "rerun the same command on every node to resume" in line and "\n" not in line
-    assert training.lost_peers(RuntimeError(text), world=1, step=41, timeout_s=1,
+    assert launch.lost_peers(RuntimeError(text), world=1, step=41, timeout_s=1,
                                ckpt_root=Path("x")) is None
-    assert training.lost_peers(RuntimeError("CUDA out of memory"), world=8, step=41,
+    assert launch.lost_peers(RuntimeError("CUDA out of memory"), world=8, step=41,
                                timeout_s=1, ckpt_root=Path("x")) is None
 
 
@@ -369,12 +369,12 @@ def test_nccl_watchdog_aborts_the_communicator_not_the_process(monkeypatch, tmp_
     """Item 10: TORCH_NCCL_ASYNC_ERROR_HANDLING=2 is set before the process group exists, so a
     timeout raises in the step (our line, exit 3) instead of a SIGABRT; a user's value wins."""
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
-    training.make_accelerator(None, tmp_path / "logs")  # None: whatever state this process has
+    launch.make_accelerator(None, tmp_path / "logs")  # None: whatever state this process has
     import os
 
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    training.make_accelerator(None, tmp_path / "logs")
+    launch.make_accelerator(None, tmp_path / "logs")
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
@@ -390,19 +390,19 @@ def test_ddp_searches_unused_parameters_only_for_custom_heads(tmp_path, tiny_mod
                                                               overrides, unused) -> None:
     from helpers import write_task
 
-    from further_pt import config
-    from further_pt.finetuning import Classification
+    from further_pt.config import recipes
+    from further_pt.objectives.classification import Classification
 
     train = write_task(tmp_path / "train.jsonl", 20, 0)
-    cfg = config.load(["recipe=fit", f"output_dir={tmp_path / 'out'}",
+    cfg = recipes.load(["recipe=fit", f"output_dir={tmp_path / 'out'}",
                        f"model.name_or_path={tiny_model_dir}", f"data.train_file={train}",
                        "data.max_seq_length=32", *overrides],
-                      config.FinetuneSchema, kind="finetune", validate=config.validate_finetune)
+                      recipes.FinetuneSchema, kind="finetune", validate=recipes.validate_finetune)
     assert Classification(cfg, None).find_unused_parameters is unused
 
 
 def test_gpu_batches_are_padded_to_multiples_of_eight() -> None:
-    from further_pt.classification_data import collate
+    from further_pt.data.labelled import collate
 
     rows = [{"input_ids": [5] * n, "token_type_ids": [0] * n, "labels": 0} for n in (3, 11)]
     assert collate(rows, pad_id=0)["input_ids"].shape == (2, 11)
@@ -412,7 +412,7 @@ def test_gpu_batches_are_padded_to_multiples_of_eight() -> None:
 
 
 def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path) -> None:
-    from further_pt import evaluation
+    from further_pt.objectives import evaluation
 
     seen: list[torch.device] = []
 
@@ -428,7 +428,7 @@ def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path) -> Non
     monkeypatch.setattr(evaluation, "predict", fake_predict)
     monkeypatch.setattr(evaluation, "load_classifier", lambda path: _FakeClassifier())
     monkeypatch.setattr(evaluation, "load_tokenizer", lambda path: SimpleNamespace(pad_token_id=0))
-    monkeypatch.setattr(evaluation.classification_data, "tokenize", lambda *a, **k: [])
+    monkeypatch.setattr(evaluation.labelled, "tokenize", lambda *a, **k: [])
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")

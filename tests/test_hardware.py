@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from further_pt import hardware
 from further_pt.errors import ConfigError
-from further_pt.hardware import (
+from further_pt.train import hardware
+from further_pt.train.hardware import (
     choose_precision,
     configure_cpu_threads,
     cpu_bf16_flags,
@@ -255,7 +255,7 @@ def test_engines_without_a_gather_path_are_refused_before_any_work(engine) -> No
     from accelerate.utils import DistributedType
 
     from further_pt.errors import SetupError
-    from further_pt.training import check_engine
+    from further_pt.train.launch import check_engine
 
     if engine == "FSDP1":
         acc = SimpleNamespace(distributed_type=DistributedType.FSDP,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from further_pt.classification_data import collate, segment, tokenize, truncate
-from further_pt.heads import Classifier, HeadSpec, load_classifier
+from further_pt.data.labelled import collate, segment, tokenize, truncate
+from further_pt.objectives.heads import Classifier, HeadSpec, load_classifier
 
 
 def test_truncation_strategies_keep_exact_ids() -> None:

@@ -82,10 +82,10 @@ def test_imports_point_down(module: str) -> None:
 
 def test_the_check_fails_on_an_upward_import() -> None:
     """Config importing the experiment (as it once did, inside a function) is caught."""
-    source = "def load():\n    from further_pt.experiment import validate\n    return validate\n"
+    source = "def load():\n    from further_pt.study.experiment import validate\n    return validate\n"
     assert violations("config", source) == [
         f"config (layer 1) imports experiment (layer {LAYER['experiment']})"]
     assert violations("masking", "from further_pt import vocab\n") == [
         "masking (layer 5) imports vocab (layer 6)"]
-    assert violations("model", "import further_pt.objective\n") == [
+    assert violations("model", "import further_pt.objectives.mlm_loss\n") == [
         "model (layer 6) imports objective (layer 6)"]  # peers are independent stages

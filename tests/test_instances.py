@@ -7,7 +7,7 @@ import random
 import datasets
 import pytest
 
-from further_pt.instances import (
+from further_pt.data.instances import (
     build_instances,
     collate,
     create_nsp_instances,
@@ -68,7 +68,7 @@ def test_truncation_respects_max_length_even_for_long_sentences() -> None:
 
 
 def test_short_documents_skew_towards_random_next_and_are_reported(tokenizer, caplog) -> None:
-    from further_pt.instances import random_next_share
+    from further_pt.data.instances import random_next_share
 
     short = [f"Package number {i} does one thing. It is small." for i in range(300)]
     ds = datasets.Dataset.from_dict({"text": short})
@@ -135,7 +135,7 @@ def test_collate_pads_dynamically() -> None:
 
 
 def test_vectorised_packing_equals_the_reference_packing() -> None:
-    from further_pt.instances import pack_arrow
+    from further_pt.data.instances import pack_arrow
 
     rng = random.Random(0)
     for _ in range(20):

@@ -13,7 +13,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from further_pt.layerwise import (
+from further_pt.objectives.layerwise import (
     GradualUnfreezing,
     UnsupportedArchitecture,
     layer_groups,

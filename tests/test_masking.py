@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from further_pt.errors import ConfigError
-from further_pt.masking import (
+from further_pt.data.masking import (
     choose_spans,
     choose_whole_words,
     mask_tokens,
@@ -15,6 +14,7 @@ from further_pt.masking import (
     word_continuation_table,
     word_starts,
 )
+from further_pt.errors import ConfigError
 
 PAD, CLS, SEP, MASK, VOCAB = 0, 2, 3, 4, 500
 

@@ -12,8 +12,8 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from further_pt.masking import mask_tokens
-from further_pt.objective import PretrainingObjective, masked_positions
+from further_pt.data.masking import mask_tokens
+from further_pt.objectives.mlm_loss import PretrainingObjective, masked_positions
 
 
 def _inputs(vocab: int, n: int = 6, length: int = 24):

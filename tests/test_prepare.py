@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import pretrain_overrides, run_script
 
-from further_pt import cli
+from further_pt.cli import main
 
 NSP_MAP = "building NSP instances"  # the desc of build_instances' datasets.map progress bar
 
@@ -26,7 +26,7 @@ def test_the_run_reuses_what_prepare_built(tmp_path: Path, corpus_file: Path,
     args = pretrain_overrides(out, corpus_file, tiny_model_dir, cache, **{
         "train.max_steps": 2, "train.log_every_steps": 1, "checkpoint.every_steps": 2})
 
-    assert cli.main(["prepare", *args]) == 0
+    assert main.main(["prepare", *args]) == 0
     stdout, stderr = capfd.readouterr()
     assert not out.exists()  # prepare reads and caches; it never claims the output dir
     found = re.search(r"source 1/1 \S+: ([\d,]+) documents -> ([\d,]+) instances, ([\d,]+) "
@@ -60,7 +60,7 @@ def test_prepare_refuses_a_tokenizer_the_run_makes(tmp_path: Path, corpus_file: 
         args = [a for a in args if not a.startswith("model.")] + ["model.name_or_path=null"]
     else:
         args.append("model.extend_vocab={max_new_tokens:10,min_frequency:2}")
-    assert cli.main(["prepare", *args]) == 2
+    assert main.main(["prepare", *args]) == 2
     _, stderr = capfd.readouterr()
     lines = [line for line in stderr.splitlines() if line.startswith("further_pt:")]
     assert len(lines) == 1 and f"'model.{key}'" in lines[0]

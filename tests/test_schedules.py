@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from further_pt.schedules import build, stlr_factor
+from further_pt.objectives.schedules import build, stlr_factor
 
 
 def _lrs(name: str, total: int, **kw) -> list[float]:
@@ -66,7 +66,7 @@ def test_linear_factor_equals_transformers_linear_schedule() -> None:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from further_pt.schedules import linear_factor
+    from further_pt.objectives.schedules import linear_factor
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     hf = get_linear_schedule_with_warmup(opt, 3, 10)
@@ -77,7 +77,7 @@ def test_linear_factor_equals_transformers_linear_schedule() -> None:
 def test_head_warmup_then_the_main_schedule_shifted() -> None:
     import torch
 
-    from further_pt.schedules import linear_factor, with_head_warmup
+    from further_pt.objectives.schedules import linear_factor, with_head_warmup
 
     heads = torch.nn.Parameter(torch.zeros(1))
     body = torch.nn.Parameter(torch.zeros(1))
@@ -99,8 +99,8 @@ def test_head_warmup_then_the_main_schedule_shifted() -> None:
 @pytest.mark.parametrize("step", [0, 1, 2, 3, 4, 10, 29])
 def test_a_shortened_runs_schedule_equals_its_formula(step: int) -> None:
     """demo at train.max_steps=30: warm-up fitted to 3 steps, then linear decay to 0 at 30."""
-    from further_pt.config import fit_warmup
-    from further_pt.schedules import linear_factor
+    from further_pt.config.recipes import fit_warmup
+    from further_pt.objectives.schedules import linear_factor
 
     warmup = fit_warmup(100, 30, 0.1)
     lrs = _lrs("linear", 30, warmup_steps=warmup)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from further_pt import selection
-from further_pt.cli import main
-from further_pt.corpus import Source, load_documents
+from further_pt.cli.main import main
+from further_pt.data import selection
+from further_pt.data.corpus import Source, load_documents
 
 FILLER = [f"{a}{b}" for a in ("data", "file", "user", "list", "time", "code", "test", "note")
           for b in ("set", "map", "row", "key", "log", "run", "tag", "box", "bit", "way")]

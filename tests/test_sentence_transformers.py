@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from helpers import write_task
 
-from further_pt import model
 from further_pt.finetune import main as finetune_main
+from further_pt.objectives import encoder
 from further_pt.pretrain import main as pretrain_main
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not "
@@ -61,16 +61,16 @@ def test_the_base_is_mean_pooling_then_normalisation(base: Path, base_embeddings
 def test_a_zero_step_round_trip_embeds_as_the_base(base: Path, base_embeddings,
                                                    tmp_path: Path) -> None:
     """Loaded as for pretraining (a masked LM with a new head), saved as every folder is."""
-    config = model.load_config(str(base))
-    net, new_heads = model.load_pretraining_model(base, config, nsp=False,
+    config = encoder.load_config(str(base))
+    net, new_heads = encoder.load_pretraining_model(base, config, nsp=False,
                                                   attn_implementation="sdpa",
                                                   trust_remote_code=False)
     assert new_heads  # MiniLM ships no MLM head
     folder = tmp_path / "saved"
-    model.save_folder(net, model.load_tokenizer(str(base)), folder)
+    encoder.save_folder(net, encoder.load_tokenizer(str(base)), folder)
     plain = _encode(folder)  # without the modules: mean pooling, no normalisation
     assert not np.allclose(np.linalg.norm(plain, axis=1), 1.0, atol=1e-3)
-    model.write_st_modules(model.st_modules(str(base)), folder)
+    encoder.write_st_modules(encoder.st_modules(str(base)), folder)
     for name in ("modules.json", "sentence_bert_config.json",
                  "config_sentence_transformers.json", "1_Pooling/config.json"):
         assert (folder / name).read_bytes() == (base / name).read_bytes(), name
@@ -81,8 +81,8 @@ def test_a_zero_step_round_trip_embeds_as_the_base(base: Path, base_embeddings,
 
 
 def test_a_folder_without_modules_carries_nothing(tiny_model_dir: Path) -> None:
-    assert model.st_modules(str(tiny_model_dir)) == {}
-    assert model.st_modules(None) == {}
+    assert encoder.st_modules(str(tiny_model_dir)) == {}
+    assert encoder.st_modules(None) == {}
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,9 @@ def test_further_pretraining_keeps_the_modules_in_every_folder(pretrained: Path,
             (base / "modules.json").read_text())
         assert "1_Pooling/config.json" in json.loads(
             (folder / "manifest.json").read_text())["files"]  # checked like the weights
-    encoder = _load(final)  # AutoModel (BertModel) from a BertForMaskedLM folder
-    assert _modules(encoder) == MODULES
-    embeddings = encoder.encode(SENTENCES, convert_to_numpy=True)
+    st_model = _load(final)  # AutoModel (BertModel) from a BertForMaskedLM folder
+    assert _modules(st_model) == MODULES
+    embeddings = st_model.encode(SENTENCES, convert_to_numpy=True)
     assert np.isfinite(embeddings).all() and embeddings.shape == (len(SENTENCES), 384)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 

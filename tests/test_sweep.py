@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import pretrain_overrides, write_task
 
-from further_pt import sweep
-from further_pt.cli import main
+from further_pt.cli.main import main
+from further_pt.study import sweep
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from further_pt.data.vocab import choose_words, extend_model, extend_tokenizer, tokens_per_document
 from further_pt.errors import ConfigError
-from further_pt.model import train_wordpiece
-from further_pt.vocab import choose_words, extend_model, extend_tokenizer, tokens_per_document
+from further_pt.objectives.encoder import train_wordpiece
 
 FILLER = ["the", "patient", "had", "a", "and", "was", "with", "of"]
 # Domain words and how often each occurs in DOMAIN (capitalised/accented forms included).

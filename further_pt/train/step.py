@@ -9,7 +9,7 @@
 - :func:`resume_positions`: a checkpoint's data position under another world size.
 
 Each is a pure function of its arguments (or a small class), testable without a loop;
-the loop is :class:`further_pt.trainer.Trainer`.
+the loop is :class:`further_pt.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from further_pt.errors import ConfigError, TrainingFailed
 
-logger = logging.getLogger("further_pt.step")
+logger = logging.getLogger("further_pt.train.step")
 
 __all__ = ["NonfiniteSteps", "optimizer_step", "resolve_batch", "resume_positions"]
 

@@ -7,7 +7,7 @@ per task in multi-task training), layer groups with their own learning rates
 (layer-wise decay), BERT-Feat's frozen encoder, gradual unfreezing, the
 schedule (STLR, warmup + linear / cosine / constant), the cross-entropy loss,
 evaluation on the dev set at each epoch end, and the saved model folder. The
-Trainer (:mod:`further_pt.trainer`) runs the loop and keeps the best epoch.
+Trainer (:mod:`further_pt.train.trainer`) runs the loop and keeps the best epoch.
 """
 
 from __future__ import annotations
@@ -26,20 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
-from further_pt import (
-    classification_data,
-    evaluation,
-    hardware,
-    instances,
-    layerwise,
-    model,
-    schedules,
-)
+from further_pt.data import instances, labelled
 from further_pt.errors import ConfigError
-from further_pt.heads import Classifier, HeadSpec, load_classifier
-from further_pt.trainer import Stream, Trainer
+from further_pt.objectives import encoder, evaluation, layerwise, schedules
+from further_pt.objectives.heads import Classifier, HeadSpec, load_classifier
+from further_pt.train import hardware
+from further_pt.train.trainer import Stream, Trainer
 
-logger = logging.getLogger("further_pt.finetuning")
+logger = logging.getLogger("further_pt.objectives.classification")
 
 RESUMABLE_KEYS = ("output_dir", "overwrite_output_dir", "train.log_every_steps",
                   "checkpoint.keep_last", "data.dataloader_workers", "data.cache_dir",
@@ -77,31 +71,31 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
         if d.text_pair_column:
             columns.insert(1, d.text_pair_column)
             texts.append(d.text_pair_column)
-        read = partial(classification_data.load_labelled, columns=columns, cache_dir=cache,
+        read = partial(labelled.load_labelled, columns=columns, cache_dir=cache,
                        text_columns=texts, label_column=spec["label_column"],
                        invalid_rows=d.invalid_rows)
         train, dropped = read(spec["train_file"])
-        names = classification_data.label_names(train, spec["label_column"], spec["train_file"])
-        labels = classification_data.encode_labels(train, spec["label_column"], names,
+        names = labelled.label_names(train, spec["label_column"], spec["train_file"])
+        labels = labelled.encode_labels(train, spec["label_column"], names,
                                                    spec["train_file"])
         entry: dict[str, Any] = {"invalid_train_rows_skipped": dropped,
                                  "train_examples_available": len(labels)}
         if d.max_train_examples is not None:
-            keep = classification_data.stratified_subsample(
+            keep = labelled.stratified_subsample(
                 labels, d.max_train_examples, cfg.seed, num_classes=len(names),
                 where=spec["train_file"])
-            logger.info("%s: %s (seed %d)", spec["name"], classification_data.describe_subsample(
+            logger.info("%s: %s (seed %d)", spec["name"], labelled.describe_subsample(
                 [labels[i] for i in keep], names, len(labels)), cfg.seed)
             train, labels = train.select(keep), [labels[i] for i in keep]
         entry["train_examples"] = len(labels)
-        encode = partial(classification_data.tokenize, tokenizer=tokenizer,
+        encode = partial(labelled.tokenize, tokenizer=tokenizer,
                          text_column=spec["text_column"], text_pair_column=d.text_pair_column,
                          strategy=d.truncation, max_seq_length=d.max_seq_length,
                          head_tokens=head_tokens(d), max_segments=d.max_segments)
         evaluated = None
         if spec["eval_file"]:
             raw, entry["invalid_eval_rows_skipped"] = read(spec["eval_file"])
-            eval_labels = classification_data.encode_labels(raw, spec["label_column"], names,
+            eval_labels = labelled.encode_labels(raw, spec["label_column"], names,
                                                             spec["eval_file"])
             evaluated = encode(raw, labels=eval_labels)
         tasks.append(Task(spec["name"], names, encode(train, labels=labels), evaluated,
@@ -206,10 +200,10 @@ class Classification:
         self.metric = cfg.eval.metric
         m = cfg.model
         source = str(resume_from or m.name_or_path)
-        self.model_config = model.load_config(source, trust_remote_code=m.trust_remote_code)
-        self.tokenizer = model.load_tokenizer(str(resume_from or m.tokenizer or source),
+        self.model_config = encoder.load_config(source, trust_remote_code=m.trust_remote_code)
+        self.tokenizer = encoder.load_tokenizer(str(resume_from or m.tokenizer or source),
                                               trust_remote_code=m.trust_remote_code)
-        model.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length,
+        encoder.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length,
                                needs_mask=False)
         check_special_tokens(self.tokenizer, pairs=cfg.data.text_pair_column is not None)
         check_head(self.model_config, cfg.head, trust_remote_code=m.trust_remote_code)
@@ -231,7 +225,7 @@ class Classification:
         trainer.claim()
         self.device = trainer.accelerator.device
         # GPUs: lengths in multiples of 8 for the tensor cores
-        self.collate = partial(classification_data.collate, pad_id=self.tokenizer.pad_token_id,
+        self.collate = partial(labelled.collate, pad_id=self.tokenizer.pad_token_id,
                                pad_to_multiple_of=8 if self.device.type == "cuda" else None)
         collate = self.collate
         self.streams = [Stream(task.name, task.train, collate, drop_last=False,
@@ -292,7 +286,7 @@ class Classification:
     def evaluate(self, classifier: Any, shard: Any = None) -> dict[str, Any]:
         """Every task's dev metrics (``eval_*``); with several tasks, their means too.
 
-        With a ``shard`` (:class:`~further_pt.trainer.EvalShard`) this process predicts its
+        With a ``shard`` (:class:`~further_pt.train.trainer.EvalShard`) this process predicts its
         slice of each dev set and the slices are gathered in order before the metrics.
         """
         results: dict[str, Any] = {}

@@ -30,13 +30,13 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from further_pt.config.schema import ExperimentSchema, FinetuneSchema, PretrainSchema
 from further_pt.errors import ConfigError
-from further_pt.schemas import ExperimentSchema, FinetuneSchema, PretrainSchema
 
 __all__ = ["ConfigError", "ExperimentSchema", "FinetuneSchema", "PretrainSchema",
            "available_recipes", "load", "validate_finetune", "validate_pretrain"]
 
-logger = logging.getLogger("further_pt.config")
+logger = logging.getLogger("further_pt.config.recipes")
 
 
 # --------------------------------------------------------------------------- recipes
@@ -44,7 +44,7 @@ logger = logging.getLogger("further_pt.config")
 
 def recipes_dir() -> Path:
     """Where the shipped recipes are: inside an installed wheel, else the checkout's top level."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # further_pt/
     for candidate in (here / "recipes", here.parent / "recipes"):
         if candidate.is_dir():
             return candidate

@@ -42,11 +42,11 @@ from typing import Any
 import datasets
 import torch
 
-from further_pt import instances
-from further_pt.corpus import builder_for, check_file, json_lines, load_files, open_bytes
+from further_pt.data import instances
+from further_pt.data.corpus import builder_for, check_file, json_lines, load_files, open_bytes
 from further_pt.errors import ConfigError, DataError
 
-logger = logging.getLogger("further_pt.classification_data")
+logger = logging.getLogger("further_pt.data.labelled")
 STRATEGIES = ("head", "tail", "head_tail", "segments")
 
 

@@ -8,7 +8,7 @@ device's dense peak); an fp16 run that survives a forced overflow; bf16 against 
 loss parity; a run killed and resumed. Then one summary line.
 
 Every training check is a real run of ``further_pt/pretrain.py`` in a subprocess - the
-code path users run, fault injection included (:mod:`further_pt.faults`) - on the
+code path users run, fault injection included (:mod:`further_pt.train.faults`) - on the
 built-in corpus (the Python standard library's docstrings: nothing to download), with
 a WordPiece tokenizer trained on it and a model built from a config. On a CPU the model
 is the demo's size and the checks that need a GPU are listed as skipped.
@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from further_pt import corpus, hardware
+from further_pt.data import corpus
+from further_pt.train import hardware
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "evaluate",
             "hydra-core", "omegaconf", "safetensors")
@@ -181,7 +182,7 @@ class Runs:
         """A WordPiece tokenizer trained on the corpus and a randomly initialised BERT."""
         from transformers import BertConfig, BertForPreTraining
 
-        from further_pt.model import train_wordpiece
+        from further_pt.objectives.encoder import train_wordpiece
 
         path = corpus.builtin_corpus("python-docstrings", self.cache)
         with open(path, encoding="utf-8") as fh:
@@ -208,8 +209,8 @@ class Runs:
                 "train.warmup_steps": max(1, steps // 10), "train.lr": 5e-4,
                 "train.log_every_steps": max(1, steps // 10), "checkpoint.every_steps": steps,
                 "train.mixed_precision": precision, **extra}
-        cmd = [sys.executable, str(Path(__file__).with_name("pretrain.py")), "recipe=demo",
-               *(f"{k}={v}" for k, v in args.items())]
+        script = Path(__file__).resolve().parents[1] / "pretrain.py"
+        cmd = [sys.executable, str(script), "recipe=demo", *(f"{k}={v}" for k, v in args.items())]
         full_env = {**os.environ, **(env or {})}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, check=False)
         return proc, out

@@ -17,8 +17,8 @@ Model (fixed, nothing is tuned on the dev set):
 
 It trains on exactly the rows the fine-tuner uses for the same seed and size:
 the labelled file is read and its labels encoded as the fine-tuner does
-(:func:`classification_data.read_labelled` / ``label_names`` /
-``encode_labels``), then :func:`classification_data.stratified_subsample`
+(:func:`labelled.read_labelled` / ``label_names`` /
+``encode_labels``), then :func:`labelled.stratified_subsample`
 picks the rows. It writes the fine-tuner's ``metrics.json`` keys
 (:func:`evaluation.compute_metrics`), so the report treats it as one more
 variant. scikit-learn is an optional extra: ``pip install further-pt[linear]``.
@@ -34,10 +34,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from further_pt import checkpoint, classification_data, evaluation
+from further_pt.data import labelled
 from further_pt.errors import ConfigError
+from further_pt.objectives import evaluation
+from further_pt.train import checkpoint
 
-logger = logging.getLogger("further_pt.linear_baseline")
+logger = logging.getLogger("further_pt.study.linear")
 EXTRA = "pip install further-pt[linear]"
 MAX_ITER = 2000
 
@@ -52,19 +54,19 @@ def require_sklearn() -> None:
 def read_train(path: str, text_column: str, label_column: str
                ) -> tuple[list[str], list[int], list[str]]:
     """(texts, label ids, class names) of a training file, encoded as the fine-tuner does."""
-    ds = classification_data.read_labelled(path, columns=[text_column, label_column],
+    ds = labelled.read_labelled(path, columns=[text_column, label_column],
                                            text_columns=[text_column])
-    names = classification_data.label_names(ds, label_column, path)
-    return list(ds[text_column]), classification_data.encode_labels(ds, label_column, names,
+    names = labelled.label_names(ds, label_column, path)
+    return list(ds[text_column]), labelled.encode_labels(ds, label_column, names,
                                                                      path), names
 
 
 def read_eval(path: str, text_column: str, label_column: str, names: list[str]
               ) -> tuple[list[str], list[int]]:
     """(texts, label ids) of an evaluation file; a label training never saw is an error."""
-    ds = classification_data.read_labelled(path, columns=[text_column, label_column],
+    ds = labelled.read_labelled(path, columns=[text_column, label_column],
                                            text_columns=[text_column])
-    return list(ds[text_column]), classification_data.encode_labels(ds, label_column, names,
+    return list(ds[text_column]), labelled.encode_labels(ds, label_column, names,
                                                                      path)
 
 
@@ -73,7 +75,7 @@ def sample_rows(labels: Sequence[int], size: int | None, seed: int, *, num_class
     """The fine-tuner's training rows for ``size`` (``None``: all) and ``seed``."""
     if size is None:
         return list(range(len(labels)))
-    return classification_data.stratified_subsample(labels, size, seed, num_classes=num_classes,
+    return labelled.stratified_subsample(labels, size, seed, num_classes=num_classes,
                                                     where=where)
 
 

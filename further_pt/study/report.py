@@ -22,8 +22,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from further_pt import paired, schedules
-from further_pt.checkpoint import atomic_write_text
+from further_pt.objectives import schedules
+from further_pt.study import paired
+from further_pt.train.checkpoint import atomic_write_text
 
 NAMES = {"fit": "BERT-FiT", "itpt": "BERT-ITPT-FiT", "idpt": "BERT-IDPT-FiT",
          "cdpt": "BERT-CDPT-FiT", "selected": "BERT-kNN-TAPT-FiT", "feat": "BERT-Feat",

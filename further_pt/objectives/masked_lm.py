@@ -5,7 +5,7 @@ model's, a checkpoint's, or a WordPiece one trained on the corpus), the corpus
 read per source, NSP pairs or packed blocks built once and cached, sources
 mixed by weight, the model with its MLM (+ NSP) heads, dynamic masking redrawn
 at every step (token, whole-word or span), and the sparse MLM loss. The Trainer
-(:mod:`further_pt.trainer`) runs the loop.
+(:mod:`further_pt.train.trainer`) runs the loop.
 
 It is built in two steps because the checks must come before any work: the
 constructor reads only configs (the model's heads, its positions and
@@ -33,23 +33,15 @@ import datasets
 import torch
 from omegaconf import DictConfig
 
-from further_pt import (
-    checkpoint,
-    corpus,
-    hardware,
-    instances,
-    layerwise,
-    masking,
-    model,
-    schedules,
-    vocab,
-)
+from further_pt.data import corpus, instances, masking, vocab
 from further_pt.errors import ConfigError
-from further_pt.objective import PretrainingObjective
-from further_pt.trainer import Stream, Trainer
-from further_pt.training import step_seed
+from further_pt.objectives import encoder, layerwise, schedules
+from further_pt.objectives.mlm_loss import PretrainingObjective
+from further_pt.train import checkpoint, hardware
+from further_pt.train.launch import step_seed
+from further_pt.train.trainer import Stream, Trainer
 
-logger = logging.getLogger("further_pt.pretraining")
+logger = logging.getLogger("further_pt.objectives.masked_lm")
 
 # Keys that may change between a run and its resumption (everything else must match).
 RESUMABLE_KEYS = (
@@ -106,18 +98,18 @@ class MaskedLM:
         self.sources = corpus.resolve_sources(cfg.data.train_files)
         m = cfg.model
         if resume_from is not None:
-            self.model_config = model.load_config(str(resume_from))
+            self.model_config = encoder.load_config(str(resume_from))
         elif m.from_scratch is None:
-            self.model_config = model.load_config(m.name_or_path,
+            self.model_config = encoder.load_config(m.name_or_path,
                                                   trust_remote_code=m.trust_remote_code)
         else:
             self.model_config = None  # built once the tokenizer is trained
         self.tokenizer: Any = None
         self.new_words: list[Any] | None = None
         if self.model_config is not None:
-            model.pretraining_class(self.model_config, cfg.objective.nsp)
+            encoder.pretraining_class(self.model_config, cfg.objective.nsp)
             self.tokenizer = self._given_tokenizer()
-            model.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length)
+            encoder.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length)
             if cfg.objective.masking in ("whole_word", "span"):  # build() needs word boundaries
                 masking.word_boundary_scheme(self.tokenizer)
             if m.extend_vocab is not None and getattr(self.tokenizer, "backend_tokenizer",
@@ -128,9 +120,9 @@ class MaskedLM:
 
     def _given_tokenizer(self) -> Any:
         if self.resume_from is not None:
-            return model.load_tokenizer(str(self.resume_from))
+            return encoder.load_tokenizer(str(self.resume_from))
         m = self.cfg.model
-        return model.load_tokenizer(m.tokenizer or m.name_or_path,
+        return encoder.load_tokenizer(m.tokenizer or m.name_or_path,
                                     trust_remote_code=m.trust_remote_code)
 
     def build(self, trainer: Trainer) -> None:
@@ -147,8 +139,8 @@ class MaskedLM:
         base_tokenizer = self.tokenizer
         if self.tokenizer is None:
             self.tokenizer = self._scratch_tokenizer(docs, trainer)
-            self.model_config = model.scratch_config(cfg, self.tokenizer)
-            model.pretraining_class(self.model_config, o.nsp)
+            self.model_config = encoder.scratch_config(cfg, self.tokenizer)
+            encoder.pretraining_class(self.model_config, o.nsp)
         elif cfg.model.extend_vocab is not None and self.resume_from is None:
             self.tokenizer, self.new_words = self._extend_vocabulary(docs, trainer)
         tok = self.tokenizer
@@ -168,11 +160,11 @@ class MaskedLM:
         new_heads: list[str] = []
         if self.resume_from is not None or m.from_scratch is None:
             source = self.resume_from or m.name_or_path
-            net, new_heads = model.load_pretraining_model(
+            net, new_heads = encoder.load_pretraining_model(
                 source, self.model_config, nsp=o.nsp, attn_implementation=m.attn_implementation,
                 trust_remote_code=m.trust_remote_code)
         else:
-            net = model.new_pretraining_model(self.model_config, nsp=o.nsp,
+            net = encoder.new_pretraining_model(self.model_config, nsp=o.nsp,
                                               attn_implementation=m.attn_implementation)
         if self.new_words is not None:  # rows of the new tokens: the mean of their pieces
             vocab.extend_model(net, base_tokenizer, tok, self.new_words)
@@ -238,8 +230,8 @@ class MaskedLM:
                             "document on %d documents: %.1f -> %.1f", len(words),
                             ", ".join(w for w, _, _ in words[:20]), len(sample),
                             vocab.tokens_per_document(sample, base),
-                            vocab.tokens_per_document(sample, model.load_tokenizer(str(folder))))
-            return model.load_tokenizer(str(folder)), json.loads(chosen.read_text())
+                            vocab.tokens_per_document(sample, encoder.load_tokenizer(str(folder))))
+            return encoder.load_tokenizer(str(folder)), json.loads(chosen.read_text())
 
     def _scratch_tokenizer(self, docs: list[Any], trainer: Trainer) -> Any:
         """A WordPiece tokenizer trained on the corpus (main process), saved in the run."""
@@ -250,11 +242,11 @@ class MaskedLM:
                 per_source = math.ceil(fs.tokenizer_training_docs / len(docs))
                 texts = (text for doc in docs for text in islice(
                     (row["text"] for row in doc), per_source))
-                tok = model.train_wordpiece(texts, vocab_size=fs.vocab_size,
+                tok = encoder.train_wordpiece(texts, vocab_size=fs.vocab_size,
                                             lowercase=fs.lowercase,
                                             max_seq_length=fs.max_position_embeddings)
                 tok.save_pretrained(folder)
-            return model.load_tokenizer(str(folder))
+            return encoder.load_tokenizer(str(folder))
 
     # ------------------------------------------------------------------ the Trainer's interface
 
@@ -331,7 +323,7 @@ class MaskedLM:
         return False
 
     def export(self, module: Any, folder: Path) -> None:
-        model.save_folder(module.model, self.tokenizer, folder)
+        encoder.save_folder(module.model, self.tokenizer, folder)
 
     def summary(self) -> dict[str, Any]:
         return {}

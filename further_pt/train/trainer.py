@@ -6,7 +6,7 @@ what is its own; the Trainer owns what every run shares:
 - the output dir: checked read-only before any work, claimed (config.yaml)
   once the inputs have been read, a finished run recognised and left alone;
 - Accelerate: processes, devices, mixed precision, DDP and ``no_sync``;
-- data order: one :class:`~further_pt.training.ResumableSampler` per stream,
+- data order: one :class:`~further_pt.train.launch.ResumableSampler` per stream,
   resumable at any micro-batch, a stream drawn per step by size (multi-task);
 - the step: accumulation, the optimizer-step guard (non-finite losses are
   skipped and counted), the schedule, fault-injection points;
@@ -67,12 +67,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from further_pt import checkpoint, dropout, faults, hardware, layerwise, training
-from further_pt import step as step_
 from further_pt.errors import Preempted, SetupError, TrainingFailed
-from further_pt.model import st_modules, write_st_modules
+from further_pt.objectives import layerwise
+from further_pt.objectives.encoder import st_modules, write_st_modules
+from further_pt.train import checkpoint, dropout, faults, hardware, launch
+from further_pt.train import step as step_
 
-logger = logging.getLogger("further_pt.trainer")
+logger = logging.getLogger("further_pt.train.trainer")
 
 METRICS = "metrics.json"
 
@@ -141,7 +142,7 @@ class Trainer:
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         checkpoint.check_output_dir_path(self.output_dir)
         self.lock = checkpoint.OutputDirLock(self.output_dir)
-        if training.launched_rank() == 0:
+        if launch.launched_rank() == 0:
             self.lock.acquire()
         try:  # a refused run releases the lock (matters in-process: tests, notebooks)
             self.resuming = checkpoint.prepare_output_dir(
@@ -151,7 +152,7 @@ class Trainer:
             # Only the main process hashes the files; the others' choice is provisional, replaced
             # by the main one's once the process group exists (start()).
             self.resume_from = (checkpoint.latest_checkpoint(
-                self.ckpt_root, checksums=training.launched_rank() == 0) if self.resuming
+                self.ckpt_root, checksums=launch.launched_rank() == 0) if self.resuming
                 else None)
         except BaseException:
             self.lock.release()
@@ -190,14 +191,14 @@ class Trainer:
     def start(self, *, find_unused_parameters: bool = False) -> None:
         """Accelerate and logging. Call once the read-only checks have passed."""
         logging.basicConfig(  # first, so the precision and thread choices are logged
-            level=logging.INFO if training.launched_rank() == 0 else logging.WARNING,
+            level=logging.INFO if launch.launched_rank() == 0 else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         t = self.cfg.train
-        self.accelerator = training.make_accelerator(
+        self.accelerator = launch.make_accelerator(
             t.mixed_precision, self.output_dir / "logs",
             find_unused_parameters=find_unused_parameters,
             collective_timeout_s=t.collective_timeout_s, tf32=t.tf32, trackers=list(t.trackers))
-        self.sharded = training.check_engine(self.accelerator)  # refuses; FSDP: gather to save
+        self.sharded = launch.check_engine(self.accelerator)  # refuses; FSDP: gather to save
         global_batch = t.global_batch_size
         if global_batch is not None and self.resuming and not checkpoint.saved_has_key(
                 self.output_dir, "train.global_batch_size"):
@@ -259,7 +260,7 @@ class Trainer:
         # Data: one resumable stream per dataset; a step draws its stream in proportion to size.
         samplers, loaders = {}, {}
         for s in objective.streams:
-            samplers[s.name] = training.ResumableSampler(
+            samplers[s.name] = launch.ResumableSampler(
                 len(s.dataset), seed=cfg.seed, rank=self.rank, world_size=self.world,
                 lengths=s.lengths, batch_size=batch_size)
             loaders[s.name] = DataLoader(
@@ -298,7 +299,7 @@ class Trainer:
                         "sampler (train.fast_cpu_dropout)", swapped)
         if self.is_main:
             checkpoint.check_writable(self.output_dir,
-                                      training.checkpoint_bytes(objective.module))
+                                      launch.checkpoint_bytes(objective.module))
         # FSDP: the main process keeps a plain full copy, into which the weights are
         # gathered to save or evaluate (exports and evaluation stay the DDP code path).
         self._full = (copy.deepcopy(objective.module).to(device)
@@ -328,12 +329,12 @@ class Trainer:
                 logger.info(converted)
         elif self.resuming:
             logger.info("no complete checkpoint in %s: starting from step 0", self.ckpt_root)
-        iters = {s.name: training.micro_batches(loaders[s.name], samplers[s.name], batch_size,
+        iters = {s.name: launch.micro_batches(loaders[s.name], samplers[s.name], batch_size,
                                                 *state["streams"][s.name])
                  for s in objective.streams}
         names = [s.name for s in objective.streams]
 
-        log = training.MetricsLog(acc, self.output_dir / "logs", objective.name, self.resolved,
+        log = launch.MetricsLog(acc, self.output_dir / "logs", objective.name, self.resolved,
                                   resumed_at=state["step"])
         step = state["step"]
         whole, whole_at = None, -1  # the model to save/evaluate, gathered at step whole_at
@@ -342,13 +343,13 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=step, desc=objective.name, unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
         module.train()
-        watch = training.PreemptionWatch(every=t.stop_check_every_steps)
+        watch = launch.PreemptionWatch(every=t.stop_check_every_steps)
         skips = step_.NonfiniteSteps(device, t.max_nonfinite_steps, state)
         prepare_batch = getattr(objective, "prepare_batch", None)
         try:
             while step < total_steps:
-                torch.manual_seed(training.step_seed(cfg.seed, step, self.rank))  # dropout
-                gen = torch.Generator().manual_seed(training.step_seed(cfg.seed, step))
+                torch.manual_seed(launch.step_seed(cfg.seed, step, self.rank))  # dropout
+                gen = torch.Generator().manual_seed(launch.step_seed(cfg.seed, step))
                 name = names[int(torch.multinomial(sizes, 1, generator=gen))] if len(
                     names) > 1 else names[0]  # the same draw on every process
                 step_loss = torch.zeros((), device=device)
@@ -424,7 +425,7 @@ class Trainer:
                         raise Preempted(f"stopped by a signal at step {step}; checkpoint written "
                                         f"to {self.ckpt_root}; run the same command to resume")
         except Exception as exc:
-            failed = training.lost_peers(exc, world=self.world, step=step,
+            failed = launch.lost_peers(exc, world=self.world, step=step,
                                          ckpt_root=self.ckpt_root,
                                          timeout_s=t.collective_timeout_s)
             if failed is None:
@@ -476,7 +477,7 @@ class Trainer:
         The peak is that of the precision the run computes in (a bf16 run against the
         bf16 peak, which on AMX CPUs is ~6x the fp32 one; an fp32 run under TF32 against
         the TF32 peak): a GPU's datasheet dense peak where the device is known, else a
-        sustained measurement (:func:`further_pt.hardware.peak_flops`). Logged with its
+        sustained measurement (:func:`further_pt.train.hardware.peak_flops`). Logged with its
         source.
         """
         per_token = objective.flops_per_token()

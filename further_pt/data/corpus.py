@@ -43,10 +43,10 @@ from typing import IO, Any
 import datasets
 import filelock
 
-from further_pt.config import ConfigError, expand_paths
+from further_pt.config.recipes import ConfigError, expand_paths
 from further_pt.errors import DataError
 
-logger = logging.getLogger("further_pt.corpus")
+logger = logging.getLogger("further_pt.data.corpus")
 
 _BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",

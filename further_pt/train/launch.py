@@ -2,8 +2,8 @@
 
 One Accelerate setup, one resumable sampler, one way to seed a step, one
 preemption watch, one metrics log, and the shell contract of the entry points
-(errors -> exit codes). The optimizer step itself is :mod:`further_pt.step`; the
-loop is :class:`further_pt.trainer.Trainer`.
+(errors -> exit codes). The optimizer step itself is :mod:`further_pt.train.step`; the
+loop is :class:`further_pt.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from accelerate.utils import (
 )
 from torch.utils.data import DataLoader, Sampler
 
-from further_pt import hardware
-from further_pt.config import flatten
+from further_pt.config.recipes import flatten
 from further_pt.errors import FurtherPTError, SetupError, TrainingFailed
+from further_pt.train import hardware
 
-logger = logging.getLogger("further_pt.training")
+logger = logging.getLogger("further_pt.train.launch")
 
 __all__ = ["MetricsLog", "PreemptionWatch", "ResumableSampler", "checkpoint_bytes",
            "entry_point", "make_accelerator", "micro_batches", "step_seed"]
@@ -160,7 +160,7 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     GPUs with bf16; CPUs with AMX-BF16 or AVX512-BF16) and fp32 elsewhere, unless
     ``accelerate launch --mixed_precision`` asked for one; ``no``/``fp16``/``bf16``
     are taken as given; ``null`` keeps what ``accelerate config`` chose
-    (:func:`further_pt.hardware.choose_precision`). On a CPU, each process gets
+    (:func:`further_pt.train.hardware.choose_precision`). On a CPU, each process gets
     its share of the cores it may use unless the user set ``OMP_NUM_THREADS``.
     Both choices are logged with their reason. ``collective_timeout_s`` bounds every
     collective: a peer that hangs or vanishes without closing its sockets (a frozen

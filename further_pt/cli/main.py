@@ -28,21 +28,15 @@ from typing import Any, NamedTuple
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from further_pt import (
-    classification_data,
-    config,
-    corpus,
-    experiment,
-    finetune,
-    model,
-    pretrain,
-    pretraining,
-    sweep,
-)
+from further_pt import finetune, pretrain
+from further_pt.config import recipes
+from further_pt.config.schema import REQUIRED_ONE_OF
+from further_pt.data import corpus, labelled
 from further_pt.errors import ConfigError, FurtherPTError
-from further_pt.evaluation import PREPROCESSING, predict_file
-from further_pt.report import plot_run, plot_schedule, schedule_curves
-from further_pt.schemas import REQUIRED_ONE_OF
+from further_pt.objectives import encoder, masked_lm
+from further_pt.objectives.evaluation import PREPROCESSING, predict_file
+from further_pt.study import experiment, sweep
+from further_pt.study.report import plot_run, plot_schedule, schedule_curves
 
 USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 
@@ -75,12 +69,12 @@ class Kind(NamedTuple):
 
 
 KINDS: dict[str, Kind] = {
-    "pretrain": Kind("objective", pretrain.load, config.PretrainSchema,
-                     config.validate_pretrain, "accelerate launch further_pt/pretrain.py"),
-    "finetune": Kind("head", finetune.load, config.FinetuneSchema, config.validate_finetune,
+    "pretrain": Kind("objective", pretrain.load, recipes.PretrainSchema,
+                     recipes.validate_pretrain, "accelerate launch further_pt/pretrain.py"),
+    "finetune": Kind("head", finetune.load, recipes.FinetuneSchema, recipes.validate_finetune,
                      "accelerate launch further_pt/finetune.py"),
     # experiment.validate opens the task files: `config` shows an experiment typed only
-    "experiment": Kind("variants", experiment.load, config.ExperimentSchema, None,
+    "experiment": Kind("variants", experiment.load, recipes.ExperimentSchema, None,
                        "further-pt experiment"),
 }
 NOT_SET = "# <- not set: required before a run"
@@ -88,7 +82,7 @@ NOT_SET = "# <- not set: required before a run"
 
 def recipe_kind(recipe: str) -> str:
     """The kind of a recipe, from the keys of its composed form (bases included)."""
-    keys = set(config.compose(recipe, []))
+    keys = set(recipes.compose(recipe, []))
     return next((name for name, kind in KINDS.items() if kind.marker in keys), "unknown")
 
 
@@ -115,8 +109,8 @@ def draft(argv: list[str], name: str) -> Draft:
     derived value (a fitted warm-up) is shown, even while ``data.train_file`` is unset.
     """
     kind = KINDS[name]
-    recipe, overrides = config.split_recipe_arg(argv)
-    cfg = config.typed(config.compose_kind(recipe, overrides, kind.schema, name), kind.schema)
+    recipe, overrides = recipes.split_recipe_arg(argv)
+    cfg = recipes.typed(recipes.compose_kind(recipe, overrides, kind.schema, name), kind.schema)
     unset = unset_keys(cfg, kind.schema)
     trial = _with_placeholders(cfg, unset) if kind.check_values is not None else None
     if kind.check_values is None or trial is None:
@@ -185,18 +179,18 @@ def _config(args: list[str]) -> int:
     """
     check = "--check" in args
     args = [a for a in args if a != "--check"]
-    recipe, _ = config.split_recipe_arg(args)
+    recipe, _ = recipes.split_recipe_arg(args)
     name = recipe_kind(recipe)
     if name not in KINDS:
         raise ConfigError(f"recipe {recipe!r} has none of the keys that mark a recipe "
                           f"kind ({', '.join(k.marker for k in KINDS.values())})")
     kind = KINDS[name]
     if check:
-        print(config.to_yaml(kind.load(args)), end="")
+        print(recipes.to_yaml(kind.load(args)), end="")
         print(f"# checked; run it with: {kind.command} {' '.join(args)}", file=sys.stderr)
         return 0
     shown = draft(args, name)
-    body, unset = mark_unset(config.to_yaml(shown.cfg), shown.unset)
+    body, unset = mark_unset(recipes.to_yaml(shown.cfg), shown.unset)
     values = "values checked" if shown.values_checked else "values not checked"
     print(f"# recipe {recipe} ({name}): composed with its bases and overrides; {values},\n"
           "# files not opened (a run opens them, as does `further-pt config --check ...`)")
@@ -211,7 +205,7 @@ def _config(args: list[str]) -> int:
 
 
 def _describe(name: str) -> str:
-    lines = (config.recipes_dir() / f"{name}.yaml").read_text().splitlines()
+    lines = (recipes.recipes_dir() / f"{name}.yaml").read_text().splitlines()
     first = next((line for line in lines if line.startswith("#")), "#")
     return first.lstrip("# ").strip()
 
@@ -242,7 +236,7 @@ def check_predict_inputs(model_dir: str, input_path: str) -> None:
     does: a null text was predicted as "", a number crashed the tokenizer. The model folder
     itself (config.json, preprocessing.json) is left to ``predict_file``, which names it.
     """
-    model.check_weights(model_dir, key="model")
+    encoder.check_weights(model_dir, key="model")
     prep_path = Path(model_dir) / PREPROCESSING
     if not prep_path.is_file():
         return
@@ -252,7 +246,7 @@ def check_predict_inputs(model_dir: str, input_path: str) -> None:
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"model: {prep_path} is damaged ({' '.join(str(exc).split())[:120]});"
                           " copy the model folder again") from None
-    classification_data.read_predict_input(input_path, text_columns)
+    labelled.read_predict_input(input_path, text_columns)
 
 
 def _options(args: list[str], allowed: set[str], usage: str) -> dict[str, str]:
@@ -265,12 +259,12 @@ def _options(args: list[str], allowed: set[str], usage: str) -> dict[str, str]:
 
 
 def _plot_schedule(args: list[str]) -> int:
-    recipe, _ = config.split_recipe_arg(args)
+    recipe, _ = recipes.split_recipe_arg(args)
     usage = "further-pt plot-schedule recipe=NAME [steps=1000] [layers=12] [output=FILE.png]"
     options = _options([a for a in args if not a.startswith("recipe=")],
                        {"steps", "layers", "output"}, usage)
     overrides = [f"{k}={v}" for k, v in options.items() if k not in ("steps", "layers", "output")]
-    cfg = config.compose(recipe, overrides)
+    cfg = recipes.compose(recipe, overrides)
     curves = schedule_curves(cfg, layers=int(options.get("layers", 12)),
                              steps=int(options.get("steps", 1000)))
     out = Path(options.get("output", f"schedule-{Path(recipe).stem}.png"))
@@ -301,7 +295,7 @@ def _prepare(args: list[str]) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = pretrain.load(args)
-    prepared = pretraining.prepare(cfg)
+    prepared = masked_lm.prepare(cfg)
     for i, p in enumerate(prepared, start=1):
         print(f"source {i}/{len(prepared)} {p.spec}: {p.documents:,} documents -> "
               f"{p.instances:,} instances, {p.tokens:,} tokens; read {p.read_seconds:.1f} s, "
@@ -327,7 +321,7 @@ def _experiment(args: list[str]) -> int:
 
 def _doctor(rest: list[str]) -> int:
     """Every check that applies on this machine, one line each, then the summary line."""
-    from further_pt import doctor
+    from further_pt.cli import doctor
 
     options = dict(arg.split("=", 1) for arg in rest if "=" in arg)
     unknown = sorted(set(options) - {"work"}) + [a for a in rest if "=" not in a]
@@ -342,7 +336,7 @@ def _doctor(rest: list[str]) -> int:
 
 def _select(rest: list[str]) -> int:
     """The corpus documents nearest to a task's texts, written as a pretraining corpus."""
-    from further_pt import selection
+    from further_pt.data import selection
 
     if "--help" in rest or "-h" in rest:
         print(selection.HELP, end="")
@@ -360,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "recipes":
-            for name in config.available_recipes():
+            for name in recipes.available_recipes():
                 print(f"{name:14s} {recipe_kind(name):10s} {_describe(name)}")
             return 0
         if command == "config":

@@ -35,11 +35,17 @@ import datasets
 import numpy as np
 import torch
 
-from further_pt.config import expand_paths
-from further_pt.corpus import MAX_DOCUMENT_CHARS, builder_for, check_file, json_lines, open_bytes
+from further_pt.config.recipes import expand_paths
+from further_pt.data.corpus import (
+    MAX_DOCUMENT_CHARS,
+    builder_for,
+    check_file,
+    json_lines,
+    open_bytes,
+)
 from further_pt.errors import ConfigError, DataError
 
-logger = logging.getLogger("further_pt.selection")
+logger = logging.getLogger("further_pt.data.selection")
 REQUIRED = "(required)"
 N_FEATURES = 2**20
 BLOCK_ELEMENTS = 2**24  # floats in one dense block of scores or queries (64 MiB)
@@ -178,7 +184,7 @@ def read_task(path: str, column: str) -> list[str]:
         with io.TextIOWrapper(open_bytes(path), encoding="utf-8", errors="replace") as fh:
             texts = list(fh)
     else:
-        from further_pt.classification_data import load_labelled
+        from further_pt.data.labelled import load_labelled
 
         quiet = datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()  # a small file: no "Generating train split" bar

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 import yaml
 
-from further_pt import faults
-from further_pt.config import flatten
+from further_pt.config.recipes import flatten
 from further_pt.errors import CheckpointWriteError, ConfigError, SetupError
+from further_pt.train import faults
 
 try:  # POSIX only; elsewhere OutputDirLock warns and does not lock
     import fcntl

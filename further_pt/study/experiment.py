@@ -42,23 +42,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from further_pt import (
-    checkpoint,
-    classification_data,
-    config,
-    corpus,
-    evaluation,
-    finetune,
-    linear_baseline,
-    pretrain,
-    report,
-)
-from further_pt.config import expand_paths
+from further_pt import finetune, pretrain
+from further_pt.config import recipes
+from further_pt.config.recipes import expand_paths
+from further_pt.data import corpus, labelled
 from further_pt.errors import ConfigError
-from further_pt.report import finetune_stage
+from further_pt.objectives import evaluation
+from further_pt.study import linear, report
+from further_pt.study.report import finetune_stage
+from further_pt.train import checkpoint
 
-logger = logging.getLogger("further_pt.experiment")
-SCRIPTS = Path(__file__).resolve().parent
+logger = logging.getLogger("further_pt.study.experiment")
+SCRIPTS = Path(__file__).resolve().parents[1]  # further_pt/: pretrain.py, finetune.py
 # `selected` (kNN-TAPT, Gururangan et al. 2020): in-domain documents nearest the task's texts,
 # chosen by `further-pt select`; pretrained like in-domain text.
 PRETRAIN_RECIPES = {"itpt": "within_task", "idpt": "in_domain", "cdpt": "cross_domain",
@@ -170,7 +165,7 @@ def _grid_free(resolved: Any) -> Any:
 def _changed(saved: Any, resolved: Any) -> list[str]:
     """Grid-free keys whose value differs; keys the saved experiment lacks (added to
     further_pt after it started, so it ran without them) are not a change."""
-    old, new = config.flatten(_grid_free(saved)), config.flatten(_grid_free(resolved))
+    old, new = recipes.flatten(_grid_free(saved)), recipes.flatten(_grid_free(resolved))
     return sorted(k for k in old if old[k] != new.get(k))
 
 
@@ -181,13 +176,13 @@ def check_sizes(cfg: DictConfig) -> int:
     pretraining hours (the fine-tuning stages would refuse it too, with the same rule).
     """
     task = cfg.task
-    _, labels, names = linear_baseline.read_train(task.train_file, task.text_column,
+    _, labels, names = linear.read_train(task.train_file, task.text_column,
                                                   task.label_column)
     for size in cfg.train_sizes:
         if size is None:
             continue
         try:
-            classification_data.stratified_subsample(labels, size, cfg.seeds[0],
+            labelled.stratified_subsample(labels, size, cfg.seeds[0],
                                                      num_classes=len(names),
                                                      where=task.train_file)
         except ConfigError as exc:
@@ -283,7 +278,7 @@ def run(cfg: DictConfig) -> Path:
 def _linear(cfg: DictConfig, folder: Path, size: int | None, seed: int) -> None:
     """The ``linear`` stage: TF-IDF + logistic regression on the fine-tuner's rows for the seed."""
     task, lin = cfg.task, cfg.linear
-    linear_baseline.run(folder, train_file=task.train_file, eval_file=task.eval_file,
+    linear.run(folder, train_file=task.train_file, eval_file=task.eval_file,
                         text_column=task.text_column, label_column=task.label_column,
                         size=size, seed=seed, C=lin.C, word_ngrams=list(lin.word_ngrams),
                         char_ngrams=list(lin.char_ngrams))
@@ -291,7 +286,7 @@ def _linear(cfg: DictConfig, folder: Path, size: int | None, seed: int) -> None:
 
 def load(argv: list[str]) -> DictConfig:
     """Recipe + overrides -> a validated experiment config (ConfigError otherwise)."""
-    return config.load(argv, config.ExperimentSchema, kind="experiment", validate=validate)
+    return recipes.load(argv, recipes.ExperimentSchema, kind="experiment", validate=validate)
 
 
 def _validate_ablations(cfg: DictConfig) -> None:
@@ -342,7 +337,7 @@ def validate(cfg: DictConfig) -> None:
         shown = "null" if repeated[0] is None else repeated[0]
         raise ConfigError(f"config key 'train_sizes': {shown} is listed twice")
     if "linear" in cfg.variants:
-        linear_baseline.require_sklearn()
+        linear.require_sklearn()
         if cfg.linear.C <= 0:
             raise ConfigError(f"config key 'linear.C': must be > 0, got {cfg.linear.C}")
         for key in ("word_ngrams", "char_ngrams"):

@@ -12,7 +12,7 @@ own folder under the recipe's ``output_dir``, named after its values
 (``runs/fit/lr=1e-05,epochs=2``), and is run by the entry point users call
 (``--launcher``, default ``python``: each run in its own process; ``accelerate launch
 --num_processes 8`` for several GPUs; ``inprocess`` for tests), through the experiment
-runner (:class:`further_pt.experiment.Runner`): a finished run is skipped on a rerun, an
+runner (:class:`further_pt.study.experiment.Runner`): a finished run is skipped on a rerun, an
 interrupted one resumes from its last checkpoint, and wall times are kept in
 ``stages.json``. The sweep stops at the first run that fails, as Hydra's does; rerunning
 the same command continues.
@@ -45,12 +45,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from further_pt import checkpoint, config, evaluation, experiment, finetune, pretrain
+from further_pt import finetune, pretrain
+from further_pt.config import recipes
 from further_pt.errors import ConfigError
-from further_pt.finetuning import RESUMABLE_KEYS as FINETUNE_RESUMABLE
-from further_pt.pretraining import RESUMABLE_KEYS as PRETRAIN_RESUMABLE
+from further_pt.objectives import evaluation
+from further_pt.objectives.classification import RESUMABLE_KEYS as FINETUNE_RESUMABLE
+from further_pt.objectives.masked_lm import RESUMABLE_KEYS as PRETRAIN_RESUMABLE
+from further_pt.study import experiment
+from further_pt.train import checkpoint
 
-logger = logging.getLogger("further_pt.sweep")
+logger = logging.getLogger("further_pt.study.sweep")
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 DEFAULT_LAUNCHER = "python"  # each run in a process of its own: a crash or OOM ends one run
@@ -175,14 +179,14 @@ def _check_spec(root: Path, kind: str, axes: dict[str, list[str]],
 def _shared(resolved: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     """The resolved config, flat, less the swept keys and output_dir: what all runs share."""
     swept = {key.lstrip("+~") for key in keys}
-    return {k: v for k, v in config.flatten(resolved).items()
+    return {k: v for k, v in recipes.flatten(resolved).items()
             if k != "output_dir" and k not in swept}
 
 
 def run(kind: str, args: list[str]) -> Path:
     """Run (or continue) the sweep; write and return ``output_dir/sweep.md``."""
     launch, rest = split_args(args)
-    recipe, overrides = config.split_recipe_arg(rest)
+    recipe, overrides = recipes.split_recipe_arg(rest)
     fixed, axes = grid(overrides)
     grid_points = points(axes)
     load = LOADERS[kind]

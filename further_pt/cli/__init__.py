@@ -1,0 +1,1 @@
+"""The ``further-pt`` command (:mod:`.main`) and ``further-pt doctor`` (:mod:`.doctor`)."""
