@@ -122,7 +122,7 @@ def tiny_model_folder(folder: Path, corpus_lines: list[str]) -> Path:
     if source is not None:
         tok = AutoTokenizer.from_pretrained(str(source))
     else:
-        from further_pt.objectives.encoder import train_wordpiece
+        from further_pt.data.tokenizer import train_wordpiece
 
         tok = train_wordpiece(corpus_lines, vocab_size=2000, lowercase=True, max_seq_length=512)
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def texts(limit: int, source: str = "in_domain") -> list[str]:
 
 def tokenizer() -> Any:
     """all-MiniLM-L6-v2's uncased WordPiece (30,522 pieces) if installed, else one trained here."""
-    from further_pt.objectives.encoder import load_tokenizer, train_wordpiece
+    from further_pt.data.tokenizer import load_tokenizer, train_wordpiece
 
     folder = minilm_folder()
     if folder is not None:

@@ -216,7 +216,7 @@ def main() -> None:
 
 
 def common_flops(config: Any, seq: int, head_fraction: float) -> float:
-    from further_pt.train.hardware import encoder_flops_per_token
+    from further_pt.objectives.encoder import encoder_flops_per_token
 
     return encoder_flops_per_token(config, seq, head_fraction=head_fraction)
 

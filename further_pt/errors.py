@@ -67,3 +67,10 @@ class Preempted(FurtherPTError, RuntimeError):
 
 EXIT_CODES = {"invalid input": InvalidInput.exit_code, "training failed": TrainingFailed.exit_code,
               "preempted": Preempted.exit_code}
+
+
+def one_line(exc: BaseException | str, limit: int | None = None) -> str:
+    """An exception's text on one line (tracebacks and YAML errors span several), cut to
+    ``limit`` characters: an error message names the problem in one line."""
+    text = " ".join(str(exc).split())
+    return text if limit is None else text[:limit]

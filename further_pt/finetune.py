@@ -26,7 +26,7 @@ if __package__ in (None, "") and sys.path and Path(sys.path[0]).name == "further
 
 from omegaconf import DictConfig
 
-from further_pt.config import recipes
+from further_pt.config import recipes, validate
 from further_pt.objectives.classification import RESUMABLE_KEYS, Classification
 from further_pt.train import launch
 from further_pt.train.trainer import Trainer
@@ -34,7 +34,7 @@ from further_pt.train.trainer import Trainer
 
 def load(argv: list[str]) -> DictConfig:
     return recipes.load(argv, recipes.FinetuneSchema, kind="finetune",
-                       validate=recipes.validate_finetune)
+                        validate=validate.validate_finetune)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

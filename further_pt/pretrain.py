@@ -25,7 +25,7 @@ if __package__ in (None, "") and sys.path and Path(sys.path[0]).name == "further
 
 from omegaconf import DictConfig
 
-from further_pt.config import recipes
+from further_pt.config import recipes, validate
 from further_pt.objectives.masked_lm import RESUMABLE_KEYS, MaskedLM
 from further_pt.train import launch
 from further_pt.train.trainer import Trainer
@@ -33,7 +33,7 @@ from further_pt.train.trainer import Trainer
 
 def load(argv: list[str]) -> DictConfig:
     return recipes.load(argv, recipes.PretrainSchema, kind="pretrain",
-                       validate=recipes.validate_pretrain)
+                        validate=validate.validate_pretrain)
 
 
 def run(cfg: DictConfig) -> Path:

@@ -39,7 +39,7 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory, docs: list[str]) -> Pa
 
 @pytest.fixture(scope="session")
 def tokenizer(docs: list[str]):
-    from further_pt.objectives.encoder import train_wordpiece
+    from further_pt.data.tokenizer import train_wordpiece
 
     return train_wordpiece(docs, vocab_size=800, lowercase=True, max_seq_length=64)
 

@@ -81,7 +81,7 @@ def _roberta(env: Env) -> Path:
 
 
 def _big_tokenizer(env: Env) -> Path:
-    from further_pt.objectives.encoder import train_wordpiece
+    from further_pt.data.tokenizer import train_wordpiece
 
     words = [f"word{i} token{i * 7} piece{i * 13}" for i in range(3000)]
     folder = env.tmp / "big-tokenizer"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from further_pt.config.recipes import ConfigError
+from further_pt.data.order import ResumableSampler
 from further_pt.errors import SetupError
-from further_pt.train import checkpoint
-from further_pt.train.launch import ResumableSampler
+from further_pt.train import checkpoint, output_dir
 
 
 def _save(root: Path, step: int, keep_last: int = 3) -> Path:
@@ -72,28 +72,28 @@ def test_partial_and_corrupt_checkpoints_fall_back(tmp_path: Path, caplog) -> No
 def test_output_dir_guard(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = {"train": {"lr": 1e-4, "max_steps": 10}, "seed": 1}
-    assert checkpoint.prepare_output_dir(out, cfg, overwrite=False) is False
-    checkpoint.write_config(out, cfg, overwrite=False)
-    assert checkpoint.prepare_output_dir(out, cfg, overwrite=False) is True
+    assert output_dir.prepare_output_dir(out, cfg, overwrite=False) is False
+    output_dir.write_config(out, cfg, overwrite=False)
+    assert output_dir.prepare_output_dir(out, cfg, overwrite=False) is True
     longer = {"train": {"lr": 1e-4, "max_steps": 20}, "seed": 1}
-    assert checkpoint.prepare_output_dir(out, longer, overwrite=False,
+    assert output_dir.prepare_output_dir(out, longer, overwrite=False,
                                          may_differ=["train.max_steps"]) is True
     other = {"train": {"lr": 5e-5, "max_steps": 10}, "seed": 1}
     with pytest.raises(ConfigError,
                        match=r"different config \(train.lr: 0.0001 there, 5e-05 now\)"):
-        checkpoint.prepare_output_dir(out, other, overwrite=False)
-    assert checkpoint.prepare_output_dir(out, other, overwrite=True) is False
+        output_dir.prepare_output_dir(out, other, overwrite=False)
+    assert output_dir.prepare_output_dir(out, other, overwrite=True) is False
     # A key added to further_pt after the run started: the run resumes after the upgrade,
     # and the Trainer can tell that the run never had it (it then keeps the old behaviour).
     upgraded = {"train": {"lr": 1e-4, "max_steps": 10, "global_batch_size": 32}, "seed": 1}
-    assert checkpoint.prepare_output_dir(out, upgraded, overwrite=False) is True
-    assert checkpoint.saved_has_key(out, "train.lr")
-    assert not checkpoint.saved_has_key(out, "train.global_batch_size")
+    assert output_dir.prepare_output_dir(out, upgraded, overwrite=False) is True
+    assert output_dir.saved_has_key(out, "train.lr")
+    assert not output_dir.saved_has_key(out, "train.global_batch_size")
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no further_pt run"):
-        checkpoint.prepare_output_dir(stranger, cfg, overwrite=False)
+        output_dir.prepare_output_dir(stranger, cfg, overwrite=False)
 
 
 def test_sampler_resumes_in_place_and_splits_ranks() -> None:

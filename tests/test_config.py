@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from further_pt.cli.main import recipe_kind
-from further_pt.config import recipes
+from further_pt.config import recipes, validate
 from further_pt.config.recipes import ConfigError
 from further_pt.pretrain import load, main
 
@@ -53,10 +53,10 @@ def test_glob_override_and_weights(tmp_path: Path) -> None:
         (tmp_path / name).write_text("x\n")
     files = f"data.train_files=[{tmp_path}/*.txt,{tmp_path}/c.txt.gz]"
     cfg = load(["recipe=cross_domain", files, "data.source_weights=[1,3]",
-                       "train.max_steps=70000"])
+                "train.max_steps=70000"])
     assert list(cfg.data.train_files) == [f"{tmp_path}/*.txt", f"{tmp_path}/c.txt.gz"]
-    assert recipes.expand_paths(cfg.data.train_files[0]) == [str(tmp_path / "a.txt"),
-                                                            str(tmp_path / "b.txt")]
+    assert validate.expand_paths(cfg.data.train_files[0]) == [str(tmp_path / "a.txt"),
+                                                              str(tmp_path / "b.txt")]
     assert list(cfg.data.source_weights) == [1.0, 3.0] and cfg.train.max_steps == 70000
 
 
@@ -109,7 +109,7 @@ def test_missing_recipe_argument_lists_recipes() -> None:
 
 
 def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, corpus_file: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     code = main(["recipe=in_domain", f"output_dir={out}", f"data.train_files=[{corpus_file}]",
                  "objective.masked_lm_prob=0"])
@@ -161,7 +161,7 @@ def test_only_a_warmup_longer_than_the_run_changes(recipe: str, max_steps: int, 
 
 
 def test_fit_warmup_is_its_formula() -> None:
-    assert recipes.fit_warmup(100, 30, 0.1) == 3  # round(0.1 * 30)
-    assert recipes.fit_warmup(10000, 1234, 0.1) == 123
-    assert recipes.fit_warmup(50, 50, 0.1) == 50  # a warm-up as long as the run is kept
-    assert recipes.fit_warmup(7, 5, 0.0) == 0
+    assert validate.fit_warmup(100, 30, 0.1) == 3  # round(0.1 * 30)
+    assert validate.fit_warmup(10000, 1234, 0.1) == 123
+    assert validate.fit_warmup(50, 50, 0.1) == 50  # a warm-up as long as the run is kept
+    assert validate.fit_warmup(7, 5, 0.0) == 0

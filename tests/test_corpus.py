@@ -49,7 +49,7 @@ def test_directory_source_reads_every_file(tmp_path: Path) -> None:
     (tmp_path / "d" / "a.txt").write_text("first.\n")
     (tmp_path / "d" / "b.txt").write_text("second.\nthird.\n")
     assert sorted(_load(tmp_path, str(tmp_path / "d"))["text"]) == ["first.", "second.",
-                                                                   "third."]
+                                                                    "third."]
 
 
 def test_weighted_mixing_keeps_a_small_source_at_its_share() -> None:

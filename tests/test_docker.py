@@ -500,7 +500,7 @@ def test_unwritable_runs_folder_is_refused_naming_the_fix(unprivileged, world_re
 
 
 def test_output_dir_on_a_mount_whose_parent_is_read_only_runs(unprivileged,
-                                                                world_readable_dir) -> None:
+                                                              world_readable_dir) -> None:
     """output_dir=/runs: the volume is writable, / is not; the run's lock goes inside it."""
     base = world_readable_dir
     entrypoint = base / "entrypoint.sh"

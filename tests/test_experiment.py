@@ -50,6 +50,7 @@ def _csv(out) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_report_has_one_row_per_variant_and_size(experiment) -> None:
     out, _ = experiment
     table = _csv(out)
@@ -169,7 +170,7 @@ def test_experiment_validation_names_the_key(tmp_path, capsys) -> None:
     ("[1]", "config key 'train_sizes': 1 is below the 2 classes of"),
 ])
 def test_train_sizes_are_checked_before_any_stage(tmp_path, tiny_model_dir, capsys, sizes,
-                                                   message) -> None:
+                                                  message) -> None:
     train, dev = write_task(tmp_path / "t.jsonl", 64, 0), write_task(tmp_path / "d.jsonl", 8, 1)
     assert main(["experiment", "recipe=paper_grid", f"output_dir={tmp_path / 'exp'}",
                  f"train_sizes={sizes}", "variants=[fit]", f"base_model={tiny_model_dir}",
@@ -218,7 +219,7 @@ def test_plot_schedule_shows_the_slanted_triangle(tmp_path, capsys) -> None:
     from omegaconf import OmegaConf
 
     from further_pt.config import recipes
-    from further_pt.study.report import schedule_curves
+    from further_pt.study.plots import schedule_curves
 
     cfg = recipes.compose("ulmfit", [])
     curves = schedule_curves(cfg, layers=4, steps=1000)
@@ -245,6 +246,7 @@ def test_plot_run(experiment, tmp_path) -> None:
     assert main(["plot-run", str(tmp_path)]) == 2
 
 
+@pytest.mark.slow
 def test_a_killed_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_model_dir,
                                                            corpus_file, monkeypatch,
                                                            capsys) -> None:
@@ -275,6 +277,7 @@ def test_a_killed_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_model_
     assert fit["steps"] == 2 * 3  # by_size: 2 epochs of ceil(48 / 16) steps
 
 
+@pytest.mark.slow
 def test_an_ablation_can_be_limited_to_some_sizes(experiment, tmp_path) -> None:
     src, argv = experiment
     out = tmp_path / "exp"

@@ -45,6 +45,7 @@ def reference(tmp_path_factory, corpus_file, tiny_model_dir) -> tuple[Path, Path
     return base / "run" / "final", cache
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_kill_9_at_every_point_then_rerun_matches_uninterrupted(reference, tmp_path, corpus_file,
                                                                 tiny_model_dir) -> None:
@@ -84,6 +85,7 @@ def test_kill_9_at_every_point_then_rerun_matches_uninterrupted(reference, tmp_p
     assert logged == [2, 4, 6, 8]  # each step once: what a killed run logged past 4 was dropped
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes(reference, tmp_path, corpus_file,
                                                   tiny_model_dir) -> None:
     final, cache = reference
@@ -110,6 +112,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(reference, tmp_path, corpus_fi
     assert _same_weights(final, out / "final")
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_stop_the_run_keeping_the_last_good_checkpoint(
         reference, tmp_path, corpus_file, tiny_model_dir) -> None:
     _, cache = reference
@@ -125,17 +128,18 @@ def test_nonfinite_losses_stop_the_run_keeping_the_last_good_checkpoint(
     assert "1 update(s) skipped by step 4: non-finite loss or gradient (1 in all)" in proc.stderr
     # Step 4 was skipped (counted, weights untouched) and checkpointed; step 5 stopped the run.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002",
-                                                                      "step-000004"]
+                                                                       "step-000004"]
     last = out / "checkpoints" / "step-000004"
     assert json.loads((last / "trainer_state.json").read_text())["nonfinite_steps"] == 1
     assert all(torch.isfinite(t).all() for t in weights(last).values())
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_fails_before_training(tmp_path, corpus_file, tiny_model_dir,
                                                      monkeypatch) -> None:
     from further_pt.config.recipes import ConfigError
-    from further_pt.train import checkpoint
+    from further_pt.train import output_dir
 
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be")
@@ -144,7 +148,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, corpus_file, tiny
     assert f"{blocker} is a file, not a folder" in proc.stderr.strip().splitlines()[-1]
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10))
     with pytest.raises(ConfigError, match=r"0.00 GiB free, but checkpoints need about"):
-        checkpoint.check_writable(tmp_path / "new", 10**9)
+        output_dir.check_writable(tmp_path / "new", 10**9)
 
 
 def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
@@ -268,6 +272,7 @@ def test_two_nodes_survive_a_killed_and_a_hung_node(tmp_path, corpus_file, tiny_
     assert steps[-1] == STEPS and (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_finetune_killed_mid_epoch_resumes_to_the_same_model(tmp_path, tiny_model_dir) -> None:
     from helpers import run_scripts, write_task
 

@@ -59,6 +59,7 @@ def test_final_model_is_a_standard_hf_classifier(fit_run) -> None:
     assert classify("apple melon plum peach grape")[0]["label"] == "fruit"
 
 
+@pytest.mark.slow
 def test_rerun_does_nothing_and_unknown_eval_label_is_named(fit_run, tmp_path, task,
                                                             tiny_model_dir) -> None:
     _, args, _ = fit_run
@@ -133,7 +134,7 @@ def test_predict_writes_one_line_per_row_cut_as_in_training(fit_run, task, tmp_p
 
 @pytest.mark.slow
 def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny_model_dir,
-                                                                 task) -> None:
+                                                                  task) -> None:
     """T = epochs x optimizer steps per epoch of one process's shard, after accumulation."""
     import sys
 

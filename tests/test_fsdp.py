@@ -78,7 +78,7 @@ def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
 
 @pytest.mark.slow
 def test_fsdp_finetuning_evaluates_and_keeps_the_best_epoch(tmp_path: Path,
-                                                             tiny_model_dir: Path) -> None:
+                                                            tiny_model_dir: Path) -> None:
     train = write_task(tmp_path / "train.jsonl", 160, 0)
     dev = write_task(tmp_path / "dev.jsonl", 32, 1)
     out = tmp_path / "fit"

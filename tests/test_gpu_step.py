@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import free_port, pretrain_overrides, run_script
 
+from further_pt.data import order
 from further_pt.errors import ConfigError, SetupError, TrainingFailed
 from further_pt.train import checkpoint, launch
 from further_pt.train import step as optim_step
@@ -78,7 +79,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_the_run_goes_on() -> None:
         if step in (2, 3):
             next(model.parameters()).grad.fill_(float("inf"))
         _, skipped, counted = optim_step.optimizer_step(acc, model.parameters(), optimizer,
-                                                      scheduler, loss.detach(), max_grad_norm=1.0)
+                                                        scheduler, loss.detach(), max_grad_norm=1.0)
         skips.add(skipped, counted, step)
         scales.append(acc.scaler.get_scale())
         moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(),
@@ -102,7 +103,7 @@ def test_bf16_fp32_guard_skips_on_the_device_without_reading_it(monkeypatch) -> 
     loss = model(x).pow(2).mean()
     acc.backward(loss)
     _, skipped, _ = optim_step.optimizer_step(acc, model.parameters(), optimizer, scheduler,
-                                            loss.detach(), max_grad_norm=1.0)
+                                              loss.detach(), max_grad_norm=1.0)
     assert skipped.item() == 0
     inner = optimizer.optimizer
     before = {k: v.clone() for k, v in inner.state[next(model.parameters())].items()}
@@ -116,7 +117,7 @@ def test_bf16_fp32_guard_skips_on_the_device_without_reading_it(monkeypatch) -> 
     for host_read in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, host_read, no_host_read)
     _, skipped, counted = optim_step.optimizer_step(acc, model.parameters(), optimizer, scheduler,
-                                                  loss.detach(), max_grad_norm=1.0)
+                                                    loss.detach(), max_grad_norm=1.0)
     monkeypatch.undo()
     assert skipped.item() == counted.item() == 1
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
@@ -192,14 +193,14 @@ def test_data_position_converts_to_another_world_size_exactly() -> None:
     """Item 4: after p micro-batches of b on w processes the job read the epoch's first
     p*b*w examples; resumed on w' processes, the ranks together read exactly the rest."""
     n, seed = 96, 3
-    old = [launch.ResumableSampler(n, seed=seed, rank=r, world_size=2) for r in range(2)]
+    old = [order.ResumableSampler(n, seed=seed, rank=r, world_size=2) for r in range(2)]
     read = {i for s in old for i in s.order()[:3 * 4].tolist()}  # 3 micro-batches of 4
     saved = {"world_size": 2, "micro_batch_size": 4, "global_batch": 8,
              "streams": {"corpus": [0, 3]}}
     positions, note = optim_step.resume_positions(saved, world=1, batch_size=8, accumulation=1,
-                                                grouped=False)
+                                                  grouped=False)
     assert positions == {"corpus": [0, 3]} and "example 24 of epoch 0" in note
-    new = launch.ResumableSampler(n, seed=seed, rank=0, world_size=1)
+    new = order.ResumableSampler(n, seed=seed, rank=0, world_size=1)
     new.set_position(0, positions["corpus"][1] * 8)
     rest = list(new)
     assert set(rest).isdisjoint(read) and len(read) + len(rest) == n
@@ -209,7 +210,7 @@ def test_data_position_converts_to_another_world_size_exactly() -> None:
         accumulation=1, grouped=False)
     assert positions == {"corpus": [0, 3]}
     assert optim_step.resume_positions(saved, world=2, batch_size=4, accumulation=2,
-                                     grouped=True) == ({"corpus": [0, 3]}, None)
+                                       grouped=True) == ({"corpus": [0, 3]}, None)
     # the same world with another micro-batch (a GPU with less memory): the same conversion
     positions, note = optim_step.resume_positions(saved, world=2, batch_size=2, accumulation=2,
                                                   grouped=False)
@@ -316,7 +317,7 @@ def test_every_process_resumes_the_main_processs_checkpoint(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_preparation_longer_than_the_collective_timeout_completes(tmp_path, docs,
-                                                                   tiny_model_dir) -> None:
+                                                                  tiny_model_dir) -> None:
     """Item 2: 2 processes, a 3 s collective timeout, a corpus that takes longer than that to
     tokenize on one worker: rank 1 waits on a file lock (no timeout), not in a barrier, then
     loads rank 0's cache. Before, rank 1's barrier timed out and the job died."""
@@ -354,15 +355,15 @@ def test_preprocessing_workers_auto_is_the_cores_this_process_may_use(monkeypatc
 ])
 def test_a_lost_nccl_peer_is_the_same_one_line(text: str) -> None:
     failed = launch.lost_peers(RuntimeError(text), world=8, step=41, timeout_s=1800,
-                                 ckpt_root=Path("/runs/x/checkpoints"))
+                               ckpt_root=Path("/runs/x/checkpoints"))
     assert failed is not None
     line = str(failed)
     assert line.startswith("lost contact with the other processes during step 42 (")
     assert "rerun the same command on every node to resume" in line and "\n" not in line
     assert launch.lost_peers(RuntimeError(text), world=1, step=41, timeout_s=1,
-                               ckpt_root=Path("x")) is None
+                             ckpt_root=Path("x")) is None
     assert launch.lost_peers(RuntimeError("CUDA out of memory"), world=8, step=41,
-                               timeout_s=1, ckpt_root=Path("x")) is None
+                             timeout_s=1, ckpt_root=Path("x")) is None
 
 
 def test_nccl_watchdog_aborts_the_communicator_not_the_process(monkeypatch, tmp_path) -> None:
@@ -390,19 +391,19 @@ def test_ddp_searches_unused_parameters_only_for_custom_heads(tmp_path, tiny_mod
                                                               overrides, unused) -> None:
     from helpers import write_task
 
-    from further_pt.config import recipes
+    from further_pt.config import recipes, validate
     from further_pt.objectives.classification import Classification
 
     train = write_task(tmp_path / "train.jsonl", 20, 0)
     cfg = recipes.load(["recipe=fit", f"output_dir={tmp_path / 'out'}",
                        f"model.name_or_path={tiny_model_dir}", f"data.train_file={train}",
-                       "data.max_seq_length=32", *overrides],
-                      recipes.FinetuneSchema, kind="finetune", validate=recipes.validate_finetune)
+                        "data.max_seq_length=32", *overrides],
+                       recipes.FinetuneSchema, kind="finetune", validate=validate.validate_finetune)
     assert Classification(cfg, None).find_unused_parameters is unused
 
 
 def test_gpu_batches_are_padded_to_multiples_of_eight() -> None:
-    from further_pt.data.labelled import collate
+    from further_pt.data.segments import collate
 
     rows = [{"input_ids": [5] * n, "token_type_ids": [0] * n, "labels": 0} for n in (3, 11)]
     assert collate(rows, pad_id=0)["input_ids"].shape == (2, 11)
@@ -428,7 +429,7 @@ def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path) -> Non
     monkeypatch.setattr(evaluation, "predict", fake_predict)
     monkeypatch.setattr(evaluation, "load_classifier", lambda path: _FakeClassifier())
     monkeypatch.setattr(evaluation, "load_tokenizer", lambda path: SimpleNamespace(pad_token_id=0))
-    monkeypatch.setattr(evaluation.labelled, "tokenize", lambda *a, **k: [])
+    monkeypatch.setattr(evaluation.segments, "tokenize", lambda *a, **k: [])
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from further_pt.errors import ConfigError
+from further_pt.objectives.encoder import encoder_flops_per_token
 from further_pt.train import hardware
 from further_pt.train.hardware import (
     choose_precision,
     configure_cpu_threads,
     cpu_bf16_flags,
     cpu_threads,
-    encoder_flops_per_token,
     matmul_peak_flops,
     user_chose_threads,
 )

@@ -75,6 +75,7 @@ def test_new_head_learns_alone_then_the_encoder_moves(tmp_path: Path, corpus_fil
     assert losses[-1] < losses[0]  # the head's loss falls during the warm-up
 
 
+@pytest.mark.slow
 def test_no_warmup_when_the_checkpoint_has_its_heads(tmp_path: Path, corpus_file: Path,
                                                      tiny_model_dir: Path) -> None:
     out = tmp_path / "run"
@@ -85,6 +86,7 @@ def test_no_warmup_when_the_checkpoint_has_its_heads(tmp_path: Path, corpus_file
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
 
 
+@pytest.mark.slow
 def test_resume_inside_the_warmup_is_bit_exact(tmp_path: Path, corpus_file: Path,
                                                headless_dir: Path) -> None:
     whole, cut = tmp_path / "whole", tmp_path / "cut"

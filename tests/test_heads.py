@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from further_pt.data.labelled import collate, segment, tokenize, truncate
+from further_pt.data.segments import collate, segment, tokenize, truncate
 from further_pt.objectives.heads import Classifier, HeadSpec, load_classifier
 
 

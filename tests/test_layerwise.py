@@ -78,7 +78,7 @@ def test_optimizer_groups_decay_only_matrices() -> None:
     for g in groups:
         assert all((p.ndim >= 2) == (g["weight_decay"] == 0.01) for p in g["params"])
     assert {g["name"] for g in groups} == {"embeddings", "layer_0", "layer_1", "layer_2",
-                                          "layer_3", "head"}
+                                           "layer_3", "head"}
 
 
 def test_gradual_unfreezing_changes_only_unfrozen_groups() -> None:

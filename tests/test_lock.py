@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from further_pt.errors import SetupError
-from further_pt.train import checkpoint
-from further_pt.train.checkpoint import OutputDirLock, lock_path, prepare_output_dir, write_config
+from further_pt.train import output_dir
+from further_pt.train.output_dir import OutputDirLock, lock_path, prepare_output_dir, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = ("import sys, time\n"
-          "from further_pt.train.checkpoint import OutputDirLock\n"
+          "from further_pt.train.output_dir import OutputDirLock\n"
           "lock = OutputDirLock(sys.argv[1]).acquire()\n"
           "print('ready', flush=True)\n"
           "time.sleep(120)\n")
@@ -102,8 +102,8 @@ def test_lock_file_is_beside_the_output_dir_and_survives_overwrite(tmp_path: Pat
 
 
 def test_without_fcntl_it_warns_and_does_not_lock(tmp_path: Path, monkeypatch, caplog) -> None:
-    monkeypatch.setattr(checkpoint, "fcntl", None)
-    with caplog.at_level("WARNING", logger="further_pt.train.checkpoint"):
+    monkeypatch.setattr(output_dir, "fcntl", None)
+    with caplog.at_level("WARNING", logger="further_pt.train.output_dir"):
         a = OutputDirLock(tmp_path).acquire()
         b = OutputDirLock(tmp_path).acquire()
     assert not a.held and not b.held
@@ -115,7 +115,7 @@ def test_a_child_forked_by_the_holder_does_not_keep_the_lock(tmp_path: Path) -> 
     """DataLoader workers outlive a SIGKILLed run for a moment: they must not hold its lock."""
     out = tmp_path / "run"
     code = ("import os, sys, time\n"
-            "from further_pt.train.checkpoint import OutputDirLock\n"
+            "from further_pt.train.output_dir import OutputDirLock\n"
             f"OutputDirLock({str(out)!r}).acquire()\n"
             "child = os.fork()\n"
             "if child == 0:\n    time.sleep(30)\n    os._exit(0)\n"
@@ -139,11 +139,9 @@ def test_output_dir_on_a_read_only_parent_holds_its_own_lock(tmp_path: Path,
     """output_dir=/runs in a container: the volume is writable, / is not. The lock goes inside
     the folder; an empty folder with only its lock is a fresh run; overwrite keeps the lock
     (and the folder itself: it may be a mount point)."""
-    from further_pt.train import checkpoint
-
     out = tmp_path / "runs"
     out.mkdir()
-    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(output_dir.os, "access", lambda path, mode: Path(path) != tmp_path)
     assert lock_path(out) == out / ".further_pt.lock"
     with OutputDirLock(out):
         assert prepare_output_dir(out, {"seed": 1}, overwrite=False) is False

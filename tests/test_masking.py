@@ -343,7 +343,7 @@ def test_first_real_token_starts_a_word_for_whole_word_masking() -> None:
     ids = torch.tensor([[CLS, 12, 10, 15, SEP, 18, SEP]])
     maskable = ~torch.isin(ids, SPECIAL)
     assert word_starts(ids, maskable, CONT)[0].tolist() == [False, True, True, False, False,
-                                                           True, False]
+                                                            True, False]
     chosen = choose_whole_words(ids, maskable, torch.tensor([2]), CONT,
                                 torch.Generator().manual_seed(0))
     assert int(chosen.sum()) == 2 and chosen[0, 2] == chosen[0, 3]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from helpers import pretrain_overrides, run_scripts, write_task
 
 
@@ -21,6 +22,7 @@ def _mlm_losses(out: Path) -> list[float]:
     return [x["train/mlm_loss"] for x in logs]
 
 
+@pytest.mark.slow
 def test_bf16_pretraining_loss_matches_fp32(tmp_path: Path, corpus_file: Path,
                                             tiny_model_dir: Path) -> None:
     losses, precisions = {}, ("no", "bf16")
@@ -38,6 +40,7 @@ def test_bf16_pretraining_loss_matches_fp32(tmp_path: Path, corpus_file: Path,
     assert all(x[-1] < x[0] for x in losses.values())  # both learn
 
 
+@pytest.mark.slow
 def test_bf16_finetuning_accuracy_matches_fp32(tmp_path: Path, tiny_model_dir: Path) -> None:
     train = write_task(tmp_path / "train.jsonl", 160, 0)
     dev = write_task(tmp_path / "dev.jsonl", 40, 1)

@@ -30,7 +30,7 @@ def test_run_writes_loadable_checkpoints_and_logs(finished_run) -> None:
     assert ("CPU dropout: 7 dropout layers and the attention of 0 model(s) draw their masks "
             "with further_pt's fast sampler (train.fast_cpu_dropout)") in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003",
-                                                                      "step-000006"]
+                                                                       "step-000006"]
     for folder in (out / "checkpoints" / "step-000003", out / "final"):
         model = AutoModelForMaskedLM.from_pretrained(folder)
         tok = AutoTokenizer.from_pretrained(folder)
@@ -96,6 +96,7 @@ def test_from_scratch_packed_whole_word(tmp_path: Path, corpus_file: Path) -> No
     assert model.config.vocab_size <= 400
 
 
+@pytest.mark.slow
 def test_world_size_disagreement_fails_loudly(tmp_path: Path, corpus_file: Path,
                                               tiny_model_dir: Path) -> None:
     """`accelerate launch --cpu --num_processes 2` starts ONE process: never train silently so."""

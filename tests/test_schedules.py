@@ -99,7 +99,7 @@ def test_head_warmup_then_the_main_schedule_shifted() -> None:
 @pytest.mark.parametrize("step", [0, 1, 2, 3, 4, 10, 29])
 def test_a_shortened_runs_schedule_equals_its_formula(step: int) -> None:
     """demo at train.max_steps=30: warm-up fitted to 3 steps, then linear decay to 0 at 30."""
-    from further_pt.config.recipes import fit_warmup
+    from further_pt.config.validate import fit_warmup
     from further_pt.objectives.schedules import linear_factor
 
     warmup = fit_warmup(100, 30, 0.1)

@@ -120,6 +120,7 @@ def test_the_output_is_a_pretraining_corpus(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "picked" / "knn.select.json").read_text()) == report
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_as_the_corpus_grows(tmp_path: Path) -> None:
     task = [TOPIC, *(" ".join(FILLER[i::7]) for i in range(7))]
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from helpers import write_task
 
+from further_pt.data import tokenizer
 from further_pt.finetune import main as finetune_main
 from further_pt.objectives import encoder
 from further_pt.pretrain import main as pretrain_main
@@ -63,11 +64,11 @@ def test_a_zero_step_round_trip_embeds_as_the_base(base: Path, base_embeddings,
     """Loaded as for pretraining (a masked LM with a new head), saved as every folder is."""
     config = encoder.load_config(str(base))
     net, new_heads = encoder.load_pretraining_model(base, config, nsp=False,
-                                                  attn_implementation="sdpa",
-                                                  trust_remote_code=False)
+                                                    attn_implementation="sdpa",
+                                                    trust_remote_code=False)
     assert new_heads  # MiniLM ships no MLM head
     folder = tmp_path / "saved"
-    encoder.save_folder(net, encoder.load_tokenizer(str(base)), folder)
+    encoder.save_folder(net, tokenizer.load_tokenizer(str(base)), folder)
     plain = _encode(folder)  # without the modules: mean pooling, no normalisation
     assert not np.allclose(np.linalg.norm(plain, axis=1), 1.0, atol=1e-3)
     encoder.write_st_modules(encoder.st_modules(str(base)), folder)

@@ -67,6 +67,7 @@ def test_a_bad_value_anywhere_in_the_grid_fails_before_any_run(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_finetuning_sweep_runs_each_point_once_and_summarises(
         tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "sweep"
@@ -110,6 +111,7 @@ def test_a_finetuning_sweep_runs_each_point_once_and_summarises(
         in err
 
 
+@pytest.mark.slow
 def test_a_killed_pretraining_run_resumes_and_finished_ones_are_kept(
         tmp_path: Path, tiny_model_dir: Path, corpus_file: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

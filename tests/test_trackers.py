@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from helpers import pretrain_overrides, run_script, write_task
 
-from further_pt.config import recipes
+from further_pt.config import recipes, validate
 from further_pt.finetune import main as finetune_main
 from further_pt.pretrain import load as pretrain_load
 from further_pt.pretrain import main as pretrain_main
@@ -31,7 +31,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def test_trackers_take_a_list_one_name_or_none(value: str, expected: list[str], tmp_path: Path,
                                                tiny_model_dir: Path, corpus_file: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recipes, "installed_trackers", lambda: {"tensorboard", "mlflow"})
+    monkeypatch.setattr(validate, "installed_trackers", lambda: {"tensorboard", "mlflow"})
     args = pretrain_overrides(tmp_path / "out", corpus_file, tiny_model_dir, tmp_path / "c",
                               **{"train.trackers": value})
     assert list(pretrain_load(args).train.trackers) == expected
@@ -46,7 +46,7 @@ def test_the_base_recipes_log_to_tensorboard() -> None:
 def test_a_tracker_that_is_not_installed_is_refused_before_any_work(
         tmp_path: Path, tiny_model_dir: Path, corpus_file: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(recipes, "installed_trackers", lambda: {"tensorboard"})
+    monkeypatch.setattr(validate, "installed_trackers", lambda: {"tensorboard"})
     out = tmp_path / "out"
     args = pretrain_overrides(out, corpus_file, tiny_model_dir, tmp_path / "cache",
                               **{"train.trackers": "[tensorboard,comet_ml]"})
@@ -57,6 +57,7 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_work(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_mlflow_gets_the_config_metrics_and_final_metrics_and_a_resumed_run_continues_it(
         tmp_path: Path, tiny_model_dir: Path, corpus_file: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from further_pt.data.tokenizer import train_wordpiece
 from further_pt.data.vocab import choose_words, extend_model, extend_tokenizer, tokens_per_document
 from further_pt.errors import ConfigError
-from further_pt.objectives.encoder import train_wordpiece
 
 FILLER = ["the", "patient", "had", "a", "and", "was", "with", "of"]
 # Domain words and how often each occurs in DOMAIN (capitalised/accented forms included).
@@ -184,7 +184,7 @@ def test_tokens_per_document_falls_by_the_saved_pieces(wordpiece):
     new = extend_tokenizer(wordpiece, chosen)
     docs = _domain()
     before, after = tokens_per_document(docs, wordpiece), tokens_per_document(iter(docs), new,
-                                                                               batch_size=3)
+                                                                              batch_size=3)
     saved = sum(n * (len(pieces) - 1) for _, pieces, n in chosen)
     assert after < before
     assert (before - after) * len(docs) == pytest.approx(saved, abs=1e-9)
@@ -208,7 +208,7 @@ def test_bpe_words_become_whole_word_added_tokens():
     assert [(w, n) for w, _, n in chosen] == [("nephrectomy", 7), *EXPECTED[1:]]
     new = extend_tokenizer(tok, chosen)
     assert [new.convert_tokens_to_ids(w) for w, _, _ in chosen] == list(range(len(tok),
-                                                                            len(tok) + 4))
+                                                                              len(tok) + 4))
     assert new("the Stent", add_special_tokens=False)["input_ids"][-1] == len(tok) + 2
     assert len(tok) + 2 not in new("substent", add_special_tokens=False)["input_ids"]
 

@@ -182,7 +182,7 @@ class Runs:
         """A WordPiece tokenizer trained on the corpus and a randomly initialised BERT."""
         from transformers import BertConfig, BertForPreTraining
 
-        from further_pt.objectives.encoder import train_wordpiece
+        from further_pt.data.tokenizer import train_wordpiece
 
         path = corpus.builtin_corpus("python-docstrings", self.cache)
         with open(path, encoding="utf-8") as fh:

@@ -29,14 +29,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from further_pt import finetune, pretrain
-from further_pt.config import recipes
+from further_pt.config import recipes, validate
 from further_pt.config.schema import REQUIRED_ONE_OF
-from further_pt.data import corpus, labelled
+from further_pt.data import corpus, labelled, prepare
 from further_pt.errors import ConfigError, FurtherPTError
 from further_pt.objectives import encoder, masked_lm
 from further_pt.objectives.evaluation import PREPROCESSING, predict_file
 from further_pt.study import experiment, sweep
-from further_pt.study.report import plot_run, plot_schedule, schedule_curves
+from further_pt.study.plots import plot_run, plot_schedule, schedule_curves
 
 USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 
@@ -70,8 +70,8 @@ class Kind(NamedTuple):
 
 KINDS: dict[str, Kind] = {
     "pretrain": Kind("objective", pretrain.load, recipes.PretrainSchema,
-                     recipes.validate_pretrain, "accelerate launch further_pt/pretrain.py"),
-    "finetune": Kind("head", finetune.load, recipes.FinetuneSchema, recipes.validate_finetune,
+                     validate.validate_pretrain, "accelerate launch further_pt/pretrain.py"),
+    "finetune": Kind("head", finetune.load, recipes.FinetuneSchema, validate.validate_finetune,
                      "accelerate launch further_pt/finetune.py"),
     # experiment.validate opens the task files: `config` shows an experiment typed only
     "experiment": Kind("variants", experiment.load, recipes.ExperimentSchema, None,
@@ -218,7 +218,7 @@ def _predict(args: list[str]) -> int:
         problem = f"unknown option {unknown[0]!r}" if unknown else (
             f"missing {missing[0]}=..." if missing else "options are key=value")
         raise ConfigError(f"predict: {problem}; usage: further-pt predict model=DIR "
-                                 "input=FILE output=FILE [batch_size=64]")
+                          "input=FILE output=FILE [batch_size=64]")
     check_predict_inputs(options["model"], options["input"])
     metrics = predict_file(options["model"], options["input"], options["output"],
                            batch_size=int(options.get("batch_size", 64)))
@@ -295,7 +295,9 @@ def _prepare(args: list[str]) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = pretrain.load(args)
-    prepared = masked_lm.prepare(cfg)
+    prepare.check_preparable(cfg)  # before the objective's checks load a tokenizer
+    objective = masked_lm.MaskedLM(cfg, None)  # the run's own checks: config, tokenizer
+    prepared = prepare.prepare(cfg, objective.sources, objective.tokenizer)
     for i, p in enumerate(prepared, start=1):
         print(f"source {i}/{len(prepared)} {p.spec}: {p.documents:,} documents -> "
               f"{p.instances:,} instances, {p.tokens:,} tokens; read {p.read_seconds:.1f} s, "

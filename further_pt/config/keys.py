@@ -279,6 +279,9 @@ def undocumented(text: str, source: str = "<recipe>") -> list[str]:
 
 # -- the reference page -------------------------------------------------------------------
 
+# Pretraining first: the reference follows the order of the guides.
+_BASE_ORDER = ("base/pretrain", "base/finetune")
+
 _MD_SPECIAL = re.compile(r"([\\*_\[\]|<>])")
 
 
@@ -340,7 +343,7 @@ def _base_of(keys: list[Key]) -> str | None:
 def _section(name: str, rel: str, text: str, keys: list[Key], base: str | None) -> list[str]:
     prose, commands = _header(text)
     out = [f"## {name}", "", f"`{rel}`" + (f", starting from `{base}`: only the keys it sets."
-                                          if base else ": every key.")]
+                                           if base else ": every key.")]
     if prose:
         out += ["", _md_text(" ".join(prose))]
     if commands:
@@ -366,7 +369,9 @@ def reference_markdown(recipes_dir: Path) -> str:
         rel = path.relative_to(recipes_dir).with_suffix("").as_posix()
         text = path.read_text(encoding="utf-8")
         read[rel] = (text, read_keys(text, str(path)))
-    bases = sorted(r for r in read if r.startswith("base/"))
+    bases = sorted((r for r in read if r.startswith("base/")),
+                   key=lambda r: (r not in _BASE_ORDER, _BASE_ORDER.index(r)
+                                  if r in _BASE_ORDER else 0, r))
     order: list[str] = []
     for base in bases:
         order.append(base)

@@ -43,7 +43,8 @@ from typing import IO, Any
 import datasets
 import filelock
 
-from further_pt.config.recipes import ConfigError, expand_paths
+from further_pt.config.recipes import ConfigError
+from further_pt.config.validate import expand_paths
 from further_pt.errors import DataError
 
 logger = logging.getLogger("further_pt.data.corpus")

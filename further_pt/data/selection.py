@@ -35,7 +35,7 @@ import datasets
 import numpy as np
 import torch
 
-from further_pt.config.recipes import expand_paths
+from further_pt.config.validate import expand_paths
 from further_pt.data.corpus import (
     MAX_DOCUMENT_CHARS,
     builder_for,

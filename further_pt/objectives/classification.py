@@ -26,12 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
-from further_pt.data import instances, labelled
+from further_pt.data import instances, labelled, segments, tokenizer
 from further_pt.errors import ConfigError
 from further_pt.objectives import encoder, evaluation, layerwise, schedules
+from further_pt.objectives.base import Run, Stream
 from further_pt.objectives.heads import Classifier, HeadSpec, load_classifier
-from further_pt.train import hardware
-from further_pt.train.trainer import Stream, Trainer
 
 logger = logging.getLogger("further_pt.objectives.classification")
 
@@ -77,7 +76,7 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
         train, dropped = read(spec["train_file"])
         names = labelled.label_names(train, spec["label_column"], spec["train_file"])
         labels = labelled.encode_labels(train, spec["label_column"], names,
-                                                   spec["train_file"])
+                                        spec["train_file"])
         entry: dict[str, Any] = {"invalid_train_rows_skipped": dropped,
                                  "train_examples_available": len(labels)}
         if d.max_train_examples is not None:
@@ -88,7 +87,7 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
                 [labels[i] for i in keep], names, len(labels)), cfg.seed)
             train, labels = train.select(keep), [labels[i] for i in keep]
         entry["train_examples"] = len(labels)
-        encode = partial(labelled.tokenize, tokenizer=tokenizer,
+        encode = partial(segments.tokenize, tokenizer=tokenizer,
                          text_column=spec["text_column"], text_pair_column=d.text_pair_column,
                          strategy=d.truncation, max_seq_length=d.max_seq_length,
                          head_tokens=head_tokens(d), max_segments=d.max_segments)
@@ -96,7 +95,7 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
         if spec["eval_file"]:
             raw, entry["invalid_eval_rows_skipped"] = read(spec["eval_file"])
             eval_labels = labelled.encode_labels(raw, spec["label_column"], names,
-                                                            spec["eval_file"])
+                                                 spec["eval_file"])
             evaluated = encode(raw, labels=eval_labels)
         tasks.append(Task(spec["name"], names, encode(train, labels=labels), evaluated,
                           spec["eval_file"]))
@@ -201,10 +200,10 @@ class Classification:
         m = cfg.model
         source = str(resume_from or m.name_or_path)
         self.model_config = encoder.load_config(source, trust_remote_code=m.trust_remote_code)
-        self.tokenizer = encoder.load_tokenizer(str(resume_from or m.tokenizer or source),
-                                              trust_remote_code=m.trust_remote_code)
+        self.tokenizer = tokenizer.load_tokenizer(str(resume_from or m.tokenizer or source),
+                                                  trust_remote_code=m.trust_remote_code)
         encoder.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length,
-                               needs_mask=False)
+                                 needs_mask=False)
         check_special_tokens(self.tokenizer, pairs=cfg.data.text_pair_column is not None)
         check_head(self.model_config, cfg.head, trust_remote_code=m.trust_remote_code)
         # DDP's search for unused parameters costs a graph walk every step: only custom heads
@@ -216,7 +215,7 @@ class Classification:
             and cfg.data.truncation != "segments")
         self.unfreezing: layerwise.GradualUnfreezing | None = None
 
-    def build(self, trainer: Trainer) -> None:
+    def build(self, trainer: Run) -> None:
         """Tasks -> (claim the output dir) -> streams -> classifier -> layer groups."""
         cfg, t = self.cfg, self.cfg.train
         self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
@@ -225,7 +224,7 @@ class Classification:
         trainer.claim()
         self.device = trainer.accelerator.device
         # GPUs: lengths in multiples of 8 for the tensor cores
-        self.collate = partial(labelled.collate, pad_id=self.tokenizer.pad_token_id,
+        self.collate = partial(segments.collate, pad_id=self.tokenizer.pad_token_id,
                                pad_to_multiple_of=8 if self.device.type == "cuda" else None)
         collate = self.collate
         self.streams = [Stream(task.name, task.train, collate, drop_last=False,
@@ -286,7 +285,7 @@ class Classification:
     def evaluate(self, classifier: Any, shard: Any = None) -> dict[str, Any]:
         """Every task's dev metrics (``eval_*``); with several tasks, their means too.
 
-        With a ``shard`` (:class:`~further_pt.train.trainer.EvalShard`) this process predicts its
+        With a ``shard`` (:class:`~further_pt.objectives.base.EvalShard`) this process predicts its
         slice of each dev set and the slices are gathered in order before the metrics.
         """
         results: dict[str, Any] = {}
@@ -329,6 +328,6 @@ class Classification:
         unfreezing the frozen layers still run backward for the ones above them: counted
         as training.)
         """
-        flops = hardware.encoder_flops_per_token(self.module.model.config,
-                                                 self.cfg.data.max_seq_length)
+        flops = encoder.encoder_flops_per_token(self.module.model.config,
+                                                self.cfg.data.max_seq_length)
         return flops / 3 if self.cfg.train.freeze_encoder else flops

@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,40 +31,15 @@ from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
     AutoModelForPreTraining,
-    AutoTokenizer,
     BertConfig,
-    BertTokenizerFast,
     PretrainedConfig,
 )
 
-from further_pt.errors import ConfigError, SetupError
+from further_pt.errors import ConfigError, SetupError, one_line
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
-
-
-def train_wordpiece(texts: Iterable[str], *, vocab_size: int, lowercase: bool,
-                    max_seq_length: int) -> Any:
-    """Train a BERT-style WordPiece tokenizer on ``texts``; returns a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                               show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-    )
-    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=lowercase,
-                             model_max_length=max_seq_length)  # the model's position limit
 
 
 def scratch_config(cfg: DictConfig, tokenizer: Any) -> BertConfig:
@@ -81,51 +55,6 @@ def scratch_config(cfg: DictConfig, tokenizer: Any) -> BertConfig:
     )
 
 
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "added_tokens.json")
-
-
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a hub id or folder; a ConfigError naming the file when it cannot load.
-
-    The ``tokenizers`` library reports a damaged ``tokenizer.json`` (an interrupted copy, a
-    hand edit) as a bare ``Exception`` or a JSON error without the file's name, so a folder
-    whose tokenizer does not load is searched for the file that is not valid JSON.
-    """
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        damaged = _damaged_tokenizer(Path(name_or_path).expanduser())
-        if damaged is None and not isinstance(exc, OSError | ValueError):
-            raise
-        detail = damaged or f"cannot load a tokenizer from {name_or_path!r}"
-        raise ConfigError(f"model.tokenizer: {detail} ({_one_line(exc)})") from None
-
-
-def _damaged_tokenizer(folder: Path) -> str | None:
-    """What is wrong with the first damaged tokenizer file of a folder, naming it; else None."""
-    for name in TOKENIZER_JSON_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            json.loads(path.read_bytes())
-        except (ValueError, UnicodeDecodeError):
-            return (f"{path} is not valid JSON ({path.stat().st_size:,} bytes; cut short by "
-                    "an interrupted copy? copy the folder again)")
-        if name == "tokenizer.json":
-            from tokenizers import Tokenizer
-
-            try:
-                Tokenizer.from_file(str(path))
-            except Exception:
-                return f"{path} is JSON but not a tokenizer the tokenizers library reads"
-    return None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]
-
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config, once a local folder's weights files are known whole.
@@ -138,7 +67,7 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False) -> Pretra
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model.name_or_path: {name_or_path!r} is not a model folder or hub id "
-            f"({_one_line(exc)})"
+            f"({one_line(exc, 200)})"
         ) from None
     check_weights(name_or_path)
     return config
@@ -276,7 +205,7 @@ def _build(make: Any, what: str) -> Any:
         return make()
     except SafetensorError as exc:
         raise ConfigError(f"model.name_or_path: the weights of {what} do not load "
-                          f"({_one_line(exc)}): copy the model folder again") from None
+                          f"({one_line(exc, 200)}): copy the model folder again") from None
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
         raise SetupError(f"model.attn_implementation: {' '.join(str(exc).split())[:200]}"
                          ) from None
@@ -372,7 +301,7 @@ def st_modules(name_or_path: str | None) -> dict[str, bytes]:
         paths = [str(m.get("path", "")) for m in modules]
     except (ValueError, AttributeError, TypeError) as exc:  # not ours to refuse: warn
         logger.warning("%s is not a valid modules.json (%s): sentence-transformers modules are "
-                       "not carried into the saved folders", modules_path, _one_line(exc))
+                       "not carried into the saved folders", modules_path, one_line(exc, 200))
         return {}
     if "" not in paths:
         logger.warning("%s keeps its transformer in a subfolder (%s): its sentence-transformers "
@@ -401,7 +330,7 @@ def _hub_st_folder(repo_id: str) -> Path | None:
         subfolders = [f"{m['path']}/*" for m in modules if m.get("path")]
         return Path(snapshot_download(repo_id, allow_patterns=[*ST_FILES, *subfolders]))
     except Exception as exc:  # no such file, offline, gated: the run goes on without them
-        logger.info("no sentence-transformers modules for %s (%s)", repo_id, _one_line(exc))
+        logger.info("no sentence-transformers modules for %s (%s)", repo_id, one_line(exc, 200))
         return None
 
 
@@ -414,3 +343,25 @@ def write_st_modules(files: dict[str, bytes], folder: Path) -> None:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def encoder_flops_per_token(config: Any, seq_len: int, *, head_fraction: float = 0.0) -> float:
+    """Training FLOPs per token of a BERT-style encoder (forward + backward = 3 x forward).
+
+    ``6 * N + 12 * L * H * S`` as in nanoGPT's ``estimate_mfu`` (from the PaLM paper,
+    appendix B): N = non-embedding parameters of the encoder layers (attention
+    Q/K/V/output, feed-forward, LayerNorms, biases included; word/position/type
+    embeddings excluded, they are lookups), L layers, H hidden size, S = ``seq_len``
+    (the attention scores and mixing, which grow with sequence length).
+    ``head_fraction`` adds the MLM head's matmuls, ``6 * (H*H + H*V)``, for that fraction
+    of tokens: 0 for the encoder alone, the masked share (~0.15) for a head that scores
+    masked positions only, 1 for a head that scores every position.
+    """
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    per_layer = (4 * (h * h + h)        # query, key, value, attention output dense
+                 + h * inter + inter    # intermediate dense
+                 + inter * h + h        # output dense
+                 + 2 * 2 * h)           # two LayerNorms (weight + bias)
+    flops = 6 * layers * per_layer + 12 * layers * h * seq_len
+    return float(flops + 6 * (h * h + h * config.vocab_size) * head_fraction)

@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForMaskedLM
 
-from further_pt.data import instances, labelled
+from further_pt.data import instances, labelled, segments
 from further_pt.data.instances import pack_documents
 from further_pt.data.masking import mask_tokens, special_ids_tensor
+from further_pt.data.tokenizer import load_tokenizer
 from further_pt.errors import ConfigError
-from further_pt.objectives.encoder import load_tokenizer
 from further_pt.objectives.heads import load_classifier
 
 MODULES = Path(__file__).resolve().parent / "metric_modules"
@@ -108,13 +108,13 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     has_labels = prep["label_column"] in raw.column_names
     labels = (labelled.encode_labels(raw, prep["label_column"], names, input_path)
               if has_labels else [0] * len(raw))
-    encoded = labelled.tokenize(
+    encoded = segments.tokenize(
         raw.select_columns(text_cols), tokenizer, text_column=prep["text_column"],
         text_pair_column=prep["text_pair_column"], labels=labels, strategy=prep["truncation"],
         max_seq_length=prep["max_seq_length"], head_tokens=prep["head_tokens"],
         max_segments=prep["max_segments"])
     loader = DataLoader(encoded, batch_size=batch_size, collate_fn=lambda rows: (
-        labelled.collate(rows, pad_id=tokenizer.pad_token_id)))
+        segments.collate(rows, pad_id=tokenizer.pad_token_id)))
     # The GPU when there is one (the first: predict is one process); the CPU otherwise.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preds, refs, probs = predict(classifier.to(device), loader, device)

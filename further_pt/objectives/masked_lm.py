@@ -1,10 +1,8 @@
 """Pretraining objective: masked-LM (+ NSP) on a corpus, for the Trainer.
 
-:class:`MaskedLM` brings what is pretraining's own: the tokenizer (the
-model's, a checkpoint's, or a WordPiece one trained on the corpus), the corpus
-read per source, NSP pairs or packed blocks built once and cached, sources
-mixed by weight, the model with its MLM (+ NSP) heads, dynamic masking redrawn
-at every step (token, whole-word or span), and the sparse MLM loss. The Trainer
+:class:`MaskedLM` brings what is pretraining's own: the model with its MLM (+ NSP)
+heads (a head warm-up for heads the encoder lacks), dynamic masking redrawn at every step
+(token, whole-word or span), the sparse MLM loss and BERT's linear schedule. The Trainer
 (:mod:`further_pt.train.trainer`) runs the loop.
 
 It is built in two steps because the checks must come before any work: the
@@ -12,34 +10,29 @@ constructor reads only configs (the model's heads, its positions and
 vocabulary against the tokenizer); :meth:`build` reads the corpus, claims the
 output dir, builds the instances and the model.
 
-:func:`prepare` (``further-pt prepare``) builds the same instances ahead of the run,
-on a CPU machine, into the shared ``data.cache_dir``: :func:`source_documents` and
-:func:`source_instances` are the one code path both take, so the cache keys agree.
+Reading the corpus, making a tokenizer from it and building the instances is the data
+package's (:mod:`further_pt.data.prepare`, the same code ``further-pt prepare`` runs ahead
+of the job); what stays here is what an objective is: the model, the loss, the schedule.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import time
-from dataclasses import dataclass
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from omegaconf import DictConfig
 
-from further_pt.data import corpus, instances, masking, vocab
+from further_pt.data import corpus, instances, masking, prepare, tokenizer, vocab
+from further_pt.data.order import step_seed
 from further_pt.errors import ConfigError
+from further_pt.files import atomic_write_text
 from further_pt.objectives import encoder, layerwise, schedules
+from further_pt.objectives.base import Run, Stream
 from further_pt.objectives.mlm_loss import PretrainingObjective
-from further_pt.train import checkpoint, hardware
-from further_pt.train.launch import step_seed
-from further_pt.train.trainer import Stream, Trainer
 
 logger = logging.getLogger("further_pt.objectives.masked_lm")
 
@@ -50,39 +43,6 @@ RESUMABLE_KEYS = (
     "data.preprocessing_workers", "data.cache_dir", "train.trackers",
     "train.stop_check_every_steps", "train.collective_timeout_s", "train.compile",
 )
-
-
-# ---------------------------------------------------------------- data: shared with `prepare`
-# The run (MaskedLM.build) and `further-pt prepare` call these same two functions, so the
-# datasets cache keys (a fingerprint of the documents, the tokenizer and every argument
-# below) cannot drift apart: what prepare builds is what the run looks up.
-
-
-def source_documents(cfg: DictConfig, source: corpus.Source) -> datasets.Dataset:
-    """One source's documents (a ``text`` column), read and cached under ``data.cache_dir``."""
-    d = cfg.data
-    return corpus.load_documents(source, txt_documents=d.txt_documents,
-                                 text_column=d.text_column,
-                                 cache_dir=corpus.default_cache_dir(d.cache_dir),
-                                 max_documents=d.max_documents)
-
-
-def source_instances(cfg: DictConfig, documents: datasets.Dataset, tokenizer: Any
-                     ) -> datasets.Dataset:
-    """One source's documents -> NSP pairs or packed blocks, through the datasets cache.
-
-    The tokenizer's truncation and padding are cleared first. Building clears them
-    anyway (whole texts are encoded), but the cache key hashes the tokenizer as it
-    comes in: a ``truncation`` block in tokenizer.json (all-MiniLM-L6-v2 has one) would
-    otherwise key the first source differently from a tokenizer saved after a build
-    (a checkpoint's, on resume), and the instances would be rebuilt for nothing.
-    """
-    instances.untruncated(tokenizer)
-    d = cfg.data
-    return instances.build_instances(
-        documents, tokenizer, nsp=cfg.objective.nsp, max_seq_length=d.max_seq_length,
-        short_seq_prob=d.short_seq_prob, txt_documents=d.txt_documents, seed=cfg.seed,
-        num_proc=corpus.preprocessing_workers(d.preprocessing_workers, len(documents)))
 
 
 class MaskedLM:
@@ -101,7 +61,7 @@ class MaskedLM:
             self.model_config = encoder.load_config(str(resume_from))
         elif m.from_scratch is None:
             self.model_config = encoder.load_config(m.name_or_path,
-                                                  trust_remote_code=m.trust_remote_code)
+                                                    trust_remote_code=m.trust_remote_code)
         else:
             self.model_config = None  # built once the tokenizer is trained
         self.tokenizer: Any = None
@@ -120,33 +80,29 @@ class MaskedLM:
 
     def _given_tokenizer(self) -> Any:
         if self.resume_from is not None:
-            return encoder.load_tokenizer(str(self.resume_from))
+            return tokenizer.load_tokenizer(str(self.resume_from))
         m = self.cfg.model
-        return encoder.load_tokenizer(m.tokenizer or m.name_or_path,
-                                    trust_remote_code=m.trust_remote_code)
+        return tokenizer.load_tokenizer(m.tokenizer or m.name_or_path,
+                                        trust_remote_code=m.trust_remote_code)
 
-    def build(self, trainer: Trainer) -> None:
+    def build(self, trainer: Run) -> None:
         """Corpus -> (claim the output dir) -> tokenizer -> instances -> model -> masking."""
         cfg, acc = self.cfg, trainer.accelerator
         d, o = cfg.data, cfg.objective
         self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
         self.seed, self.rank = cfg.seed, trainer.rank
-        # Preparation waits on a file lock, never in a collective that could time out.
-        cache = corpus.default_cache_dir(d.cache_dir)
-        with corpus.preparation_lock(cache, "the corpus"):
-            docs = [source_documents(cfg, s) for s in self.sources]
+        docs = prepare.read_corpus(cfg, self.sources)
         trainer.claim()  # the input is readable: only now does the run write its output dir
         base_tokenizer = self.tokenizer
         if self.tokenizer is None:
-            self.tokenizer = self._scratch_tokenizer(docs, trainer)
+            self.tokenizer = prepare.scratch_tokenizer(cfg, docs, trainer.output_dir)
             self.model_config = encoder.scratch_config(cfg, self.tokenizer)
             encoder.pretraining_class(self.model_config, o.nsp)
         elif cfg.model.extend_vocab is not None and self.resume_from is None:
-            self.tokenizer, self.new_words = self._extend_vocabulary(docs, trainer)
+            self.tokenizer, self.new_words = prepare.extend_vocabulary(
+                cfg, docs, self.tokenizer, trainer.output_dir)
         tok = self.tokenizer
-        with corpus.preparation_lock(cache, "the pretraining instances"):
-            per_source = [source_instances(cfg, doc, tok) for doc in docs]
-        train_set = corpus.mix(per_source, d.source_weights, cfg.seed)
+        train_set = prepare.training_set(cfg, docs, tok)
         on_gpu = acc.device.type == "cuda"
         self.streams = [Stream(
             "corpus", train_set,
@@ -165,7 +121,7 @@ class MaskedLM:
                 trust_remote_code=m.trust_remote_code)
         else:
             net = encoder.new_pretraining_model(self.model_config, nsp=o.nsp,
-                                              attn_implementation=m.attn_implementation)
+                                                attn_implementation=m.attn_implementation)
         if self.new_words is not None:  # rows of the new tokens: the mean of their pieces
             vocab.extend_model(net, base_tokenizer, tok, self.new_words)
         self.module = PretrainingObjective(net, nsp=o.nsp,
@@ -181,7 +137,7 @@ class MaskedLM:
         self.continuation = (masking.word_continuation_table(tok)
                              if o.masking in ("whole_word", "span") else None)
 
-    def _plan_head_warmup(self, trainer: Trainer, net: Any, new_heads: list[str]
+    def _plan_head_warmup(self, trainer: Run, net: Any, new_heads: list[str]
                           ) -> tuple[int, list[str]]:
         """How many steps the heads learn alone, and which parameters are "the heads".
 
@@ -209,44 +165,9 @@ class MaskedLM:
                         "under the recipe's schedule (warmup_steps counted from there)",
                         ", ".join(heads), steps, hw.lr, self.cfg.train.max_steps)
         if trainer.is_main:
-            checkpoint.atomic_write_text(path, json.dumps({"steps": steps, "heads": heads},
-                                                          indent=1))
+            atomic_write_text(path, json.dumps({"steps": steps, "heads": heads},
+                                               indent=1))
         return steps, heads
-
-    def _extend_vocabulary(self, docs: list[Any], trainer: Trainer) -> tuple[Any, list[Any]]:
-        """Frequent corpus words the tokenizer splits become tokens (main process chooses)."""
-        folder = trainer.output_dir / "tokenizer"
-        chosen = folder / "extend_vocab.json"
-        ev, base = self.cfg.model.extend_vocab, self.tokenizer
-        with corpus.preparation_lock(trainer.output_dir, "the vocabulary extension"):
-            if not chosen.is_file():
-                texts = (row["text"] for doc in docs for row in doc)
-                words = vocab.choose_words(texts, base, max_new_tokens=ev.max_new_tokens,
-                                           min_frequency=ev.min_frequency)
-                vocab.extend_tokenizer(base, words).save_pretrained(folder)
-                checkpoint.atomic_write_text(chosen, json.dumps(words))
-                sample = [row["text"] for doc in docs for row in islice(doc, 2000)]
-                logger.info("vocabulary extension: %d new tokens (first 20: %s); tokens per "
-                            "document on %d documents: %.1f -> %.1f", len(words),
-                            ", ".join(w for w, _, _ in words[:20]), len(sample),
-                            vocab.tokens_per_document(sample, base),
-                            vocab.tokens_per_document(sample, encoder.load_tokenizer(str(folder))))
-            return encoder.load_tokenizer(str(folder)), json.loads(chosen.read_text())
-
-    def _scratch_tokenizer(self, docs: list[Any], trainer: Trainer) -> Any:
-        """A WordPiece tokenizer trained on the corpus (main process), saved in the run."""
-        folder = trainer.output_dir / "tokenizer"
-        with corpus.preparation_lock(trainer.output_dir, "the tokenizer"):
-            if not (folder / "tokenizer.json").is_file():
-                fs = self.cfg.model.from_scratch
-                per_source = math.ceil(fs.tokenizer_training_docs / len(docs))
-                texts = (text for doc in docs for text in islice(
-                    (row["text"] for row in doc), per_source))
-                tok = encoder.train_wordpiece(texts, vocab_size=fs.vocab_size,
-                                            lowercase=fs.lowercase,
-                                            max_seq_length=fs.max_position_embeddings)
-                tok.save_pretrained(folder)
-            return encoder.load_tokenizer(str(folder))
 
     # ------------------------------------------------------------------ the Trainer's interface
 
@@ -338,62 +259,8 @@ class MaskedLM:
         # The dense path (an architecture without a known head layout) scores every position.
         share = min(o.masked_lm_prob, o.max_predictions_per_seq / seq) if self.module.sparse else 1
         config = self.module.model.config
-        total = hardware.encoder_flops_per_token(config, seq, head_fraction=share)
+        total = encoder.encoder_flops_per_token(config, seq, head_fraction=share)
         if not (self.module.encoder_frozen and self.module.sparse):
             return total
-        encoder = hardware.encoder_flops_per_token(config, seq)
-        return encoder / 3 + (total - encoder)
-
-
-# ------------------------------------------------------------------ `further-pt prepare`
-
-
-@dataclass(frozen=True)
-class PreparedSource:
-    """What ``prepare`` built for one ``data.train_files`` entry, as it reports it."""
-
-    spec: str
-    documents: int
-    instances: int
-    tokens: int
-    cache_folder: Path | None  # None: datasets caching is off, nothing was kept
-    read_seconds: float
-    build_seconds: float
-
-
-def prepare(cfg: DictConfig) -> list[PreparedSource]:
-    """Read every source and build its instances into the datasets cache, as the run will.
-
-    Tokenizing a large corpus takes a while on CPU; done ahead on a cheap machine into a
-    ``data.cache_dir`` on shared storage, the GPU job finds its instances cached and starts
-    training at once. Only read-only work: the run's own checks (:class:`MaskedLM`'s
-    constructor: model config and tokenizer), no weights, no Accelerator, no output dir.
-    Sources are all read before any is tokenized, as the run does, so a bad file fails
-    in seconds. ``model.from_scratch`` and ``model.extend_vocab`` runs make their
-    tokenizer from the corpus inside the run: the instances' tokenizer is unknown here.
-    """
-    m = cfg.model
-    for key, what in (("from_scratch", "trains a new tokenizer"),
-                      ("extend_vocab", "extends its tokenizer")):
-        if m[key] is not None:
-            raise ConfigError(
-                f"config key 'model.{key}': the run {what} on the corpus in its output dir, so "
-                "prepare cannot know the tokenizer the instances need; prepare works with a "
-                "given tokenizer (model.tokenizer or model.name_or_path) only")
-    objective = MaskedLM(cfg, None)
-    docs, read = [], []
-    for source in objective.sources:
-        start = time.perf_counter()
-        docs.append(source_documents(cfg, source))
-        read.append(time.perf_counter() - start)
-    done = []
-    for source, doc, seconds in zip(objective.sources, docs, read, strict=True):
-        start = time.perf_counter()
-        built = source_instances(cfg, doc, objective.tokenizer)
-        files = built.cache_files
-        done.append(PreparedSource(
-            spec=source.spec, documents=len(doc), instances=len(built),
-            tokens=int(instances.lengths(built).sum()) if len(built) else 0,
-            cache_folder=Path(files[0]["filename"]).parent if files else None,
-            read_seconds=seconds, build_seconds=time.perf_counter() - start))
-    return done
+        encoder_flops = encoder.encoder_flops_per_token(config, seq)
+        return encoder_flops / 3 + (total - encoder_flops)

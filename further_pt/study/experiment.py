@@ -44,13 +44,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from further_pt import finetune, pretrain
 from further_pt.config import recipes
-from further_pt.config.recipes import expand_paths
+from further_pt.config.validate import expand_paths
 from further_pt.data import corpus, labelled
 from further_pt.errors import ConfigError
+from further_pt.files import atomic_write_text
 from further_pt.objectives import evaluation
-from further_pt.study import linear, report
-from further_pt.study.report import finetune_stage
-from further_pt.train import checkpoint
+from further_pt.study import linear, report, variants
+from further_pt.study.variants import finetune_stage
 
 logger = logging.getLogger("further_pt.study.experiment")
 SCRIPTS = Path(__file__).resolve().parents[1]  # further_pt/: pretrain.py, finetune.py
@@ -132,7 +132,7 @@ class Runner:
     def _record(self, name: str, *, start: float, returncode: int) -> None:
         seconds = time.time() - start + self.record.get(name, {}).get("seconds", 0.0)
         self.record[name] = {"seconds": seconds, "finished": returncode == 0}
-        checkpoint.atomic_write_text(self.record_path, json.dumps(self.record, indent=1))
+        atomic_write_text(self.record_path, json.dumps(self.record, indent=1))
 
 
 def split_general(cfg: DictConfig, out: Path) -> tuple[list[str], Path | None]:
@@ -152,8 +152,8 @@ def split_general(cfg: DictConfig, out: Path) -> tuple[list[str], Path | None]:
         if len(lines) <= 2 * keep:
             raise ConfigError(f"corpora.cross_domain has {len(lines)} documents: too few to hold "
                               f"out forgetting.docs={keep}")
-        checkpoint.atomic_write_text(train, "\n".join(lines[:-keep]) + "\n")
-        checkpoint.atomic_write_text(held, "\n".join(lines[-keep:]) + "\n")
+        atomic_write_text(train, "\n".join(lines[:-keep]) + "\n")
+        atomic_write_text(held, "\n".join(lines[-keep:]) + "\n")
     return [str(train)], held
 
 
@@ -177,14 +177,14 @@ def check_sizes(cfg: DictConfig) -> int:
     """
     task = cfg.task
     _, labels, names = linear.read_train(task.train_file, task.text_column,
-                                                  task.label_column)
+                                         task.label_column)
     for size in cfg.train_sizes:
         if size is None:
             continue
         try:
             labelled.stratified_subsample(labels, size, cfg.seeds[0],
-                                                     num_classes=len(names),
-                                                     where=task.train_file)
+                                          num_classes=len(names),
+                                          where=task.train_file)
         except ConfigError as exc:
             raise ConfigError(f"config key 'train_sizes': {str(exc).split(': ', 1)[-1]}"
                               ) from None
@@ -203,7 +203,7 @@ def run(cfg: DictConfig) -> Path:
                           f"({changed[0]}; only {', '.join(GRID_KEYS)} may change); use another "
                           "output_dir")
     train_rows = check_sizes(cfg)
-    checkpoint.atomic_write_text(saved, OmegaConf.to_yaml(resolved))
+    atomic_write_text(saved, OmegaConf.to_yaml(resolved))
     runner = Runner(cfg, out)
     general_files, heldout = split_general(cfg, out)
     pre_over = list(cfg.pretrain.overrides)
@@ -243,7 +243,7 @@ def run(cfg: DictConfig) -> Path:
         models[ablation.name] = str(folder / "final")
     by_size = {b.size: list(b.overrides) for b in cfg.finetune.by_size}
     for size in cfg.train_sizes:
-        for variant in report.keys_at(cfg, size):
+        for variant in variants.keys_at(cfg, size):
             for seed in cfg.seeds:
                 name = finetune_stage(variant, size, seed)
                 folder = out / name
@@ -271,7 +271,7 @@ def run(cfg: DictConfig) -> Path:
                 # sentence-transformers checkpoint), so its loss would score a random head
                 forgetting[variant] = evaluation.mlm_loss(
                     model_dir, texts, max_seq_length=cfg.forgetting.max_seq_length, seed=0)
-        checkpoint.atomic_write_text(cached, json.dumps(forgetting, indent=1))
+        atomic_write_text(cached, json.dumps(forgetting, indent=1))
     return report.write(out, cfg, runner.record, forgetting, train_rows=train_rows)
 
 
@@ -279,9 +279,9 @@ def _linear(cfg: DictConfig, folder: Path, size: int | None, seed: int) -> None:
     """The ``linear`` stage: TF-IDF + logistic regression on the fine-tuner's rows for the seed."""
     task, lin = cfg.task, cfg.linear
     linear.run(folder, train_file=task.train_file, eval_file=task.eval_file,
-                        text_column=task.text_column, label_column=task.label_column,
-                        size=size, seed=seed, C=lin.C, word_ngrams=list(lin.word_ngrams),
-                        char_ngrams=list(lin.char_ngrams))
+               text_column=task.text_column, label_column=task.label_column,
+               size=size, seed=seed, C=lin.C, word_ngrams=list(lin.word_ngrams),
+               char_ngrams=list(lin.char_ngrams))
 
 
 def load(argv: list[str]) -> DictConfig:

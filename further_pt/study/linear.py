@@ -36,8 +36,8 @@ from typing import Any
 
 from further_pt.data import labelled
 from further_pt.errors import ConfigError
+from further_pt.files import atomic_write_text
 from further_pt.objectives import evaluation
-from further_pt.train import checkpoint
 
 logger = logging.getLogger("further_pt.study.linear")
 EXTRA = "pip install further-pt[linear]"
@@ -55,19 +55,19 @@ def read_train(path: str, text_column: str, label_column: str
                ) -> tuple[list[str], list[int], list[str]]:
     """(texts, label ids, class names) of a training file, encoded as the fine-tuner does."""
     ds = labelled.read_labelled(path, columns=[text_column, label_column],
-                                           text_columns=[text_column])
+                                text_columns=[text_column])
     names = labelled.label_names(ds, label_column, path)
     return list(ds[text_column]), labelled.encode_labels(ds, label_column, names,
-                                                                     path), names
+                                                         path), names
 
 
 def read_eval(path: str, text_column: str, label_column: str, names: list[str]
               ) -> tuple[list[str], list[int]]:
     """(texts, label ids) of an evaluation file; a label training never saw is an error."""
     ds = labelled.read_labelled(path, columns=[text_column, label_column],
-                                           text_columns=[text_column])
+                                text_columns=[text_column])
     return list(ds[text_column]), labelled.encode_labels(ds, label_column, names,
-                                                                     path)
+                                                         path)
 
 
 def sample_rows(labels: Sequence[int], size: int | None, seed: int, *, num_classes: int,
@@ -76,7 +76,7 @@ def sample_rows(labels: Sequence[int], size: int | None, seed: int, *, num_class
     if size is None:
         return list(range(len(labels)))
     return labelled.stratified_subsample(labels, size, seed, num_classes=num_classes,
-                                                    where=where)
+                                         where=where)
 
 
 def build(C: float, word_ngrams: Sequence[int], char_ngrams: Sequence[int], seed: int) -> Any:
@@ -116,7 +116,7 @@ def run(output_dir: Path, *, train_file: str, eval_file: str, text_column: str,
                    "word_ngrams": list(word_ngrams), "char_ngrams": list(char_ngrams),
                    "max_iter": MAX_ITER}})
     output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=1))
+    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=1))
     logger.info("linear n=%s seed %d: eval error rate %.4f on %d examples", size, seed,
                 metrics["eval_error_rate"], len(eval_labels))
     return metrics

@@ -22,60 +22,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from further_pt.objectives import schedules
-from further_pt.study import paired
-from further_pt.train.checkpoint import atomic_write_text
+from further_pt.files import atomic_write_text
+from further_pt.study import paired, plots
+from further_pt.study.variants import (
+    finetune_stage,
+    keys_at,
+    label,
+    pretrained,
+    read_jsonl,
+    size_label,
+    variant_keys,
+)
 
-NAMES = {"fit": "BERT-FiT", "itpt": "BERT-ITPT-FiT", "idpt": "BERT-IDPT-FiT",
-         "cdpt": "BERT-CDPT-FiT", "selected": "BERT-kNN-TAPT-FiT", "feat": "BERT-Feat",
-         "linear": "TF-IDF + LogReg"}
 P_VALUE = 0.05  # Welch's t-test level of the data-size sentences
-
-
-def size_tag(size: int | None) -> str:
-    """A training-set size in stage names and tables: ``n400``, or ``all`` for the whole file."""
-    return "all" if size is None else f"n{size}"
-
-
-def finetune_stage(variant: str, size: int | None, seed: int) -> str:
-    """The stage (and folder) of one variant at one size and seed: ``finetune-itpt-n400-seed1``."""
-    return f"finetune-{variant}-{size_tag(size)}-seed{seed}"
-
-
-PRETRAINED = ("itpt", "idpt", "cdpt", "selected")
-
-
-def variant_keys(cfg: Any) -> list[str]:
-    """Every fine-tuned row of the grid: the variants, then the ablations."""
-    return [*cfg.variants, *(a.name for a in cfg.get("ablations") or [])]
-
-
-def keys_at(cfg: Any, size: int | None) -> list[str]:
-    """The rows fine-tuned at one training size: every variant, and the ablations whose own
-    ``train_sizes`` (null = all of the grid's) include it, so that an ablation can be limited
-    to the size where it is informative without paying for the others."""
-    limited = {a.name: list(a.train_sizes) for a in cfg.get("ablations") or []
-               if a.get("train_sizes") is not None}
-    return [k for k in variant_keys(cfg) if k not in limited or size in limited[k]]
-
-
-def label(cfg: Any, key: str) -> str:
-    """A row's name: BERT-ITPT-FiT, ..., or an ablation as its variant's name and its own."""
-    if key in NAMES:
-        return NAMES[key]
-    ablation = next(a for a in cfg.ablations if a.name == key)
-    return f"{NAMES[ablation.variant]} ({key})"
-
-
-def pretrained(cfg: Any, key: str) -> bool:
-    """Whether the row's encoder was further pretrained in the grid (pretrain-<key>/)."""
-    return key in PRETRAINED or key in [a.name for a in cfg.get("ablations") or []]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float],
@@ -95,7 +54,7 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
             stage = f"pretrain-{variant}" if pretrained(cfg, variant) else None
             steps = None
             if stage:
-                log = _read_jsonl(out / stage / "logs" / "metrics.jsonl")
+                log = read_jsonl(out / stage / "logs" / "metrics.jsonl")
                 steps = max((x["step"] for x in log), default=None)
             used = metrics[0].get("train_examples",  # the fine-tuner's data counts, or the linear's
                                   metrics[0].get("data", {}).get(
@@ -126,12 +85,6 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _size_label(r: dict[str, Any]) -> str:
-    if r["train_size"] == "all":
-        return "all" if r["train_examples"] is None else f"all ({r['train_examples']})"
-    return str(r["train_size"])
-
-
 def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
     several = len(cfg.train_sizes) > 1
     lines = [
@@ -148,7 +101,7 @@ def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
         "|---|" + ("---|" if several else "") + "---|---|---|---|---|---|"]
     for r in table:
         lines.append(
-            f"| {r['variant']} |" + (f" {_size_label(r)} |" if several else "") +
+            f"| {r['variant']} |" + (f" {size_label(r)} |" if several else "") +
             f" {100 * r['error_rate_mean']:.2f} +- "
             f"{100 * r['error_rate_sd']:.2f} | {100 * r['macro_f1_mean']:.2f} | "
             f"{100 * r['relative_error_reduction']:+.1f}% | {_fmt(r['pretrain_steps'], 'd')} | "
@@ -194,7 +147,7 @@ def comparisons(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) -> str:
     """The data-size view: error by variant x size, and which differences from FiT count."""
     sizes = list(dict.fromkeys(r["train_size"] for r in table))
-    labels = {r["train_size"]: _size_label(r) for r in table if r["key"] == "fit"}
+    labels = {r["train_size"]: size_label(r) for r in table if r["key"] == "fit"}
     lines = [
         "", "## Training-set size (Sun et al. 2019, sec. 5.5, Fig. 4)", "",
         "Dev error rate (%), mean +- sd over seeds (n = seeds), fine-tuned on a seeded, "
@@ -247,10 +200,10 @@ def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, flo
     writer.writerows(table)
     atomic_write_text(out / "report.csv", buffer.getvalue())
     text = markdown(table, cfg)
-    plots = _plots(out, table, cfg)
-    text += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    figures = plots.figures(out, table, cfg)
+    text += "".join(f"\n![{p.stem}]({p.name})\n" for p in figures)
     if len(cfg.train_sizes) > 1:
-        plot = _data_size_plot(out, table)
+        plot = plots.data_size(out, table)
         text += data_size_markdown(table, cfg, plot.name if plot else None)
     pairs = _paired(out, cfg)
     text += paired.markdown(pairs, lambda size: "all" if size is None else str(size))
@@ -279,164 +232,3 @@ def _paired(out: Path, cfg: Any) -> list[dict[str, Any]]:
                               lambda key: label(cfg, key))
 
 
-def _data_size_plot(out: Path, table: list[dict[str, Any]]) -> Path | None:
-    """``data_size.png``: error vs labelled examples per variant, log x, error bars = sd."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if any(r["train_examples"] is None for r in table):
-        return None  # 'all' without a count has no place on the x axis
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in dict.fromkeys(r["key"] for r in table):
-        points = sorted((r["train_examples"], r["error_rate_mean"], r["error_rate_sd"])
-                        for r in table if r["key"] == key)
-        ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],
-                    yerr=[100 * p[2] for p in points], marker="o", capsize=3,
-                    label=next(r["variant"] for r in table if r["key"] == key),
-                    linestyle="--" if key == "linear" else "-")
-    ax.set_xscale("log")
-    ticks = {r["train_examples"]: (f"{r['train_examples']} (all)" if r["train_size"] == "all"
-                                   else str(r["train_examples"])) for r in table}
-    ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)])
-    ax.minorticks_off()
-    ax.set_xlabel("labelled training examples (log scale)")
-    ax.set_ylabel("dev error rate (%)")
-    ax.set_title("Error vs training-set size (mean +- sd over seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "data_size.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _plots(out: Path, table: list[dict[str, Any]], cfg: Any) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    largest = [r for r in table if r["train_size"] == table[-1]["train_size"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["variant"] for r in largest], [100 * r["error_rate_mean"] for r in largest],
-           yerr=[100 * r["error_rate_sd"] for r in largest], capsize=4, color="#4878a8")
-    ax.set_ylabel("dev error rate (%)")
-    ax.set_title("Error rate by variant (mean +- sd over seeds)" + (
-        f", {_size_label(largest[0])} examples" if len(cfg.train_sizes) > 1 else ""))
-    ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    paths.append(out / "error_rates.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    curves = {label(cfg, k): _read_jsonl(out / f"pretrain-{k}" / "logs" / "metrics.jsonl")
-              for k in dict.fromkeys(r["key"] for r in table) if pretrained(cfg, k)}
-    curves = {k: v for k, v in curves.items() if v}
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name, log in curves.items():
-            ax.plot([x["step"] for x in log], [x["train/mlm_loss"] for x in log], label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("MLM loss")
-        ax.set_title("Further pretraining")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(out / "pretraining_mlm_loss.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
-
-
-def plot_schedule(group_lrs: dict[str, list[float]], title: str, path: Path) -> Path:
-    """One line per layer group: the learning rate at every optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = plt.cm.viridis([i / max(len(group_lrs) - 1, 1) for i in range(len(group_lrs))])
-    for color, (name, lrs) in zip(colors, group_lrs.items(), strict=True):
-        ax.plot(range(len(lrs)), lrs, label=name, linewidth=1.2,
-                color="#c0392b" if name == "head" else color)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(title)
-    if len(group_lrs) > 1:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_run(run_dir: Path, path: Path) -> Path:
-    """Loss, learning rate and (fine-tuning) dev accuracy of a run, from logs/metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    log = _read_jsonl(run_dir / "logs" / "metrics.jsonl")
-    if not log:
-        raise FileNotFoundError(f"{run_dir}: no logs/metrics.jsonl")
-    keys = [k for k in ("train/mlm_loss", "train/nsp_loss", "train/loss", "eval_accuracy")
-            if any(k in x for x in log)]
-    lr_key = next((k for k in ("train/lr", "lr/head") if any(k in x for x in log)), None)
-    panels = keys + ([lr_key] if lr_key else [])
-    fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2.2 * len(panels)), sharex=True)
-    for ax, key in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
-        points = [(x["step"], x[key]) for x in log if key in x]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if
-                key.startswith("eval") else None)
-        ax.set_ylabel(key.split("/")[-1], fontsize=8)
-    fig.suptitle(str(run_dir.name))
-    fig.supxlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def schedule_curves(cfg: Any, *, layers: int, steps: int) -> dict[str, list[float]]:
-    """Learning rate per layer group over ``steps`` optimizer steps, as a recipe sets it.
-
-    Fine-tuning recipes: embeddings, each layer and the head, with layer-wise
-    decay, the chosen schedule, and 0 while gradual unfreezing keeps a group
-    frozen. Pretraining recipes: one curve (warmup then linear decay).
-    """
-    import torch
-
-
-    t = cfg.train
-    if "objective" in cfg:  # pretraining: warmup + linear decay over max_steps
-        total = steps or t.max_steps
-        warmup = round(t.warmup_steps * total / t.max_steps)
-        names, lrs = ["all"], [t.lr]
-        schedule, kwargs = "linear", {"warmup_steps": warmup}
-    else:
-        total = steps
-        names = ["embeddings", *(f"layer_{i}" for i in range(layers)), "head"]
-        lrs = [t.lr * t.layer_decay ** (layers - i) for i in range(layers + 1)] + [t.head_lr]
-        schedule = t.schedule
-        kwargs = {"warmup_steps": round(t.warmup_ratio * total), "cut_frac": t.stlr_cut_frac,
-                  "ratio": t.stlr_ratio}
-    params = [torch.nn.Parameter(torch.zeros(1)) for _ in names]
-    opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, lrs, strict=True)])
-    sched = schedules.build(schedule, opt, total_steps=total, **kwargs)
-    every = None
-    if "objective" not in cfg and t.unfreeze != "none":
-        every = total // t.epochs if t.unfreeze == "epoch" else t.unfreeze_every_steps
-    curves: dict[str, list[float]] = {name: [] for name in names}
-    for step in range(total):
-        stage = min(step // every, len(names) - 1) if every else len(names)
-        for rank_from_top, (name, group) in enumerate(zip(reversed(names),
-                                                          reversed(opt.param_groups),
-                                                          strict=True)):
-            frozen = every is not None and rank_from_top > stage
-            curves[name].append(0.0 if frozen else group["lr"])
-        opt.step()
-        sched.step()
-    return curves

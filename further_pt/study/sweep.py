@@ -48,11 +48,11 @@ from omegaconf import OmegaConf
 from further_pt import finetune, pretrain
 from further_pt.config import recipes
 from further_pt.errors import ConfigError
+from further_pt.files import atomic_write_text
 from further_pt.objectives import evaluation
 from further_pt.objectives.classification import RESUMABLE_KEYS as FINETUNE_RESUMABLE
 from further_pt.objectives.masked_lm import RESUMABLE_KEYS as PRETRAIN_RESUMABLE
 from further_pt.study import experiment
-from further_pt.train import checkpoint
 
 logger = logging.getLogger("further_pt.study.sweep")
 
@@ -172,7 +172,7 @@ def _check_spec(root: Path, kind: str, axes: dict[str, list[str]],
                               f"{old[k]!r} there, {new.get(k)!r} now); only the swept values "
                               "may change: use another output_dir")
     root.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(path, yaml.safe_dump(
+    atomic_write_text(path, yaml.safe_dump(
         {"kind": kind, "axes": axes, "config": fixed_config}, sort_keys=False))
 
 
@@ -243,7 +243,7 @@ def write_summary(root: Path, kind: str, grid_points: list[Point], configs: list
     writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-    checkpoint.atomic_write_text(root / "sweep.csv", buffer.getvalue())
+    atomic_write_text(root / "sweep.csv", buffer.getvalue())
 
     columns = list(table[0])
     lines = [f"# Sweep: further-pt {kind} -m ({len(table)} runs, {root})", "",
@@ -260,7 +260,7 @@ def write_summary(root: Path, kind: str, grid_points: list[Point], configs: list
         if best is not None:
             lines += ["", f"Best by eval_{metric}: **{best['run']}** "
                           f"({best[f'eval_{metric}']:.4f}, best epoch {best['best_epoch']})"]
-    checkpoint.atomic_write_text(root / "sweep.md", "\n".join(lines) + "\n")
+    atomic_write_text(root / "sweep.md", "\n".join(lines) + "\n")
     return root / "sweep.md"
 
 

@@ -19,7 +19,6 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -27,7 +26,7 @@ from further_pt.errors import ConfigError
 
 __all__ = ["BF16_CPU_FLAGS", "DATASHEET_PEAKS", "choose_precision", "configure_cpu_threads",
            "configure_tf32", "cpu_bf16_flags", "cpu_threads", "datasheet_peak", "detect_precision",
-           "encoder_flops_per_token", "local_cuda_capability", "matmul_peak_flops", "peak_flops",
+           "local_cuda_capability", "matmul_peak_flops", "peak_flops",
            "si", "user_chose_threads"]
 
 #: x86 CPU flags that make bf16 matmuls fast (oneDNN uses them); without them bf16 on a CPU
@@ -351,23 +350,3 @@ def si(value: float, unit: str = "FLOP/s") -> str:
     return f"{value:.3g} {unit}"
 
 
-def encoder_flops_per_token(config: Any, seq_len: int, *, head_fraction: float = 0.0) -> float:
-    """Training FLOPs per token of a BERT-style encoder (forward + backward = 3 x forward).
-
-    ``6 * N + 12 * L * H * S`` as in nanoGPT's ``estimate_mfu`` (from the PaLM paper,
-    appendix B): N = non-embedding parameters of the encoder layers (attention
-    Q/K/V/output, feed-forward, LayerNorms, biases included; word/position/type
-    embeddings excluded, they are lookups), L layers, H hidden size, S = ``seq_len``
-    (the attention scores and mixing, which grow with sequence length).
-    ``head_fraction`` adds the MLM head's matmuls, ``6 * (H*H + H*V)``, for that fraction
-    of tokens: 0 for the encoder alone, the masked share (~0.15) for a head that scores
-    masked positions only, 1 for a head that scores every position.
-    """
-    h, layers = config.hidden_size, config.num_hidden_layers
-    inter = getattr(config, "intermediate_size", None) or 4 * h
-    per_layer = (4 * (h * h + h)        # query, key, value, attention output dense
-                 + h * inter + inter    # intermediate dense
-                 + inter * h + h        # output dense
-                 + 2 * 2 * h)           # two LayerNorms (weight + bias)
-    flops = 6 * layers * per_layer + 12 * layers * h * seq_len
-    return float(flops + 6 * (h * h + h * config.vocab_size) * head_fraction)

@@ -8,16 +8,12 @@ loop is :class:`further_pt.train.trainer.Trainer`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,16 +25,13 @@ from accelerate.utils import (
     InitProcessGroupKwargs,
     ProjectConfiguration,
 )
-from torch.utils.data import DataLoader, Sampler
 
-from further_pt.config.recipes import flatten
 from further_pt.errors import FurtherPTError, SetupError, TrainingFailed
 from further_pt.train import hardware
 
 logger = logging.getLogger("further_pt.train.launch")
 
-__all__ = ["MetricsLog", "PreemptionWatch", "ResumableSampler", "checkpoint_bytes",
-           "entry_point", "make_accelerator", "micro_batches", "step_seed"]
+__all__ = ["PreemptionWatch", "checkpoint_bytes", "entry_point", "make_accelerator"]
 
 
 class PreemptionWatch:
@@ -229,201 +222,9 @@ def entry_point(argv: list[str], load: Callable[[list[str]], Any], run: Callable
     return 0
 
 
-def step_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed that is a pure function of (seed, step, rank, ...)."""
-    text = "-".join(str(p) for p in (seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """Disk two checkpoints need: fp32 weights + two AdamW moments, each, with a margin."""
     params = sum(p.numel() for p in model.parameters())
     return int(2 * 3 * 4 * params * 1.1)
 
 
-class ResumableSampler(Sampler[int]):
-    """Per-epoch shuffle of ``n`` indices, split across ranks, that starts anywhere in O(1).
-
-    The order of epoch ``e`` is ``randperm(n)`` seeded with (seed, e); rank ``r``
-    of ``w`` takes every ``w``-th index from ``r`` (a tail that does not divide
-    evenly is left out, so all ranks take equal steps). Resuming sets the epoch
-    and the offset into this rank's share: nothing is replayed.
-
-    With ``lengths`` and ``batch_size`` (length grouping, as Hugging Face's
-    ``LengthGroupedSampler``), each run of ``50 x batch_size`` indices of this
-    rank's share is sorted by length, cut into batches, and the batches are
-    shuffled: batches hold sequences of similar length, so dynamic padding adds
-    little, while the order stays a pure function of (seed, epoch).
-    """
-
-    GROUP = 50  # batches per length-sorted group
-
-    def __init__(self, n: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, lengths: torch.Tensor | None = None,
-                 batch_size: int | None = None) -> None:
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.shuffle = shuffle
-        self.lengths, self.batch_size = lengths, batch_size
-        if lengths is not None and (batch_size is None or len(lengths) != n):
-            raise ValueError("length grouping needs one length per index and a batch_size")
-        self.epoch, self.start = 0, 0
-
-    @property
-    def per_rank(self) -> int:
-        return self.n // self.world_size
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return max(self.per_rank - self.start, 0)
-
-    def order(self) -> torch.Tensor:
-        """This rank's full order for the current epoch."""
-        gen = torch.Generator().manual_seed(step_seed(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
-        mine = order[self.rank: self.per_rank * self.world_size: self.world_size]
-        if self.lengths is None:
-            return mine
-        assert self.batch_size is not None
-        size = self.batch_size * self.GROUP
-        groups = [mine[i:i + size] for i in range(0, len(mine), size)]
-        ordered = torch.cat([g[self.lengths[g].argsort(descending=True, stable=True)]
-                             for g in groups])
-        batches = list(ordered.split(self.batch_size))
-        full, tail = (batches[:-1], batches[-1:]) if len(batches[-1]) < self.batch_size else (
-            batches, [])
-        shuffled = torch.randperm(len(full), generator=gen).tolist() if self.shuffle else range(
-            len(full))
-        return torch.cat([full[i] for i in shuffled] + tail)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start:].tolist())
-
-
-def micro_batches(loader: DataLoader, sampler: ResumableSampler, batch_size: int,
-                  epoch: int, position: int) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(epoch, position_after, batch)`` forever, from micro-batch ``position``."""
-    while True:
-        sampler.set_position(epoch, position * batch_size)
-        for batch in loader:
-            position += 1
-            yield epoch, position, batch
-        epoch, position = epoch + 1, 0
-
-
-def _step_of_line(line: str) -> float:
-    """The step of a metrics.jsonl line; a torn or foreign line counts as after every step."""
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-#: The W&B and MLflow run ids of this output dir, so that a resumed run continues them.
-TRACKER_RUNS = "trackers.json"
-
-
-def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config as one level of ``section/key`` scalars, as every tracker takes it.
-
-    TensorBoard's hparams and MLflow's params take only numbers, strings and booleans: a
-    list (``data.train_files``) becomes its JSON text and a null ``"null"``, rather than
-    being dropped, so the tracker holds the whole recipe that ran.
-    """
-    return {k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
-            for k, v in flatten(config, sep="/").items()}
-
-
-class MetricsLog:
-    """Scalars to the run's trackers (``train.trackers``) and to ``logs/metrics.jsonl``.
-
-    Accelerate drives the trackers: each gets the resolved config when the run starts, the
-    same named scalars as metrics.jsonl at every logging step and evaluation, and the final
-    metrics (:meth:`final`) at the end. W&B and MLflow runs are named after the output dir;
-    their ids are kept in ``logs/trackers.json``, so a run resumed from a checkpoint goes on
-    logging into the W&B / MLflow run it started instead of opening one per restart.
-    """
-
-    def __init__(self, accelerator: Any, log_dir: Path, run_name: str, config: dict, *,
-                 resumed_at: int = 0) -> None:
-        """``resumed_at``: the step the run starts from. Lines a killed run wrote after its
-        last checkpoint are dropped (they are about to be logged again), as is a line cut
-        short by the kill, so that metrics.jsonl holds each step once."""
-        self.accelerator = accelerator
-        self.path = log_dir / "metrics.jsonl"
-        self.runs_path = log_dir / TRACKER_RUNS
-        if accelerator.is_main_process:
-            log_dir.mkdir(parents=True, exist_ok=True)  # W&B's files go here (below)
-        try:
-            accelerator.init_trackers(run_name, config=tracker_config(config),
-                                      init_kwargs=self._init_kwargs(log_dir, resumed_at))
-        except Exception as exc:  # a tracker's server, login or store refused: one line
-            text = " ".join(str(exc).split())[:300]
-            raise SetupError(f"train.trackers: {[str(t) for t in accelerator.log_with]} could not "
-                             f"start ({type(exc).__name__}: {text}); fix its settings (env) "
-                             "and rerun, or drop it from train.trackers") from exc
-        if accelerator.is_main_process:
-            self._remember_runs()
-        if accelerator.is_main_process and self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if _step_of_line(line) <= resumed_at]
-            if len(kept) < len(lines):
-                tmp = self.path.with_name(".metrics.jsonl.tmp")
-                tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-                os.replace(tmp, self.path)
-
-    def _init_kwargs(self, log_dir: Path, resumed_at: int) -> dict[str, dict[str, Any]]:
-        """Per-tracker arguments: the run's name, W&B's folder, and on resume the run to go on.
-
-        A tracker's own settings stay in its environment variables (``WANDB_MODE``,
-        ``MLFLOW_TRACKING_URI``, ...), which these do not override; W&B writes under
-        ``logs/`` unless ``WANDB_DIR`` says where.
-        """
-        label = log_dir.parent.name  # the output dir's name
-        saved: dict[str, str] = {}
-        if resumed_at and self.runs_path.is_file():
-            saved = json.loads(self.runs_path.read_text(encoding="utf-8"))
-        wandb: dict[str, Any] = {"name": label}
-        if not os.environ.get("WANDB_DIR"):
-            wandb["dir"] = str(log_dir)
-        mlflow: dict[str, Any] = {"run_name": label}
-        if "wandb" in saved:
-            wandb.update(id=saved["wandb"], resume="allow")
-        if "mlflow" in saved:
-            mlflow = {"run_id": saved["mlflow"]}
-        return {"wandb": wandb, "mlflow": mlflow}
-
-    def _remember_runs(self) -> None:
-        """Write the W&B / MLflow run ids this run logs to (main process)."""
-        ids = {}
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "wandb":
-                ids["wandb"] = tracker.tracker.id
-            elif tracker.name == "mlflow":
-                ids["mlflow"] = tracker.tracker.info.run_id
-        if ids:
-            tmp = self.runs_path.with_name(f".{TRACKER_RUNS}.tmp")
-            tmp.write_text(json.dumps(ids, indent=1), encoding="utf-8")
-            os.replace(tmp, self.runs_path)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.accelerator.log(values, step=step)
-        if self.accelerator.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-
-    def final(self, step: int, metrics: dict[str, Any]) -> None:
-        """metrics.json's numbers (eval metrics, steps, tokens, best epoch) as ``final/<key>``,
-        so a tracker's run table shows each run's outcome without reading its history."""
-        flat = flatten({k: v for k, v in metrics.items() if k not in ("config", "history")},
-                       sep="/")
-        values = {f"final/{k}": v for k, v in flat.items()
-                  if isinstance(v, int | float) and not isinstance(v, bool)}
-        if values:
-            self.accelerator.log(values, step=step)
-
-    def close(self) -> None:
-        """Flush the trackers. Accelerate also destroys the process group here: call last."""
-        self.accelerator.end_training()

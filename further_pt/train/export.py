@@ -1,0 +1,163 @@
+"""Export: what leaves the loop. The whole model (gathered under FSDP), the optimizer state,
+the folders a run writes (checkpoints' models, ``best/``, ``final/``) and metrics.json.
+
+Under data parallelism every process holds the whole model and the same optimizer state;
+under FSDP each holds a shard, so every save and evaluation first gathers the full weights
+into a plain copy on the main process. Both go through the same calls here, and the code
+that writes folders and evaluates stays the data-parallel path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from further_pt.errors import TrainingFailed
+from further_pt.files import atomic_write_text
+from further_pt.objectives.base import EvalShard, Objective
+from further_pt.objectives.encoder import st_modules, write_st_modules
+from further_pt.train import checkpoint
+
+logger = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+
+
+class Exporter:
+    """The saves and gathers of one run in ``output_dir``, on every process."""
+
+    def __init__(self, accelerator: Any, output_dir: Path, *, sharded: bool,
+                 base_model: str | None, resolved: dict[str, Any]) -> None:
+        self.accelerator, self.output_dir, self.sharded = accelerator, output_dir, sharded
+        self.base_model, self.resolved = base_model, resolved
+        self._full: Any = None
+        self._st_files: dict[str, bytes] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def keep_full_copy(self, module: torch.nn.Module, device: torch.device) -> None:
+        """FSDP: the main process keeps a plain full copy, into which the weights are
+        gathered to save or evaluate (call before Accelerate wraps the module)."""
+        if self.sharded and self.is_main:
+            self._full = copy.deepcopy(module).to(device)
+
+    def whole(self, module: Any) -> Any:
+        """The model to save or evaluate, on the main process (None elsewhere under FSDP).
+
+        Under data parallelism every process holds the whole model: this is it, unwrapped.
+        Under FSDP each holds a shard: every process must call this (the gather is a
+        collective), and the full weights land in the main process's plain copy.
+        """
+        if not self.sharded:
+            return self.accelerator.unwrap_model(module)
+        weights = self.accelerator.get_state_dict(module)  # full on the main process only
+        if not self.is_main:
+            return None
+        self._full.load_state_dict(weights)
+        return self._full
+
+    def optimizer_state(self, module: Any, optimizer: Any) -> dict[str, Any]:
+        """What ``optimizer.pt`` holds: the state dict, or under FSDP the gathered full one."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        return get_optimizer_state_dict(module, optimizer.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))  # every process; full on the main one
+
+    def load_optimizer(self, module: Any, optimizer: Any, saved: dict[str, Any]) -> None:
+        """Restore ``optimizer.pt``: as saved, or under FSDP cut into this process's shard."""
+        if not self.sharded:
+            optimizer.load_state_dict(saved)
+            return
+        set_optimizer_state_dict(module, optimizer.optimizer, saved,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def folder(self, objective: Objective, whole: Any, folder: Path) -> None:
+        """``objective.export``, plus the base model's sentence-transformers modules.
+
+        A sentence-transformers base (all-MiniLM-L6-v2, e5, bge) owes its embeddings to
+        modules.json, its pooling and its normalisation as much as to its weights; a folder
+        without them loads in ``SentenceTransformer`` with plain mean pooling and no
+        normalisation. So every folder written (checkpoints, ``best/``, ``final/``) carries
+        them over from ``model.name_or_path`` (read once, see :func:`encoder.st_modules`).
+        """
+        objective.export(whole, folder)
+        if self._st_files is None:
+            self._st_files = st_modules(self.base_model)
+        write_st_modules(self._st_files, folder)
+
+    def evaluate(self, objective: Objective, whole: Any, log: Any, state: dict[str, Any],
+                 step: int, epoch: int) -> None:
+        """At an epoch end: evaluate (each process a shard, under FSDP the main one alone);
+        the main process logs and keeps the best model in ``best/``."""
+        acc = self.accelerator
+        shard = None if self.sharded else EvalShard(
+            acc.process_index, acc.num_processes,
+            partial(acc.gather_for_metrics, use_gather_object=True))
+        results = objective.evaluate(whole, shard)
+        if not results or not self.is_main:
+            return
+        scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
+        log.log(step, scalars)
+        state["history"].append({"epoch": epoch, "step": step, **scalars})
+        world = acc.num_processes
+        logger.info("epoch %d: %s (evaluated on %d process%s)", epoch, ", ".join(
+            f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2),
+            1 if self.sharded else world, "" if self.sharded or world == 1 else "es")
+        score = results[f"eval_{objective.metric}"]
+        if objective.better(score, state["best"]):
+            state["best"], state["best_epoch"] = score, epoch
+
+            def save_best(folder: Path) -> None:
+                self.folder(objective, whole, folder)
+                (folder / "eval_results.json").write_text(json.dumps(results, indent=1))
+
+            checkpoint.save_model_folder(self.output_dir / "best", save_best)
+
+    def check_replicas(self, module: Any) -> None:
+        """DDP keeps replicas in sync; prove it before the final model is written."""
+        if self.sharded:  # FSDP: each process holds another shard, by design
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()
+        sums = self.accelerator.gather(checksum.reshape(1)).tolist()
+        world = self.accelerator.num_processes
+        if len(set(sums)) != 1:
+            raise TrainingFailed(f"the {world} processes ended with different weights: {sums}")
+        if world > 1:
+            logger.info("weights identical on all %d processes (checksum %.6f)", world, sums[0])
+
+    def finish(self, objective: Objective, state: dict[str, Any], step: int,
+               whole: Any) -> dict[str, Any]:
+        """``final/``: the best evaluated model if there is one, else the last; metrics.json."""
+        metrics: dict[str, Any] = {}
+        if self.is_main:
+            best, final = self.output_dir / "best", self.output_dir / "final"
+            if best.is_dir():
+                metrics = json.loads((best / "eval_results.json").read_text())
+                final_from = f"best epoch {state['best_epoch']} by eval_{objective.metric}"
+                checkpoint.save_model_folder(
+                    final, lambda f: shutil.copytree(best, f, dirs_exist_ok=True))
+            else:
+                final_from = f"last step ({step})"
+                checkpoint.save_model_folder(final, partial(self.folder, objective, whole))
+            metrics.update({"final_model": final_from, "best_epoch": state["best_epoch"],
+                            "steps": step, "tokens": state["tokens"],
+                            "nonfinite_steps": state["nonfinite_steps"],
+                            "history": state["history"], **objective.summary(),
+                            "config": self.resolved})
+            atomic_write_text(self.output_dir / METRICS, json.dumps(metrics, indent=1))
+        self.accelerator.wait_for_everyone()
+        return metrics
