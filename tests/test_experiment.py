@@ -100,8 +100,7 @@ def test_data_size_view(experiment) -> None:
     cells = " | ".join(f"{100 * float(r['error_rate_mean']):.2f} +- "
                        f"{100 * float(r['error_rate_sd']):.2f} (n=2)" for r in fit)
     assert f"| BERT-FiT | {cells} |" in view
-    if importlib.util.find_spec("scipy"):
-        assert "when Welch's t-test over the per-seed error rates gives p < 0.05" in view
+    assert "when Welch's t-test over the per-seed error rates gives p < 0.05" in view
     assert view.count("\n- ") == 2 and "- all (64) examples: " in view
     assert "![data_size](data_size.png)" in view
     assert (out / "data_size.png").stat().st_size > 1000
@@ -305,7 +304,8 @@ def test_an_ablation_can_be_limited_to_some_sizes(experiment, tmp_path) -> None:
 def test_paired_report_against_fit(experiment) -> None:
     """The report pairs every row with BERT-FiT at the same seed (same subsample): per-seed
     differences, their mean, a 95% t interval, paired t and Wilcoxon p-values."""
-    scipy_stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as scipy_stats
+
     out, _ = experiment
     with open(out / "paired.csv") as fh:
         rows = {(r["train_size"], r["key"]): r for r in csv.DictReader(fh)}
@@ -329,7 +329,8 @@ def test_paired_report_against_fit(experiment) -> None:
 
 
 def test_paired_summary_is_its_formula() -> None:
-    stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as stats
+
     from further_pt.study.paired import summarise
 
     diffs = [-0.02, -0.01, -0.03, 0.0, -0.02, -0.015, -0.025, -0.005]
@@ -358,3 +359,23 @@ def test_forgetting_is_not_applicable_without_an_mlm_head(tmp_path, tiny_model_d
     AutoModel.from_pretrained(tiny_model_dir).save_pretrained(bare)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bare)
     assert mlm_loss(bare, texts, max_seq_length=32, seed=0) is None
+
+
+def test_a_report_without_scipy_fails_loudly(monkeypatch) -> None:
+    """scipy is declared (pyproject); were it missing, the paired report says so in one line
+    rather than leaving its intervals and tests out."""
+    from further_pt.errors import SetupError
+    from further_pt.study.paired import summarise
+
+    monkeypatch.setitem(sys.modules, "scipy", None)  # `import scipy` now raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    with pytest.raises(SetupError, match=r"need scipy .*pip install scipy"):
+        summarise([-0.02, -0.01, 0.0])
+    assert summarise([-0.02])["ci_low"] is None  # one seed: nothing to test, nothing needed
+
+
+def test_scipy_is_a_declared_dependency() -> None:
+    """It arrived only through scikit-learn (the `linear` extra) before."""
+    from importlib.metadata import requires
+
+    assert any(r.startswith("scipy>=") and "extra" not in r for r in requires("further-pt"))

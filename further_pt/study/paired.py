@@ -16,10 +16,23 @@ dropped as in its default ``zero_method``), and how many seeds the variant won.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
 from typing import Any
+
+from further_pt.errors import SetupError
+
+
+def stats() -> Any:
+    """``scipy.stats``, a dependency of further_pt: the report's intervals and tests need it,
+    so a missing scipy is a one-line error, never a report that silently leaves them out."""
+    try:
+        from scipy import stats as scipy_stats
+    except ImportError as exc:
+        raise SetupError(f"the report's paired intervals and tests need scipy ({exc}); it is a "
+                         "dependency of further_pt: pip install scipy") from None
+    return scipy_stats
+
 
 PAIRED_COLUMNS = ("train_size", "variant", "key", "seeds", "mean_diff", "ci_low", "ci_high",
                   "p_t", "p_wilcoxon", "wins", "diffs")
@@ -54,17 +67,16 @@ def summarise(diffs: list[float]) -> dict[str, float | None]:
     out: dict[str, float | None] = {"mean_diff": statistics.mean(diffs) if diffs else None,
                                     "ci_low": None, "ci_high": None, "p_t": None,
                                     "p_wilcoxon": None}
-    if n < 2 or importlib.util.find_spec("scipy") is None:
+    if n < 2:
         return out
-    from scipy import stats
-
+    st = stats()
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    half = float(st.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     out.update(ci_low=mean - half, ci_high=mean + half)
     if sd > 0:  # t is undefined when every seed moved by the same amount
-        out["p_t"] = float(stats.ttest_rel(diffs, [0.0] * n).pvalue)
+        out["p_t"] = float(st.ttest_rel(diffs, [0.0] * n).pvalue)
     if any(d != 0 for d in diffs):
-        out["p_wilcoxon"] = float(stats.wilcoxon(diffs).pvalue)
+        out["p_wilcoxon"] = float(st.wilcoxon(diffs).pvalue)
     return out
 
 
@@ -82,8 +94,7 @@ def markdown(rows: list[dict[str, Any]], size_label: Any) -> str:
         "Error-rate difference, variant minus BERT-FiT, in points (negative: fewer errors), "
         "over the seeds both finished; 95% interval from the t distribution; p-values of the "
         "paired t-test and the Wilcoxon signed-rank test; wins = seeds where the variant made "
-        "fewer errors." + ("" if importlib.util.find_spec("scipy") is not None else
-                           " (scipy is not installed: intervals and tests are left out.)"),
+        "fewer errors.",
         "", "| model | training examples | seeds | mean difference | 95% interval | paired t p "
         "| Wilcoxon p | wins |", "|---|---|---|---|---|---|---|---|"]
     for r in shown:

@@ -15,7 +15,6 @@ runs, and ``plot_schedule`` / ``plot_run`` for any recipe or run.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import statistics
@@ -111,15 +110,13 @@ def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
 
 
 def _welch_p(a: list[float], b: list[float]) -> float | None:
-    """Welch's t-test p-value (scipy); None where scipy is missing, a group has < 2 seeds or
-    neither group varies (t is undefined: the sd rule decides)."""
-    if importlib.util.find_spec("scipy") is None or len(a) < 2 or len(b) < 2:
+    """Welch's t-test p-value (scipy); None where a group has < 2 seeds or neither group
+    varies (t is undefined: the sd rule decides)."""
+    if len(a) < 2 or len(b) < 2:
         return None
     if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
         return None
-    from scipy import stats
-
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return float(paired.stats().ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def comparisons(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,12 +158,9 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
             f"{100 * cells[s]['error_rate_mean']:.2f} +- {100 * cells[s]['error_rate_sd']:.2f} "
             f"(n={cells[s]['seeds']})" if s in cells else "not run" for s in sizes) + " |")
     found = comparisons(table)
-    if importlib.util.find_spec("scipy") is not None:
-        rule = (f"Welch's t-test over the per-seed error rates gives p < {P_VALUE}; where it "
-                "cannot run (fewer than 2 seeds, or no spread in either), when the difference of "
-                "means exceeds BERT-FiT's seed sd")
-    else:
-        rule = "the difference of means exceeds BERT-FiT's seed sd (scipy is not installed)"
+    rule = (f"Welch's t-test over the per-seed error rates gives p < {P_VALUE}; where it "
+            "cannot run (fewer than 2 seeds, or no spread in either), when the difference of "
+            "means exceeds BERT-FiT's seed sd")
     lines += ["", f"A variant differs from BERT-FiT beyond FiT's seed spread when {rule}.", ""]
     for size in sizes:
         here = [c for c in found if c["train_size"] == size]
