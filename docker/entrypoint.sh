@@ -2,7 +2,11 @@
 # The image's entrypoint: the first word picks the job; training jobs go through
 # `accelerate launch`, the rest through the further-pt command.
 #   pretrain|finetune ARGS...  -> accelerate launch [launcher flags] .../further_pt/JOB.py ARGS...
-#   experiment|prepare|predict|recipes|config|plot-schedule|plot-run ARGS... -> further-pt JOB ARGS...
+#   pretrain|finetune -m ARGS... (a sweep) or --help -> further-pt JOB ...: the sweep launches
+#                              each of its runs itself
+#   experiment|prepare|predict|recipes|config|plot-schedule|plot-run|select|doctor ARGS...
+#                           -> further-pt JOB ARGS...
+#   help|-h|--help          -> the list of jobs, exit 0
 #
 # Before any work, pretrain, finetune and experiment check that their output_dir (the last
 # `output_dir=` argument; without one, the recipe's relative runs/NAME under the working
@@ -167,8 +171,24 @@ drop_empty_nccl_vars() {
 # ------------------------------------------------------------------ dispatch
 job="${1:-}"
 if [ $# -gt 0 ]; then shift; fi
+wants_cli() {  # a sweep (-m / --multirun) or a help request: the further-pt command's own job
+  local arg
+  for arg in "$@"; do
+    case "$arg" in -m|--multirun|-h|--help) return 0 ;; esac
+  done
+  return 1
+}
+
+jobs_usage="JOB [key=value ...] with JOB one of pretrain, finetune, experiment, prepare, predict, recipes, config, plot-schedule, plot-run, select, doctor; JOB --help says what each takes"
+
 case "$job" in
   pretrain|finetune)
+    if wants_cli "$@"; then  # a sweep writes into output_dir too: checked the same way
+      for arg in "$@"; do
+        case "$arg" in -m|--multirun) check_output_dir "$(output_dir_of "$@")" ;; esac
+      done
+      exec further-pt "$job" "$@"
+    fi
     check_output_dir "$(output_dir_of "$@")"
     compose_launch_args
     drop_empty_nccl_vars
@@ -180,12 +200,15 @@ case "$job" in
     check_output_dir "$(output_dir_of "$@")"
     exec further-pt "$job" "$@"
     ;;
-  prepare|predict|recipes|config|plot-schedule|plot-run)
+  prepare|predict|recipes|config|plot-schedule|plot-run|select|doctor)
     exec further-pt "$job" "$@"
     ;;
+  help|-h|--help)
+    echo "usage: $jobs_usage"
+    exit 0
+    ;;
   *)
-    echo "usage: JOB [key=value ...] with JOB one of pretrain, finetune, experiment, prepare," \
-         "predict, recipes, config, plot-schedule, plot-run (got '${job}')" >&2
+    echo "usage: $jobs_usage (got '${job}')" >&2
     exit 2
     ;;
 esac

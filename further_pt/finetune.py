@@ -59,8 +59,14 @@ def report(cfg: DictConfig, metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def usage() -> str:
+    """``--help``: this docstring and the shipped finetune recipes."""
+    return launch.job_usage(__doc__ or "", "finetune")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return launch.entry_point(sys.argv[1:] if argv is None else argv, load, run, report)
+    return launch.entry_point(sys.argv[1:] if argv is None else argv, load, run, report,
+                              usage=usage)
 
 
 if __name__ == "__main__":

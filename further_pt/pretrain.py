@@ -54,8 +54,14 @@ def report(cfg: DictConfig, final: Path) -> str:
             f"model.name_or_path={final} data.train_file=... data.eval_file=...")
 
 
+def usage() -> str:
+    """``--help``: this docstring and the shipped pretrain recipes."""
+    return launch.job_usage(__doc__ or "", "pretrain")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return launch.entry_point(sys.argv[1:] if argv is None else argv, load, run, report)
+    return launch.entry_point(sys.argv[1:] if argv is None else argv, load, run, report,
+                              usage=usage)
 
 
 if __name__ == "__main__":

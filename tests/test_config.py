@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from further_pt.cli.main import recipe_kind
+from further_pt.cli.show_config import recipe_kind
 from further_pt.config import recipes, validate
 from further_pt.config.recipes import ConfigError
 from further_pt.pretrain import load, main

@@ -527,3 +527,14 @@ def test_output_dir_on_a_mount_whose_parent_is_read_only_runs(unprivileged,
                     entrypoint=entrypoint, cwd=base)
         assert _launched(proc) == ("accelerate launch /opt/further_pt/further_pt/pretrain.py "
                                    f"output_dir={out}"), proc.stderr
+
+
+def test_every_cli_verb_goes_through_the_image_entrypoint(tmp_path) -> None:
+    """doctor, select and sweeps (`-m`) reach the further-pt command; --help and help too."""
+    for args in (("doctor",), ("select", "corpus=[a.txt]", "task=t.jsonl", "output=o.txt.gz"),
+                 ("pretrain", "-m", "recipe=demo", "train.lr=1e-4,2e-4"),
+                 ("finetune", "--help")):
+        proc = _run(tmp_path, *args)
+        assert _launched(proc) == "further-pt " + " ".join(args), proc.stderr
+    proc = _run(tmp_path, "--help")
+    assert proc.returncode == 0 and "select, doctor" in proc.stdout

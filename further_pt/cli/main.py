@@ -16,27 +16,22 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
-
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import Any
 
 from further_pt import finetune, pretrain
-from further_pt.config import recipes, validate
-from further_pt.config.schema import REQUIRED_ONE_OF
+from further_pt.cli import show_config
+from further_pt.config import recipes
 from further_pt.data import corpus, labelled, prepare
 from further_pt.errors import ConfigError, FurtherPTError
 from further_pt.objectives import encoder, masked_lm
 from further_pt.objectives.evaluation import PREPROCESSING, predict_file
 from further_pt.study import experiment, sweep
 from further_pt.study.plots import plot_run, plot_schedule, schedule_curves
+from further_pt.train import launch
 
 USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 
@@ -58,156 +53,7 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 """
 
 
-class Kind(NamedTuple):
-    """A recipe kind: how ``further-pt config`` recognises, shows, checks and runs it."""
-
-    marker: str  # the top-level key that marks a composed recipe as this kind
-    load: Callable[[list[str]], Any]  # the job's loader: every check a run makes
-    schema: type
-    check_values: Callable[..., None] | None  # its validator, called with check_files=False
-    command: str  # what runs it
-
-
-KINDS: dict[str, Kind] = {
-    "pretrain": Kind("objective", pretrain.load, recipes.PretrainSchema,
-                     validate.validate_pretrain, "accelerate launch further_pt/pretrain.py"),
-    "finetune": Kind("head", finetune.load, recipes.FinetuneSchema, validate.validate_finetune,
-                     "accelerate launch further_pt/finetune.py"),
-    # experiment.validate opens the task files: `config` shows an experiment typed only
-    "experiment": Kind("variants", experiment.load, recipes.ExperimentSchema, None,
-                       "further-pt experiment"),
-}
-NOT_SET = "# <- not set: required before a run"
-
-
-def recipe_kind(recipe: str) -> str:
-    """The kind of a recipe, from the keys of its composed form (bases included)."""
-    keys = set(recipes.compose(recipe, []))
-    return next((name for name, kind in KINDS.items() if kind.marker in keys), "unknown")
-
-
 # --------------------------------------------------------------------------- config
-
-
-@dataclass
-class Draft:
-    """A recipe as ``further-pt config`` shows it: composed and typed, unset keys named."""
-
-    cfg: DictConfig
-    unset: dict[str, str]  # key a run needs that nobody set yet -> what may replace it, or ""
-    values_checked: bool  # the kind's validator ran (every value a run checks, files aside)
-
-
-def draft(argv: list[str], name: str) -> Draft:
-    """A recipe for reading before the user has data: the job's loader minus two refusals.
-
-    A key the user still has to give (``???``, or a null that a run needs:
-    ``schemas.REQUIRED_ONE_OF``) is reported rather than refused, and no data file is
-    opened; that is for the run (or ``--check``). Unknown keys and wrong types are still
-    errors. The kind's validator (``check_files=False``) checks every other value on a copy
-    in which each unset key holds a placeholder, so a bad ``train.lr`` is caught, and a
-    derived value (a fitted warm-up) is shown, even while ``data.train_file`` is unset.
-    """
-    kind = KINDS[name]
-    recipe, overrides = recipes.split_recipe_arg(argv)
-    cfg = recipes.typed(recipes.compose_kind(recipe, overrides, kind.schema, name), kind.schema)
-    unset = unset_keys(cfg, kind.schema)
-    trial = _with_placeholders(cfg, unset) if kind.check_values is not None else None
-    if kind.check_values is None or trial is None:
-        return Draft(cfg, unset, values_checked=False)
-    kind.check_values(trial, check_files=False)
-    missing = set(OmegaConf.missing_keys(cfg))
-    for key in unset:  # back to what the recipe says
-        OmegaConf.update(trial, key, MISSING if key in missing else None, merge=False)
-    return Draft(trial, unset, values_checked=True)
-
-
-def unset_keys(cfg: DictConfig, schema: type) -> dict[str, str]:
-    """The ``???`` keys, and the first key of each ``REQUIRED_ONE_OF`` group left all null
-    (with the others as what may replace it: ``{"data.train_file": "tasks"}``)."""
-    missing = set(OmegaConf.missing_keys(cfg))
-    unset = dict.fromkeys(sorted(missing), "")
-    for first, *others in REQUIRED_ONE_OF.get(schema, ()):
-        if all(k not in missing and OmegaConf.select(cfg, k, throw_on_missing=False) is None
-               for k in (first, *others)):
-            unset[first] = ", ".join(others)
-    return unset
-
-
-def _with_placeholders(cfg: DictConfig, keys: Iterable[str]) -> DictConfig | None:
-    """A copy with a stand-in path (or list of one) in each unset key; None if a key takes
-    neither, so the values cannot be checked before it is set."""
-    trial = copy.deepcopy(cfg)
-    for key in keys:
-        for value in ("<not set>", ["<not set>"]):
-            try:
-                OmegaConf.update(trial, key, value, merge=False)
-                break
-            except (OmegaConfBaseException, ValueError):
-                continue
-        else:
-            return None
-    return trial
-
-
-def mark_unset(text: str, unset: dict[str, str]) -> tuple[str, list[str]]:
-    """Append ``NOT_SET`` to the YAML line of each unset key; (text, the keys in line order).
-
-    The YAML is OmegaConf's: two spaces per level, a list's items at their key's level.
-    """
-    path: list[str] = []
-    lines, found = [], []
-    for line in text.splitlines():
-        body = line.lstrip(" ")
-        if body and not body.startswith(("- ", "#")) and ":" in body:
-            del path[(len(line) - len(body)) // 2:]
-            path.append(body.split(":", 1)[0].strip("'\""))
-            key = ".".join(path)
-            if key in unset:
-                found.append(key)
-                line = f"{line}  {NOT_SET}" + (f" (or {unset[key]})" if unset[key] else "")
-        lines.append(line)
-    return "\n".join(lines) + "\n", found + [k for k in unset if k not in found]
-
-
-def _config(args: list[str]) -> int:
-    """``further-pt config [--check] recipe=NAME [key=value ...]``: print the composed recipe.
-
-    Without ``--check`` it is the first thing a new user runs, before they have data:
-    the recipe with each key a run still needs marked, exit 0. ``--check`` runs the job's
-    own loader, so it passes or fails exactly as the run's first second would (exit 2).
-    """
-    check = "--check" in args
-    args = [a for a in args if a != "--check"]
-    recipe, _ = recipes.split_recipe_arg(args)
-    name = recipe_kind(recipe)
-    if name not in KINDS:
-        raise ConfigError(f"recipe {recipe!r} has none of the keys that mark a recipe "
-                          f"kind ({', '.join(k.marker for k in KINDS.values())})")
-    kind = KINDS[name]
-    if check:
-        print(recipes.to_yaml(kind.load(args)), end="")
-        print(f"# checked; run it with: {kind.command} {' '.join(args)}", file=sys.stderr)
-        return 0
-    shown = draft(args, name)
-    body, unset = mark_unset(recipes.to_yaml(shown.cfg), shown.unset)
-    values = "values checked" if shown.values_checked else "values not checked"
-    print(f"# recipe {recipe} ({name}): composed with its bases and overrides; {values},\n"
-          "# files not opened (a run opens them, as does `further-pt config --check ...`)")
-    if unset:
-        named = [k + (f" (or {shown.unset[k]})" if shown.unset[k] else "") for k in unset]
-        print(f"# not set (marked below), required before a run: {', '.join(named)}")
-    print(body, end="")
-    given = [a for a in args if a.split("=", 1)[0] not in unset]
-    todo = "".join(f" {key}=..." for key in unset)
-    print(f"# run it with: {kind.command} {' '.join(given)}{todo}", file=sys.stderr)
-    return 0
-
-
-def _describe(name: str) -> str:
-    lines = (recipes.recipes_dir() / f"{name}.yaml").read_text().splitlines()
-    first = next((line for line in lines if line.startswith("#")), "#")
-    return first.lstrip("# ").strip()
 
 
 def _predict(args: list[str]) -> int:
@@ -340,12 +186,54 @@ def _select(rest: list[str]) -> int:
     """The corpus documents nearest to a task's texts, written as a pretraining corpus."""
     from further_pt.data import selection
 
-    if "--help" in rest or "-h" in rest:
-        print(selection.HELP, end="")
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(selection.summary(selection.select(selection.parse(rest))))
     return 0
+
+
+def _select_help() -> str:
+    from further_pt.data import selection
+
+    return selection.HELP
+
+
+#: ``further-pt VERB --help``: what each verb takes (a callable: built when asked).
+HELP: dict[str, Any] = {
+    "recipes": "usage: further-pt recipes\n\nThe shipped recipes, one line each: name, kind "
+               "(pretrain, finetune, experiment) and what it is.\n",
+    "config": "usage: further-pt config [--check] recipe=NAME [key=value ...]\n\n"
+              "Print the recipe composed with its bases and overrides, each key with what it "
+              "does\n(its comment in the recipe), each key a run still needs marked; runs "
+              "nothing, exit 0.\n--check: make every check the run makes, files included "
+              "(exit 2 on the first problem).\n",
+    "prepare": "usage: further-pt prepare recipe=NAME [key=value ...]\n\nTokenise a "
+               "pretraining recipe's corpus into data.cache_dir ahead of the GPU job (no "
+               "weights,\nno GPU): the run with the same data.*, objective.nsp and tokenizer "
+               "settings reuses it.\n",
+    "pretrain": lambda: pretrain.usage() + "\n" + SWEEP_HELP,
+    "finetune": lambda: finetune.usage() + "\n" + SWEEP_HELP,
+    "predict": "usage: further-pt predict model=DIR input=FILE output=FILE [batch_size=64]\n\n"
+               "Predictions of a fine-tuned further_pt model (its final/ or best/ folder) on a "
+               "file of texts\n(.jsonl/.csv/.parquet, the training file's text columns), as "
+               "JSON lines.\n",
+    "experiment": "usage: further-pt experiment recipe=NAME task.train_file=... "
+                  "task.eval_file=... [corpora...] [key=value ...]\n\nRun the study grid "
+                  "(BERT-FiT, -ITPT-, -IDPT-, -CDPT-FiT, ... per seed and training size)\n"
+                  "and write report.md, report.csv, paired.csv and the plots into output_dir; "
+                  "a rerun resumes.\n`further-pt config recipe=paper_grid` shows every key.\n",
+    "plot-schedule": "usage: further-pt plot-schedule recipe=NAME [steps=1000] [layers=12] "
+                     "[output=FILE.png]\n\nThe learning rate of each layer group over a "
+                     "fine-tuning recipe's steps.\n",
+    "plot-run": "usage: further-pt plot-run OUTPUT_DIR [output=FILE.png]\n\nLoss, learning "
+                "rate, held-out and dev metrics of a run, from its logs/metrics.jsonl.\n",
+    "select": _select_help,
+    "doctor": "usage: further-pt doctor [work=DIR]\n\nDoes further_pt run right on this "
+              "machine, and how fast: versions, devices, a short\ntraining run with its "
+              "tokens/s and MFU, parity and resume checks (GPU: about 5 minutes).\n",
+}
+SWEEP_HELP = ("A sweep: further-pt {pretrain,finetune} -m [--launcher L] recipe=NAME key=a,b "
+              "...\nruns one run per grid point, each in output_dir/key=value, summarised in "
+              "output_dir/sweep.md.\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,12 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
+        if command in HELP and launch.wants_help(rest):
+            print(HELP[command]() if callable(HELP[command]) else HELP[command], end="")
+            return 0
         if command == "recipes":
             for name in recipes.available_recipes():
-                print(f"{name:14s} {recipe_kind(name):10s} {_describe(name)}")
+                print(f"{name:14s} {recipes.kind_of(name):10s} {recipes.describe(name)}")
             return 0
         if command == "config":
-            return _config(rest)
+            return show_config.command(rest)
         if command == "predict":
             return _predict(rest)
         if command == "plot-schedule":

@@ -395,3 +395,19 @@ def reference_markdown(recipes_dir: Path) -> str:
         base = _base_of(keys)
         lines += _section(rel, f"recipes/{rel}.yaml", text, keys, base)
     return "\n".join(lines)
+
+
+def comments(recipe: Path) -> dict[str, str]:
+    """Each key's comment as ``further-pt config`` shows it: the recipe's own comment where
+    it sets the key (why it differs), else its base's (what the key does)."""
+    keys = read_keys(recipe.read_text(), str(recipe))
+    found: dict[str, str] = {}
+    base = _base_of(keys)
+    if base is not None:
+        root = recipe.parent
+        while not (root / f"{base}.yaml").is_file() and root != root.parent:
+            root = root.parent
+        if (root / f"{base}.yaml").is_file():
+            found.update(comments(root / f"{base}.yaml"))
+    found.update({k.path: " ".join(k.comment.split()) for k in keys if k.comment})
+    return found

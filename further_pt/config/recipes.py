@@ -47,6 +47,24 @@ def recipes_dir() -> Path:
     raise ConfigError(f"no recipes folder found next to {here}; reinstall further_pt")
 
 
+#: The top-level key that marks a composed recipe as each kind of job.
+KIND_MARKERS = {"pretrain": "objective", "finetune": "head", "experiment": "variants"}
+
+
+def kind_of(recipe: str) -> str:
+    """The kind of a recipe (``pretrain``, ``finetune``, ``experiment``), from the keys of its
+    composed form (bases included); ``unknown`` for none of them."""
+    keys = set(compose(recipe, []))
+    return next((kind for kind, marker in KIND_MARKERS.items() if marker in keys), "unknown")
+
+
+def describe(name: str) -> str:
+    """A shipped recipe's first comment line: what it is."""
+    lines = (recipes_dir() / f"{name}.yaml").read_text().splitlines()
+    first = next((line for line in lines if line.startswith("#")), "#")
+    return first.lstrip("# ").strip()
+
+
 def available_recipes() -> list[str]:
     """Shipped recipe names (``base/*`` are building blocks, not recipes)."""
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))

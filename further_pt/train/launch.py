@@ -26,6 +26,7 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
+from further_pt.config import recipes
 from further_pt.errors import FurtherPTError, SetupError, TrainingFailed
 from further_pt.train import hardware
 
@@ -201,15 +202,37 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     return accelerator
 
 
+def job_usage(doc: str, kind: str) -> str:
+    """An entry script's ``--help``: its docstring, then the shipped recipes of its kind."""
+    shipped = [n for n in recipes.available_recipes() if recipes.kind_of(n) == kind]
+    lines = [doc.strip(), "", f"usage: further-pt {kind} recipe=NAME [key=value ...]",
+             f"   or: accelerate launch further_pt/{kind}.py recipe=NAME [key=value ...]  "
+             "(a checkout)",
+             f"   or: accelerate launch -m further_pt.{kind} recipe=NAME [key=value ...]  "
+             "(an install)", "", "Shipped recipes:"]
+    lines += [f"  {n:14s} {recipes.describe(n)}" for n in shipped]
+    lines += ["", "Every key with its value and what it does: further-pt config recipe=NAME",
+              "Check a run without starting it: further-pt config --check recipe=NAME ..."]
+    return "\n".join(lines) + "\n"
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
 def entry_point(argv: list[str], load: Callable[[list[str]], Any], run: Callable[[Any], Any],
-                report: Callable[[Any, Any], str]) -> int:
+                report: Callable[[Any, Any], str], usage: Callable[[], str] | None = None) -> int:
     """The shell contract of every entry point: config -> run -> report, errors as exit codes.
 
     A :class:`~further_pt.errors.FurtherPTError` prints one line and exits with
     its code (2: invalid input, found before any work; 3: training failed, the
     last checkpoint is kept; 75: preempted after a checkpoint, run again);
-    success prints ``report(cfg, result)`` and exits 0.
+    success prints ``report(cfg, result)`` and exits 0. ``-h``/``--help`` prints ``usage()``
+    and exits 0.
     """
+    if usage is not None and wants_help(argv):
+        print(usage(), end="")
+        return 0
     try:
         cfg = load(argv)
         result = run(cfg)
