@@ -23,6 +23,7 @@ def pretrain_overrides(output_dir: Path, corpus: Path, model_dir: Path, cache: P
         "train.warmup_steps": 2, "train.log_every_steps": 2, "checkpoint.every_steps": 3,
         "checkpoint.keep_last": 2, "model.attn_implementation": "eager",
         "objective.nsp": "true",  # the tiny model has both heads: test both objectives
+        "data.eval_fraction": "null",  # the demo holds 5% out; tests/test_heldout.py sets it
     }
     args.update(extra)
     return ["recipe=demo", *(f"{k}={v}" for k, v in args.items())]

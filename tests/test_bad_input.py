@@ -197,6 +197,27 @@ CASES: list[Case] = [
      "config key 'train.batch_size'"),
     ("sequence longer than positions", P, lambda e: e.pretrain(**{"data.max_seq_length": 128}),
      "data.max_seq_length=128 exceeds the model's 64 position embeddings"),
+    ("eval_fraction 0", P, lambda e: e.pretrain(**{"data.eval_fraction": 0}),
+     "'data.eval_fraction': must be between 0 and 1 (a share of the documents), got 0"),
+    ("eval_fraction 1", P, lambda e: e.pretrain(**{"data.eval_fraction": 1}),
+     "'data.eval_fraction': must be between 0 and 1 (a share of the documents), got 1"),
+    ("eval_files and eval_fraction", P, lambda e: e.pretrain(**{
+        "data.eval_fraction": 0.1, "data.eval_files": f"[{e.corpus}]"}),
+     "give data.eval_files (held-out documents) or data.eval_fraction"),
+    ("eval_files matching nothing", P, lambda e: e.pretrain(**{
+        "data.eval_files": f"[{e.tmp}/held/*.txt]"}), "'data.eval_files[0]': no file matches"),
+    ("eval every 0 steps", P, lambda e: e.pretrain(**{"data.eval_fraction": 0.1,
+                                                       "eval.every_steps": 0}),
+     "'eval.every_steps': must be >= 1, got 0"),
+    ("keep_best_by without a held-out set", P, lambda e: e.pretrain(**{
+        "checkpoint.keep_best_by": "eval_loss"}),
+     "'checkpoint.keep_best_by': needs a held-out set: set data.eval_files or data.eval_fraction"),
+    ("keep_best_by an unknown metric", P, lambda e: e.pretrain(**{
+        "data.eval_fraction": 0.1, "checkpoint.keep_best_by": "eval_accuracy"}),
+     "'checkpoint.keep_best_by': must be null or eval_loss; got 'eval_accuracy'"),
+    ("eval_fraction leaving nothing to train on", P, lambda e: e.pretrain(**{
+        "data.train_files": "[{}]".format(e.file("two.txt", "one document\nand another\n")),
+        "data.eval_fraction": 0.9}), "too few to hold some out and train on the rest"),
     ("masked_lm_prob 0", P, lambda e: e.pretrain(**{"objective.masked_lm_prob": 0}),
      "'objective.masked_lm_prob': must be in (0, 1)"),
     ("masked_lm_prob above 1", P, lambda e: e.pretrain(**{"objective.masked_lm_prob": 1.5}),

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from further_pt.config.keys import read_keys, reference_markdown, undocumented
+from further_pt.config.keys import read_keys, undocumented
+from further_pt.config.reference import reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

@@ -193,3 +193,18 @@ def test_subsample_and_skipped_rows_are_logged_and_counted(tmp_path, tiny_model_
     assert prep["head_tokens"] == 8  # auto: a quarter of the 30-token budget, rounded
     assert refused.returncode == 2
     assert "train.jsonl:61: column 'label'" in refused.stderr
+
+
+def test_the_final_folder_carries_a_model_card(fit_run, tiny_model_dir) -> None:
+    """final/README.md: base model, pipeline tag, the task and its dev metrics, as metrics.json."""
+    from huggingface_hub import ModelCard
+
+    out, _, _ = fit_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for folder in (out / "final", out / "best"):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.base_model == str(tiny_model_dir)
+        assert card.data.pipeline_tag == "text-classification"
+        found = {r.metric_type: r.metric_value for r in card.data.eval_results}
+        assert found == {k: metrics[f"eval_{k}"] for k in ("accuracy", "macro_f1", "error_rate")}
+        assert "160 training examples, 2 labels (fruit, motor)" in card.text

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from further_pt.config.keys import reference_markdown
+from further_pt.config.reference import reference_markdown
 
 PAGE = "reference/recipe-keys.md"
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

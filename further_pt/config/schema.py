@@ -59,6 +59,17 @@ class PretrainDataSchema:
     preprocessing_workers: Any = MISSING  # "auto" or an int >= 1
     dataloader_workers: int = MISSING
     group_by_length: bool = MISSING
+    eval_files: list[str] | None = MISSING  # held-out documents; or eval_fraction; null: none
+    eval_fraction: float | None = MISSING  # a seeded share of train_files' documents
+
+
+@dataclass
+class PretrainEvalSchema:
+    """Held-out MLM loss and perplexity during pretraining."""
+
+    every_steps: int = MISSING
+    batch_size: int = MISSING
+    max_sequences: int = MISSING
 
 
 @dataclass
@@ -120,6 +131,11 @@ class CheckpointSchema:
 
 
 @dataclass
+class PretrainCheckpointSchema(CheckpointSchema):
+    keep_best_by: str | None = MISSING  # null | eval_loss
+
+
+@dataclass
 class PretrainSchema:
     output_dir: str = MISSING
     overwrite_output_dir: bool = MISSING
@@ -128,7 +144,8 @@ class PretrainSchema:
     data: PretrainDataSchema = field(default_factory=PretrainDataSchema)
     objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
     train: PretrainTrainSchema = field(default_factory=PretrainTrainSchema)
-    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    eval: PretrainEvalSchema = field(default_factory=PretrainEvalSchema)
+    checkpoint: PretrainCheckpointSchema = field(default_factory=PretrainCheckpointSchema)
 
 
 @dataclass

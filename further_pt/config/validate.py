@@ -96,6 +96,7 @@ def validate_pretrain(cfg: DictConfig, *, check_files: bool = True) -> None:
         isinstance(d.preprocessing_workers, int) and d.preprocessing_workers >= 1),
         "data.preprocessing_workers", f"must be 'auto' or >= 1, got {d.preprocessing_workers!r}")
     _require(d.dataloader_workers >= 0, "data.dataloader_workers", "must be >= 0")
+    _validate_held_out(cfg, check_files=check_files)
     _require(0.0 < o.masked_lm_prob < 1.0, "objective.masked_lm_prob",
              f"must be in (0, 1), got {o.masked_lm_prob}")
     _require(o.max_predictions_per_seq >= 1, "objective.max_predictions_per_seq",
@@ -131,6 +132,32 @@ def validate_pretrain(cfg: DictConfig, *, check_files: bool = True) -> None:
                 t.warmup_steps, t.max_steps, fitted, t.short_run_warmup_ratio)
         t.warmup_steps = fitted
     _validate_loop(cfg, check_files=check_files)
+
+
+def _validate_held_out(cfg: DictConfig, *, check_files: bool) -> None:
+    """data.eval_files / data.eval_fraction, eval.*, checkpoint.keep_best_by."""
+    d, e = cfg.data, cfg.eval
+    if d.eval_files is not None and d.eval_fraction is not None:
+        raise ConfigError("config key 'data.eval_fraction': give data.eval_files (held-out "
+                          "documents) or data.eval_fraction (a share of train_files held out), "
+                          "not both")
+    if d.eval_files is not None:
+        _require(len(d.eval_files) > 0, "data.eval_files",
+                 "is empty: give held-out files, or null for no held-out evaluation")
+        for i, pattern in enumerate(d.eval_files if check_files else ()):
+            if not expand_paths(pattern):
+                raise ConfigError(f"config key 'data.eval_files[{i}]': no file matches {pattern!r}")
+    if d.eval_fraction is not None:
+        _require(0.0 < d.eval_fraction < 1.0, "data.eval_fraction",
+                 f"must be between 0 and 1 (a share of the documents), got {d.eval_fraction}")
+    _require(e.every_steps >= 1, "eval.every_steps", f"must be >= 1, got {e.every_steps}")
+    _require(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    _require(e.max_sequences >= 1, "eval.max_sequences", f"must be >= 1, got {e.max_sequences}")
+    _require(cfg.checkpoint.keep_best_by in (None, "eval_loss"), "checkpoint.keep_best_by",
+             f"must be null or eval_loss; got {cfg.checkpoint.keep_best_by!r}")
+    _require(cfg.checkpoint.keep_best_by is None or d.eval_files is not None
+             or d.eval_fraction is not None, "checkpoint.keep_best_by",
+             "needs a held-out set: set data.eval_files or data.eval_fraction")
 
 
 def fit_warmup(warmup_steps: int, max_steps: int, short_run_ratio: float) -> int:

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from omegaconf import DictConfig
 
-from further_pt.data import corpus, instances, vocab
+from further_pt.data import corpus, instances, masking, order, vocab
 from further_pt.data.tokenizer import load_tokenizer, train_wordpiece
-from further_pt.errors import ConfigError
+from further_pt.errors import ConfigError, DataError
 from further_pt.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,80 @@ def training_set(cfg: DictConfig, docs: list[datasets.Dataset], tokenizer: Any
                                  "the pretraining instances"):
         per_source = [source_instances(cfg, doc, tokenizer) for doc in docs]
     return corpus.mix(per_source, cfg.data.source_weights, cfg.seed)
+
+
+# The seed part of the held-out masks: no training step has it, so they never repeat a
+# training step's masks, and they are the same at every evaluation and in every process.
+EVAL_SEED_PART = -1
+
+
+def held_out_documents(cfg: DictConfig, docs: list[datasets.Dataset]
+                       ) -> tuple[list[datasets.Dataset], list[datasets.Dataset] | None]:
+    """(the documents to train on, the held-out documents or None).
+
+    ``data.eval_files`` are read as sources of their own; ``data.eval_fraction`` takes a
+    seeded share of each source's documents out of training: whole documents, so no block of
+    a held-out document is ever trained on.
+    """
+    d = cfg.data
+    cache = corpus.default_cache_dir(d.cache_dir)
+    if d.eval_files is not None:
+        with corpus.preparation_lock(cache, "the held-out documents"):
+            held = [source_documents(cfg, s) for s in corpus.resolve_sources(d.eval_files)]
+        return docs, held
+    if d.eval_fraction is None:
+        return docs, None
+    train, held = [], []
+    with corpus.preparation_lock(cache, "the held-out split"):
+        for i, doc in enumerate(docs, start=1):
+            n_held = max(1, round(len(doc) * d.eval_fraction))
+            if n_held >= len(doc):
+                raise DataError(f"data.eval_fraction={d.eval_fraction}: source {i} of "
+                                f"data.train_files has {len(doc)} document(s), too few to hold "
+                                "some out and train on the rest")
+            split = doc.train_test_split(test_size=n_held, seed=cfg.seed, shuffle=True)
+            train.append(split["train"])
+            held.append(split["test"])
+    return train, held
+
+
+def evaluation_rows(cfg: DictConfig, held: list[datasets.Dataset], tokenizer: Any
+                    ) -> list[dict[str, torch.Tensor]]:
+    """The held-out instances, masked once: every evaluation scores the same positions.
+
+    Built like the training instances (NSP pairs or packed blocks), at most
+    ``eval.max_sequences`` of them (a seeded choice), each masked as training masks
+    (``objective.*``) from a seed of its own index, so the masks do not depend on batches,
+    processes or the step: two evaluations of one model give the same loss.
+    """
+    with corpus.preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir),
+                                 "the held-out instances"):
+        built = [source_instances(cfg, doc, tokenizer) for doc in held]
+    ds = built[0] if len(built) == 1 else datasets.concatenate_datasets(built)
+    if len(ds) == 0:
+        raise DataError("the held-out documents (data.eval_files / data.eval_fraction) give no "
+                        "sequence: they are empty or shorter than a sequence's special tokens")
+    chosen = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))
+    chosen = chosen[:cfg.eval.max_sequences].sort().values.tolist()
+    o = cfg.objective
+    special = masking.special_ids_tensor(tokenizer)
+    continuation = (masking.word_continuation_table(tokenizer)
+                    if o.masking in ("whole_word", "span") else None)
+    rows = []
+    for k, index in enumerate(chosen):
+        one = instances.collate([ds[index]], pad_id=tokenizer.pad_token_id)
+        gen = torch.Generator().manual_seed(order.step_seed(cfg.seed, EVAL_SEED_PART, k))
+        masked, labels = masking.mask_tokens(
+            one["input_ids"], one["attention_mask"], special_ids=special,
+            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+            masked_lm_prob=o.masked_lm_prob, max_predictions=o.max_predictions_per_seq,
+            continuation=continuation, strategy=o.masking, span_p=o.span_geometric_p,
+            span_max_length=o.span_max_words, generator=gen)
+        rows.append({**{key: value[0] for key, value in one.items()},
+                     "input_ids": masked[0], "labels": labels[0]})
+    logger.info("held-out evaluation: %d sequences of %d held-out, %d masked tokens", len(rows),
+                len(ds), sum(int((r["labels"] != -100).sum()) for r in rows))
+    return rows
 
 
 def scratch_tokenizer(cfg: DictConfig, docs: list[datasets.Dataset], output_dir: Path) -> Any:
@@ -165,6 +240,7 @@ def prepare(cfg: DictConfig, sources: list[corpus.Source], tokenizer: Any
         start = time.perf_counter()
         docs.append(source_documents(cfg, source))
         read.append(time.perf_counter() - start)
+    docs, _ = held_out_documents(cfg, docs)  # the run trains on what eval_fraction leaves
     done = []
     for source, doc, seconds in zip(sources, docs, read, strict=True):
         start = time.perf_counter()

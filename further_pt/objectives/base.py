@@ -16,6 +16,7 @@ and a metric; the Trainer (:mod:`further_pt.train.trainer`) owns what every run 
                                          # and .tolist() then never wait on the GPU)
     loss(module, batch, stream=, step=, micro=) -> (loss, {name: (numerator, denominator)})
     before_optimizer_step(step) -> None  # e.g. gradual unfreezing drops frozen gradients
+    eval_every_steps: int | None         # optional: evaluate every N steps (None: epoch ends)
     evaluate(model, shard) -> dict       # at epoch ends, unless metric is None: every process
                                          # its EvalShard of the dev set, results gathered; under
                                          # FSDP the main process alone (shard None), on the
@@ -23,6 +24,7 @@ and a metric; the Trainer (:mod:`further_pt.train.trainer`) owns what every run 
     better(new, best) -> bool            # compares evaluate()[objective.metric]
     export(model, folder) -> None        # a Hugging Face folder that from_pretrained loads
     summary() -> dict                    # extra keys for metrics.json
+    card() -> dict                       # what the model card says (train/model_card.py)
     flops_per_token() -> float | None    # training FLOPs per token, for the logged MFU
 
 An objective is built in two steps, because every check must come before any work: its
@@ -85,6 +87,7 @@ class Objective(Protocol):
     def better(self, new: float, best: float | None) -> bool: ...
     def export(self, model: Any, folder: Path) -> None: ...
     def summary(self) -> dict[str, Any]: ...
+    def card(self) -> dict[str, Any]: ...
     def flops_per_token(self) -> float | None: ...
 
 

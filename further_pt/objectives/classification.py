@@ -306,6 +306,29 @@ class Classification:
                 results[f"eval_{key}"] = sum(values) / len(values)
         return results
 
+    def card(self) -> dict[str, Any]:
+        """What the model card says of this objective (see :mod:`further_pt.train.model_card`)."""
+        cfg, t = self.cfg, self.cfg.train
+        data = [f"- task `{task.name}`: {len(task.train):,} training examples, "
+                f"{len(task.labels)} labels ({', '.join(task.labels[:12])}"
+                f"{', ...' if len(task.labels) > 12 else ''})" for task in self.tasks]
+        dev = [task.eval_file for task in self.tasks if task.eval_file]
+        prefix = "" if len(self.tasks) == 1 else "mean over tasks: "
+        return {
+            "pipeline_tag": "text-classification",
+            "tags": ["text-classification"],
+            "title": f"`{cfg.model.name_or_path}` fine-tuned for text classification.",
+            "summary": [f"- head: {cfg.head.pooling} pooling, layers {list(cfg.head.layers)}; "
+                        f"truncation {cfg.data.truncation} at {cfg.data.max_seq_length} tokens",
+                        f"- {t.epochs} epochs, layer-wise lr decay {t.layer_decay:g}, "
+                        f"unfreezing {t.unfreeze}"],
+            "data": data,
+            "eval_dataset": ", ".join(dev) or "no dev set",
+            "metrics": {f"eval_{k}": (k, prefix + k.replace("_", " "))
+                        for k in ("accuracy", "macro_f1", "error_rate")},
+            "schedule": f", {t.schedule} schedule",
+        }
+
     def better(self, new: float, best: float | None) -> bool:
         return evaluation.is_better(self.metric, new, best)
 

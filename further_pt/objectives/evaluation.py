@@ -9,6 +9,7 @@ seconds.
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,52 @@ def mlm_loss(model_dir: str | Path, texts: list[str], *, max_seq_length: int, se
                                                    reduction="sum").item()
         count += int(chosen.sum())
     return total / max(count, 1)
+
+
+def pad_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack masked rows into a batch: ids padded with ``pad_id``, labels with -100."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    batch = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0),
+                      ("labels", -100)):
+        out = torch.full((len(rows), longest), fill, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r[key])] = r[key]
+        batch[key] = out
+    if "next_sentence_label" in rows[0]:
+        batch["next_sentence_label"] = torch.stack([r["next_sentence_label"] for r in rows])
+    return batch
+
+
+def heldout_loss(module: Any, rows: list[dict[str, torch.Tensor]], *, batch_size: int,
+                 pad_id: int, shard: Any = None) -> dict[str, float]:
+    """Held-out MLM loss (mean cross-entropy over the masked positions) and perplexity.
+
+    ``module`` is a pretraining module (:class:`~further_pt.objectives.mlm_loss.
+    PretrainingObjective`), ``rows`` the held-out sequences with their fixed masks
+    (:func:`further_pt.data.prepare.evaluation_rows`). With a ``shard`` each process scores its
+    slice and the (sum, count) pairs are gathered, so the figure is that of the whole set,
+    whatever the number of processes. In eval mode (no dropout) and fp32; the training mode
+    is restored after.
+    """
+    mine = rows if shard is None else [rows[i] for i in shard.span(len(rows))]
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            batch = {k: v.to(device) for k, v in pad_rows(mine[i:i + batch_size], pad_id).items()}
+            losses = module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                            batch["labels"], batch.get("next_sentence_label"))
+            n = (batch["labels"] != -100).sum()
+            total += losses.mlm.double() * n
+            count += n
+    module.train(was_training)
+    pairs = [(float(total), int(count))]  # one read of the device per evaluation
+    if shard is not None:
+        pairs = shard.gather(pairs)
+    loss_sum, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    loss = loss_sum / max(tokens, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(loss), "eval_masked_tokens": tokens}

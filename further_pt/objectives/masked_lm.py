@@ -30,7 +30,7 @@ from further_pt.data import corpus, instances, masking, prepare, tokenizer, voca
 from further_pt.data.order import step_seed
 from further_pt.errors import ConfigError
 from further_pt.files import atomic_write_text
-from further_pt.objectives import encoder, layerwise, schedules
+from further_pt.objectives import encoder, evaluation, layerwise, schedules
 from further_pt.objectives.base import Run, Stream
 from further_pt.objectives.mlm_loss import PretrainingObjective
 
@@ -42,6 +42,7 @@ RESUMABLE_KEYS = (
     "checkpoint.every_steps", "checkpoint.keep_last", "data.dataloader_workers",
     "data.preprocessing_workers", "data.cache_dir", "train.trackers",
     "train.stop_check_every_steps", "train.collective_timeout_s", "train.compile",
+    "eval.every_steps", "eval.batch_size",
 )
 
 
@@ -49,7 +50,6 @@ class MaskedLM:
     """The MLM (+ NSP) objective. ``MaskedLM(cfg, resume_from)`` checks; ``build`` loads."""
 
     name = "pretrain"
-    metric = None  # no evaluation during pretraining
     find_unused_parameters = False  # a head warm-up under DDP computes (then drops) all grads
 
     def __init__(self, cfg: DictConfig, resume_from: Path | None) -> None:
@@ -66,6 +66,11 @@ class MaskedLM:
             self.model_config = None  # built once the tokenizer is trained
         self.tokenizer: Any = None
         self.new_words: list[Any] | None = None
+        held_out = cfg.data.eval_files is not None or cfg.data.eval_fraction is not None
+        # The held-out MLM loss, every eval.every_steps (None: no held-out set, no evaluation)
+        self.metric = "loss" if held_out else None
+        self.eval_every_steps = cfg.eval.every_steps if held_out else None
+        self.eval_rows: list[dict[str, torch.Tensor]] = []
         if self.model_config is not None:
             encoder.pretraining_class(self.model_config, cfg.objective.nsp)
             self.tokenizer = self._given_tokenizer()
@@ -92,6 +97,7 @@ class MaskedLM:
         self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
         self.seed, self.rank = cfg.seed, trainer.rank
         docs = prepare.read_corpus(cfg, self.sources)
+        docs, held = prepare.held_out_documents(cfg, docs)
         trainer.claim()  # the input is readable: only now does the run write its output dir
         base_tokenizer = self.tokenizer
         if self.tokenizer is None:
@@ -103,6 +109,12 @@ class MaskedLM:
                 cfg, docs, self.tokenizer, trainer.output_dir)
         tok = self.tokenizer
         train_set = prepare.training_set(cfg, docs, tok)
+        self.corpora = [{"source": src.spec, "documents": len(doc), "fingerprint": doc._fingerprint}
+                        for src, doc in zip(self.sources, docs, strict=True)]
+        self.sequences = len(train_set)
+        self.tokens = int(instances.lengths(train_set).sum()) if len(train_set) else 0
+        if held is not None:
+            self.eval_rows = prepare.evaluation_rows(cfg, held, tok)
         on_gpu = acc.device.type == "cuda"
         self.streams = [Stream(
             "corpus", train_set,
@@ -237,17 +249,53 @@ class MaskedLM:
             for p in self.encoder_params:
                 p.grad = None
 
-    def evaluate(self, model_: Any, shard: Any) -> dict[str, Any]:
-        return {}
+    def evaluate(self, module: Any, shard: Any) -> dict[str, Any]:
+        """The held-out MLM loss and perplexity (the same masked positions every time)."""
+        return evaluation.heldout_loss(module, self.eval_rows, batch_size=self.cfg.eval.batch_size,
+                                       pad_id=self.tokenizer.pad_token_id, shard=shard)
 
     def better(self, new: float, best: float | None) -> bool:
-        return False
+        """Lower held-out loss, when the recipe keeps a best model (checkpoint.keep_best_by)."""
+        if self.cfg.checkpoint.keep_best_by != "eval_loss":
+            return False
+        return best is None or new < best
 
     def export(self, module: Any, folder: Path) -> None:
         encoder.save_folder(module.model, self.tokenizer, folder)
 
+    def card(self) -> dict[str, Any]:
+        """What the model card says of this objective (see :mod:`further_pt.train.model_card`)."""
+        cfg, o, d = self.cfg, self.cfg.objective, self.cfg.data
+        base = cfg.model.name_or_path or "a BERT built from a config (model.from_scratch)"
+        held = ("no held-out set" if not self.metric else
+                f"the held-out documents data.eval_files ({', '.join(d.eval_files)})"
+                if d.eval_files is not None else
+                f"held-out documents: a seeded {d.eval_fraction:g} of the corpus documents, "
+                "never trained on")
+        data = [f"- `{c['source']}`: {c['documents']:,} documents (datasets fingerprint "
+                f"`{c['fingerprint']}`)" for c in self.corpora]
+        data.append(f"- {self.sequences:,} training sequences of up to {d.max_seq_length} "
+                    f"tokens, {self.tokens:,} tokens in all"
+                    + (f"; sources mixed by weight {list(d.source_weights)}"
+                       if d.source_weights is not None else ""))
+        if self.metric:
+            data.append(f"- evaluation: {len(self.eval_rows):,} sequences of {held}")
+        return {
+            "pipeline_tag": "fill-mask",
+            "tags": ["further-pretraining", "masked-lm"],
+            "title": f"`{base}` further pretrained on the corpora below (masked LM"
+                     + (" + next-sentence prediction" if o.nsp else "") + ").",
+            "summary": [f"- masking: {o.masking}, masked_lm_prob {o.masked_lm_prob:g}, at most "
+                        f"{o.max_predictions_per_seq} predictions per sequence"],
+            "data": data,
+            "eval_dataset": held,
+            "metrics": {"eval_loss": ("loss", "held-out MLM loss"),
+                        "eval_perplexity": ("perplexity", "held-out perplexity")},
+            "schedule": f", {self.cfg.train.warmup_steps:,} warm-up steps then linear decay to 0",
+        }
+
     def summary(self) -> dict[str, Any]:
-        return {}
+        return {"eval_sequences": len(self.eval_rows)} if self.metric else {}
 
     def flops_per_token(self) -> float | None:
         """The encoder at the full sequence length, and the MLM head on the masked share.

@@ -107,7 +107,8 @@ def plot_schedule(group_lrs: dict[str, list[float]], title: str, path: Path) -> 
 
 
 def plot_run(run_dir: Path, path: Path) -> Path:
-    """Loss, learning rate and (fine-tuning) dev accuracy of a run, from logs/metrics.jsonl."""
+    """Loss (with the held-out loss of pretraining), learning rate and (fine-tuning) dev
+    accuracy of a run, from logs/metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,10 +122,16 @@ def plot_run(run_dir: Path, path: Path) -> Path:
     lr_key = next((k for k in ("train/lr", "lr/head") if any(k in x for x in log)), None)
     panels = keys + ([lr_key] if lr_key else [])
     fig, axes = plt.subplots(len(panels), 1, figsize=(6, 2.2 * len(panels)), sharex=True)
+    held_out = [(x["step"], x["eval_loss"]) for x in log if "eval_loss" in x]
+    beside = next((k for k in ("train/mlm_loss", "train/loss") if k in panels), None)
     for ax, key in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
         points = [(x["step"], x[key]) for x in log if key in x]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if
-                key.startswith("eval") else None)
+                key.startswith("eval") else None, label=key.split("/")[-1])
+        if key == beside and held_out:  # pretraining: the held-out MLM loss on the same axis
+            ax.plot([p[0] for p in held_out], [p[1] for p in held_out], marker="o",
+                    label="held-out (eval_loss)")
+            ax.legend(fontsize=7)
         ax.set_ylabel(key.split("/")[-1], fontsize=8)
     fig.suptitle(str(run_dir.name))
     fig.supxlabel("step")

@@ -28,7 +28,7 @@ from further_pt.errors import TrainingFailed
 from further_pt.files import atomic_write_text
 from further_pt.objectives.base import EvalShard, Objective
 from further_pt.objectives.encoder import st_modules, write_st_modules
-from further_pt.train import checkpoint
+from further_pt.train import checkpoint, model_card
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ class Exporter:
             self._st_files = st_modules(self.base_model)
         write_st_modules(self._st_files, folder)
 
+    def card(self, objective: Objective, folder: Path, state: dict[str, Any], step: int,
+             results: dict[str, Any]) -> None:
+        """The folder's README.md: a model card with these results."""
+        model_card.write(folder, objective.card(), {
+            "config": self.resolved, "step": step, "tokens": state["tokens"],
+            "global_batch": state["global_batch"],
+            "precision": str(self.accelerator.mixed_precision)}, results)
+
     def evaluate(self, objective: Objective, whole: Any, log: Any, state: dict[str, Any],
                  step: int, epoch: int) -> None:
         """At an epoch end: evaluate (each process a shard, under FSDP the main one alone);
@@ -114,7 +122,7 @@ class Exporter:
         log.log(step, scalars)
         state["history"].append({"epoch": epoch, "step": step, **scalars})
         world = acc.num_processes
-        logger.info("epoch %d: %s (evaluated on %d process%s)", epoch, ", ".join(
+        logger.info("step %d (epoch %d): %s (evaluated on %d process%s)", step, epoch, ", ".join(
             f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2),
             1 if self.sharded else world, "" if self.sharded or world == 1 else "es")
         score = results[f"eval_{objective.metric}"]
@@ -124,6 +132,7 @@ class Exporter:
             def save_best(folder: Path) -> None:
                 self.folder(objective, whole, folder)
                 (folder / "eval_results.json").write_text(json.dumps(results, indent=1))
+                self.card(objective, folder, state, step, results)
 
             checkpoint.save_model_folder(self.output_dir / "best", save_best)
 
@@ -152,7 +161,15 @@ class Exporter:
                     final, lambda f: shutil.copytree(best, f, dirs_exist_ok=True))
             else:
                 final_from = f"last step ({step})"
-                checkpoint.save_model_folder(final, partial(self.folder, objective, whole))
+                if state["history"]:  # evaluated, no best model kept: the last evaluation
+                    metrics.update({k: v for k, v in state["history"][-1].items()
+                                    if k.startswith("eval_")})
+
+                def save_final(folder: Path) -> None:
+                    self.folder(objective, whole, folder)
+                    self.card(objective, folder, state, step, metrics)
+
+                checkpoint.save_model_folder(final, save_final)
             metrics.update({"final_model": final_from, "best_epoch": state["best_epoch"],
                             "steps": step, "tokens": state["tokens"],
                             "nonfinite_steps": state["nonfinite_steps"],

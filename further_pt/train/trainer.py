@@ -181,6 +181,8 @@ class Trainer:
         steps_per_epoch = batches.steps_per_epoch
         total_steps = objective.total_steps(steps_per_epoch)
         every = cfg.checkpoint.every_steps or steps_per_epoch
+        # evaluations: at epoch ends, or every eval_every_steps (pretraining's held-out loss)
+        eval_every = getattr(objective, "eval_every_steps", None) or steps_per_epoch
 
         # Fused AdamW (one kernel over all tensors): on a CPU it takes MiniLM's update from
         # ~115 ms to ~15 ms a step; torch's default there is the per-tensor loop.
@@ -257,7 +259,7 @@ class Trainer:
                 faults.point("step", step, self.rank)
                 stop = watch.requested(acc, step)
                 evaluate = (objective.metric is not None
-                            and (step % steps_per_epoch == 0 or step == total_steps))
+                            and (step % eval_every == 0 or step == total_steps))
                 save = step % every == 0 or step == total_steps or stop
                 logs = step % t.log_every_steps == 0 or step == total_steps
                 if logs or save:  # the loop reads the device here anyway
