@@ -218,6 +218,10 @@ CASES: list[Case] = [
     ("eval_fraction leaving nothing to train on", P, lambda e: e.pretrain(**{
         "data.train_files": "[{}]".format(e.file("two.txt", "one document\nand another\n")),
         "data.eval_fraction": 0.9}), "too few to hold some out and train on the rest"),
+    ("hub id with a space", P, lambda e: e.pretrain(**{"hub.model_id": "'me/my model'"}),
+     "'hub.model_id': 'me/my model' is not a Hub repository id (user/name)"),
+    ("hub strategy unknown", F, lambda e: e.finetune(**{"hub.strategy": "hourly"}),
+     "'hub.strategy': must be end or every_checkpoint; got 'hourly'"),
     ("masked_lm_prob 0", P, lambda e: e.pretrain(**{"objective.masked_lm_prob": 0}),
      "'objective.masked_lm_prob': must be in (0, 1)"),
     ("masked_lm_prob above 1", P, lambda e: e.pretrain(**{"objective.masked_lm_prob": 1.5}),

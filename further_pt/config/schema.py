@@ -131,6 +131,16 @@ class CheckpointSchema:
 
 
 @dataclass
+class HubSchema:
+    """Publishing to the Hugging Face Hub."""
+
+    model_id: str | None = MISSING  # null: no upload
+    private: bool = MISSING
+    revision: str | None = MISSING  # a branch; null: main
+    strategy: str = MISSING  # end | every_checkpoint
+
+
+@dataclass
 class PretrainCheckpointSchema(CheckpointSchema):
     keep_best_by: str | None = MISSING  # null | eval_loss
 
@@ -146,6 +156,7 @@ class PretrainSchema:
     train: PretrainTrainSchema = field(default_factory=PretrainTrainSchema)
     eval: PretrainEvalSchema = field(default_factory=PretrainEvalSchema)
     checkpoint: PretrainCheckpointSchema = field(default_factory=PretrainCheckpointSchema)
+    hub: HubSchema = field(default_factory=HubSchema)
 
 
 @dataclass
@@ -219,6 +230,7 @@ class FinetuneSchema:
     train: FinetuneTrainSchema = field(default_factory=FinetuneTrainSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    hub: HubSchema = field(default_factory=HubSchema)
 
 
 @dataclass

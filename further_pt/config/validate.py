@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from omegaconf import DictConfig, ListConfig
 
 from further_pt.errors import ConfigError
@@ -97,6 +98,7 @@ def validate_pretrain(cfg: DictConfig, *, check_files: bool = True) -> None:
         "data.preprocessing_workers", f"must be 'auto' or >= 1, got {d.preprocessing_workers!r}")
     _require(d.dataloader_workers >= 0, "data.dataloader_workers", "must be >= 0")
     _validate_held_out(cfg, check_files=check_files)
+    validate_hub(cfg)
     _require(0.0 < o.masked_lm_prob < 1.0, "objective.masked_lm_prob",
              f"must be in (0, 1), got {o.masked_lm_prob}")
     _require(o.max_predictions_per_seq >= 1, "objective.max_predictions_per_seq",
@@ -158,6 +160,19 @@ def _validate_held_out(cfg: DictConfig, *, check_files: bool) -> None:
     _require(cfg.checkpoint.keep_best_by is None or d.eval_files is not None
              or d.eval_fraction is not None, "checkpoint.keep_best_by",
              "needs a held-out set: set data.eval_files or data.eval_fraction")
+
+
+def validate_hub(cfg: DictConfig) -> None:
+    """hub.*: a repository id the Hub accepts, a known strategy (no network, no token here)."""
+    h = cfg.hub
+    if h.model_id is not None:
+        try:
+            validate_repo_id(h.model_id)
+        except HFValidationError as exc:
+            raise ConfigError(f"config key 'hub.model_id': {h.model_id!r} is not a Hub "
+                              f"repository id (user/name): {str(exc).splitlines()[0]}") from None
+    _require(h.strategy in ("end", "every_checkpoint"), "hub.strategy",
+             f"must be end or every_checkpoint; got {h.strategy!r}")
 
 
 def fit_warmup(warmup_steps: int, max_steps: int, short_run_ratio: float) -> int:
@@ -265,6 +280,7 @@ def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
     """
     m, d, h, t, e = cfg.model, cfg.data, cfg.head, cfg.train, cfg.eval
     _require(bool(cfg.output_dir), "output_dir", "must be a folder path")
+    validate_hub(cfg)
     _require(m.extend_vocab is None, "model.extend_vocab",
              "is for pretraining; fine-tuning uses the tokenizer saved with the model")
     _require(m.name_or_path is not None and m.from_scratch is None, "model.name_or_path",

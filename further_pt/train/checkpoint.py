@@ -100,6 +100,11 @@ def save_model_folder(folder: Path, write_model: Callable[[Path], None]) -> None
     os.replace(tmp, folder)
 
 
+def folder_of(root: Path, step: int) -> Path:
+    """The checkpoint folder of ``step``: ``root/step-NNNNNN``."""
+    return root / f"step-{step:06d}"
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -115,7 +120,7 @@ def save_checkpoint(
     ``optimizer_state`` is ``optimizer.state_dict()`` under data parallelism, or the full
     (gathered) optimizer state under FSDP (see the Trainer).
     """
-    final = root / f"step-{step:06d}"
+    final = folder_of(root, step)
 
     def write_all(tmp: Path) -> None:
         write_model(tmp)

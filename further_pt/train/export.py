@@ -28,7 +28,7 @@ from further_pt.errors import TrainingFailed
 from further_pt.files import atomic_write_text
 from further_pt.objectives.base import EvalShard, Objective
 from further_pt.objectives.encoder import st_modules, write_st_modules
-from further_pt.train import checkpoint, model_card
+from further_pt.train import checkpoint, hub, model_card
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ METRICS = "metrics.json"
 class Exporter:
     """The saves and gathers of one run in ``output_dir``, on every process."""
 
-    def __init__(self, accelerator: Any, output_dir: Path, *, sharded: bool,
-                 base_model: str | None, resolved: dict[str, Any]) -> None:
+    def __init__(self, accelerator: Any, output_dir: Path, *, sharded: bool, cfg: Any,
+                 resolved: dict[str, Any]) -> None:
         self.accelerator, self.output_dir, self.sharded = accelerator, output_dir, sharded
-        self.base_model, self.resolved = base_model, resolved
+        self.cfg, self.base_model, self.resolved = cfg, cfg.model.name_or_path, resolved
         self._full: Any = None
         self._st_files: dict[str, bytes] | None = None
 
@@ -176,5 +176,7 @@ class Exporter:
                             "history": state["history"], **objective.summary(),
                             "config": self.resolved})
             atomic_write_text(self.output_dir / METRICS, json.dumps(metrics, indent=1))
+            if hub.wanted(self.cfg):
+                hub.upload(self.cfg, final, f"further_pt: final model, {final_from}")
         self.accelerator.wait_for_everyone()
         return metrics

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from further_pt.data import order
 from further_pt.errors import Preempted
 from further_pt.objectives.base import Objective
-from further_pt.train import checkpoint, dropout, faults, launch, metrics_log, output_dir
+from further_pt.train import checkpoint, dropout, faults, hub, launch, metrics_log, output_dir
 from further_pt.train import step as step_
 from further_pt.train.batches import Batches
 from further_pt.train.export import METRICS, Exporter
@@ -60,6 +60,7 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir).expanduser().resolve()
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        hub.check_reachable(cfg)  # an upload that cannot happen fails now, not at the end
         output_dir.check_output_dir_path(self.output_dir)
         self.lock = output_dir.OutputDirLock(self.output_dir)
         if launch.launched_rank() == 0:
@@ -137,6 +138,8 @@ class Trainer:
                 root=self.ckpt_root)
         if self.resume_from is not None:
             checkpoint.check_same_engine(self.resume_from, self.sharded)
+        if self.is_main and hub.wanted(self.cfg):
+            hub.create(self.cfg)
 
     @property
     def is_main(self) -> bool:
@@ -199,8 +202,8 @@ class Trainer:
         if self.is_main:
             output_dir.check_writable(self.output_dir,
                                       launch.checkpoint_bytes(objective.module))
-        export = Exporter(acc, self.output_dir, sharded=self.sharded,
-                          base_model=cfg.model.name_or_path, resolved=self.resolved)
+        export = Exporter(acc, self.output_dir, sharded=self.sharded, cfg=cfg,
+                          resolved=self.resolved)
         export.keep_full_copy(objective.module, device)
         if t.compile:  # in place, before DDP wraps it: saved names and hooks stay the same
             objective.module.compile()
@@ -284,6 +287,9 @@ class Trainer:
                             write_model=partial(export.folder, objective, whole),
                             optimizer_state=optimizer_state, scheduler=scheduler,
                             state={**state, "step": step}, keep_last=cfg.checkpoint.keep_last)
+                        if hub.wanted(cfg) and cfg.hub.strategy == "every_checkpoint":
+                            hub.upload(cfg, checkpoint.folder_of(self.ckpt_root, step),
+                                       f"further_pt: checkpoint at step {step}")
                     acc.wait_for_everyone()
                     faults.point("after_checkpoint", step, self.rank)
                     if stop:
