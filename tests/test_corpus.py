@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -104,3 +105,32 @@ def test_a_pyarrow_crash_on_a_number_becomes_a_data_error(tmp_path: Path, monkey
     monkeypatch.setattr(datasets, "load_dataset", crash)
     with pytest.raises(DataError, match=r"t.jsonl.gz:3: column 'text' holds a float, not a text"):
         load_files("json", [str(path)], "data.train_files[0]", text_column="text")
+
+
+def test_a_dataset_mapping_is_read_through_load_dataset(tmp_path, tiny_model_dir) -> None:
+    """`{hf: NAME, config:, split:, revision:, data_files:, text_column:}` beside path strings:
+    a local json file through the same load_dataset call a Hub id takes (offline)."""
+    from further_pt import pretrain
+    from further_pt.data import corpus, prepare
+
+    rows = [{"body": f"document number {i} about engines and brakes", "id": i} for i in range(50)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = pretrain.load(["recipe=demo", "model.from_scratch=null",
+                         f"model.name_or_path={tiny_model_dir}", "data.max_documents=20",
+                         f"data.cache_dir={tmp_path / 'cache'}", "data.max_seq_length=64",
+                         f"data.train_files=[{{hf: json, data_files: [{path}], "
+                         "text_column: body}]"])
+    sources = corpus.resolve_sources(cfg.data.train_files)
+    assert sources[0].spec == "hf:json (split=train, text_column=body)"
+    docs = prepare.read_corpus(cfg, sources)
+    assert docs[0]["text"] == [r["body"] for r in rows[:20]]  # max_documents: a split slice
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"hf": "json", "files": ["x.jsonl"]}, "'data.train_files[0].files': not a key of a "
+                                           "dataset source (the keys are hf, config, split"),
+    ({"config": "en"}, "'data.train_files[0].hf': a dataset source needs the dataset's name")])
+def test_a_bad_dataset_mapping_names_its_key(entry, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_sources([entry])

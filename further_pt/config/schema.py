@@ -48,7 +48,7 @@ class ModelSchema:
 
 @dataclass
 class PretrainDataSchema:
-    train_files: list[str] = MISSING
+    train_files: list[Any] = MISSING  # paths/globs/hf:/builtin: strings, or dataset mappings
     source_weights: list[float] | None = MISSING
     txt_documents: str = MISSING  # "line" or "blank_line"
     text_column: str = MISSING
@@ -59,7 +59,7 @@ class PretrainDataSchema:
     preprocessing_workers: Any = MISSING  # "auto" or an int >= 1
     dataloader_workers: int = MISSING
     group_by_length: bool = MISSING
-    eval_files: list[str] | None = MISSING  # held-out documents; or eval_fraction; null: none
+    eval_files: list[Any] | None = MISSING  # held-out documents; or eval_fraction; null: none
     eval_fraction: float | None = MISSING  # a seeded share of train_files' documents
 
 

@@ -75,6 +75,8 @@ def validate_pretrain(cfg: DictConfig, *, check_files: bool = True) -> None:
                  f"{fs.max_position_embeddings} is below data.max_seq_length={d.max_seq_length}")
     _require(len(d.train_files) > 0, "data.train_files", "is empty: give at least one file")
     for i, pattern in enumerate(d.train_files if check_files else ()):
+        if not isinstance(pattern, str):
+            continue  # a dataset mapping: its keys are checked where the sources are resolved
         if not expand_paths(pattern):  # hf:/builtin: names pass through expand_paths
             raise ConfigError(
                 f"config key 'data.train_files[{i}]': no file matches {pattern!r}"
@@ -147,7 +149,7 @@ def _validate_held_out(cfg: DictConfig, *, check_files: bool) -> None:
         _require(len(d.eval_files) > 0, "data.eval_files",
                  "is empty: give held-out files, or null for no held-out evaluation")
         for i, pattern in enumerate(d.eval_files if check_files else ()):
-            if not expand_paths(pattern):
+            if isinstance(pattern, str) and not expand_paths(pattern):
                 raise ConfigError(f"config key 'data.eval_files[{i}]': no file matches {pattern!r}")
     if d.eval_fraction is not None:
         _require(0.0 < d.eval_fraction < 1.0, "data.eval_fraction",

@@ -35,13 +35,14 @@ import logging
 import lzma
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import datasets
 import filelock
+from omegaconf import OmegaConf
 
 from further_pt.config.recipes import ConfigError
 from further_pt.config.validate import expand_paths
@@ -64,6 +65,32 @@ class Source:
 
     spec: str
     files: tuple[str, ...]
+    hub: tuple[tuple[str, Any], ...] | None = None  # a mapping entry's keys (see HUB_KEYS)
+
+
+#: The keys of a ``data.train_files`` entry given as a mapping: a dataset ``load_dataset``
+#: reads (a Hub id, or a builder such as ``json`` with ``data_files``).
+HUB_KEYS = ("hf", "config", "split", "revision", "data_files", "text_column")
+
+
+def hub_source(entry: Mapping[str, Any], where: str) -> Source:
+    """A mapping entry (``{hf: wikitext, config: wikitext-103-raw-v1, split: train}``)."""
+    if OmegaConf.is_config(entry):
+        entry = OmegaConf.to_container(entry, resolve=True)  # type: ignore[assignment]
+    if isinstance(entry.get("data_files"), list):
+        entry = {**entry, "data_files": tuple(entry["data_files"])}
+    unknown = sorted(set(entry) - set(HUB_KEYS))
+    if unknown:
+        raise ConfigError(f"config key '{where}.{unknown[0]}': not a key of a dataset source "
+                          f"(the keys are {', '.join(HUB_KEYS)})")
+    name = entry.get("hf")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"config key '{where}.hf': a dataset source needs the dataset's name "
+                          "(a Hub id, or a builder such as json with data_files)")
+    keys = {"split": "train", **{k: v for k, v in entry.items() if v is not None}}
+    shown = ", ".join(f"{k}={keys[k]}" for k in HUB_KEYS[1:] if k in keys and k != "data_files")
+    spec = f"hf:{name}" + (f" ({shown})" if shown else "")
+    return Source(spec=spec, files=(), hub=tuple(sorted(keys.items())))
 
 
 def builder_for(path: str) -> str:
@@ -176,15 +203,18 @@ def load_files(builder: str, files: list[str], where: str, *, text_column: str |
                           f"({' '.join(str(cause).split())[:200]})") from None
 
 
-def resolve_sources(train_files: Sequence[str]) -> list[Source]:
+def resolve_sources(train_files: Sequence[Any], key: str = "data.train_files") -> list[Source]:
     sources = []
     for i, spec in enumerate(train_files):
+        if isinstance(spec, Mapping):
+            sources.append(hub_source(spec, f"{key}[{i}]"))
+            continue
         files = expand_paths(spec)
         if not files:
-            raise ConfigError(f"config key 'data.train_files[{i}]': no file matches {spec!r}")
+            raise ConfigError(f"config key '{key}[{i}]': no file matches {spec!r}")
         if not spec.startswith(("builtin:", "hf:")):
             for path in files:
-                check_file(path, f"data.train_files[{i}]")
+                check_file(path, f"{key}[{i}]")
         sources.append(Source(spec=spec, files=tuple(files)))
     return sources
 
@@ -255,10 +285,16 @@ def load_documents(
     if source.spec.startswith("builtin:"):
         path = builtin_corpus(source.spec.removeprefix("builtin:"), cache_dir)
         source = Source(spec=source.spec, files=(str(path),))
-    if source.spec.startswith("hf:"):
-        # Hub dataset: needs network (or a warm hub cache); users have the hub, tests never do.
-        ds = datasets.load_dataset(source.spec.removeprefix("hf:"), split="train")
-        parts = [_text_only(ds, text_column, source.spec)]
+    if source.hub is not None or source.spec.startswith("hf:"):
+        # load_dataset: a Hub id needs the network (or a warm hub cache); a builder with local
+        # data_files (json, parquet, ...) does not, which is how the tests reach this path.
+        hub = dict(source.hub or {"hf": source.spec.removeprefix("hf:"), "split": "train"})
+        split = hub["split"] + (f"[:{max_documents}]" if max_documents else "")
+        files = hub.get("data_files")
+        ds = datasets.load_dataset(hub["hf"], hub.get("config"), split=split,
+                                   revision=hub.get("revision"),
+                                   data_files=list(files) if isinstance(files, tuple) else files)
+        parts = [_text_only(ds, hub.get("text_column", text_column), source.spec)]
     else:
         by_builder: dict[str, list[str]] = {}
         for path in source.files:

@@ -100,7 +100,8 @@ def held_out_documents(cfg: DictConfig, docs: list[datasets.Dataset]
     cache = corpus.default_cache_dir(d.cache_dir)
     if d.eval_files is not None:
         with corpus.preparation_lock(cache, "the held-out documents"):
-            held = [source_documents(cfg, s) for s in corpus.resolve_sources(d.eval_files)]
+            held = [source_documents(cfg, s)
+                    for s in corpus.resolve_sources(d.eval_files, "data.eval_files")]
         return docs, held
     if d.eval_fraction is None:
         return docs, None
