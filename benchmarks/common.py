@@ -167,7 +167,7 @@ def texts(limit: int, source: str = "in_domain") -> list[str]:
     path = SHARED / f"{source}.txt.gz"
     if path.is_file():
         return [line.strip() for line in read_lines(path, limit)]
-    from further_pt.data.corpus import builtin_corpus
+    from further_pt.data.builtin import builtin_corpus
 
     corpus = builtin_corpus("python-docstrings", Path("/tmp/further_pt_bench"))
     return corpus.read_text().splitlines()[:limit]

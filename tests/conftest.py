@@ -17,7 +17,7 @@ def docs() -> list[str]:
     """Real multi-sentence English: docstrings of a few standard-library modules."""
     import sysconfig
 
-    from further_pt.data.corpus import _docstrings
+    from further_pt.data.builtin import _docstrings
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     found: list[str] = []

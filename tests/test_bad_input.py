@@ -218,6 +218,17 @@ CASES: list[Case] = [
     ("eval_fraction leaving nothing to train on", P, lambda e: e.pretrain(**{
         "data.train_files": "[{}]".format(e.file("two.txt", "one document\nand another\n")),
         "data.eval_fraction": 0.9}), "too few to hold some out and train on the rest"),
+    ("streaming with NSP", P, lambda e: e.pretrain(**{"data.streaming": "true"}),
+     "'objective.nsp': NSP pairs need whole documents to draw random-next sentences from"),
+    ("streaming with eval_fraction", P, lambda e: e.pretrain(**{
+        "data.streaming": "true", "objective.nsp": "false", "data.eval_fraction": 0.1}),
+     "'data.eval_fraction': a share of a stream cannot be held out"),
+    ("streaming without checkpoint steps", P, lambda e: e.pretrain(**{
+        "data.streaming": "true", "objective.nsp": "false", "checkpoint.every_steps": "null"}),
+     "'checkpoint.every_steps': must be a number of steps: a stream has no epochs"),
+    ("a dataset mapping with an unknown key", P, lambda e: e.pretrain(**{
+        "data.train_files": "[{hf: json, files: [x.jsonl]}]"}),
+     "'data.train_files[0].files': not a key of a dataset source"),
     ("hub id with a space", P, lambda e: e.pretrain(**{"hub.model_id": "'me/my model'"}),
      "'hub.model_id': 'me/my model' is not a Hub repository id (user/name)"),
     ("hub strategy unknown", F, lambda e: e.finetune(**{"hub.strategy": "hourly"}),

@@ -137,6 +137,7 @@ def test_job_help_lists_the_recipes_of_its_kind(capsys: pytest.CaptureFixture) -
     assert "accelerate launch -m further_pt.pretrain" in out  # what works from an install
 
 
+@pytest.mark.slow
 def test_the_entry_scripts_run_as_modules(tmp_path: Path) -> None:
     """`python -m further_pt.pretrain` / `.finetune` (what an install has; the file path exists
     only in a checkout) answer --help, and a bad recipe is the usual one-line exit 2."""

@@ -95,6 +95,7 @@ def test_ulmfit_hierarchical_with_accumulation(tmp_path, tiny_model_dir, task) -
     assert first["lr/layer_0"] == pytest.approx(first["lr/layer_1"] * 0.3846)  # xi = 1/2.6
 
 
+@pytest.mark.slow
 def test_multitask_evaluates_each_task(tmp_path, tiny_model_dir, task) -> None:
     train_b = write_task(tmp_path / "b_train.jsonl", 90, 3, labels=("motor", "fruit", "sweet"))
     dev_b = write_task(tmp_path / "b_dev.jsonl", 30, 4, labels=("motor", "fruit", "sweet"))

@@ -44,6 +44,7 @@ def _encoder(folder: Path) -> dict[str, torch.Tensor]:
             if k.startswith("bert.") or not k.startswith("cls.")}
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_new_head_learns_alone_then_the_encoder_moves(tmp_path: Path, corpus_file: Path,
                                                       headless_dir: Path) -> None:

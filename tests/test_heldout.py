@@ -97,6 +97,7 @@ def _shard_worker(rank: int, world: int, port: int, folder: str, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_figure(tmp_path, corpus_file, tiny_model_dir):
     cfg, tok, _, _, held = _held_out(tmp_path, corpus_file, tiny_model_dir)
     rows = prepare.evaluation_rows(cfg, held, tok)
@@ -143,6 +144,7 @@ def test_the_run_logs_the_held_out_curve(heldout_run) -> None:
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_a_resumed_runs_evaluations_equal_the_uninterrupted_ones(heldout_run, tmp_path):
     out, args, _ = heldout_run

@@ -18,6 +18,7 @@ def _arrow_files(cache: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in cache.rglob("*.arrow")}
 
 
+@pytest.mark.slow
 def test_the_run_reuses_what_prepare_built(tmp_path: Path, corpus_file: Path,
                                            tiny_model_dir: Path, capfd) -> None:
     import datasets

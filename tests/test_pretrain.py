@@ -49,6 +49,7 @@ def test_run_writes_loadable_checkpoints_and_logs(finished_run) -> None:
     assert "Final model:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_does_nothing(finished_run) -> None:
     out, args, _ = finished_run
     before = (out / "final" / "model.safetensors").stat().st_mtime_ns

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from further_pt.data import corpus
+from further_pt.data import builtin
 from further_pt.train import hardware
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "evaluate",
@@ -184,7 +184,7 @@ class Runs:
 
         from further_pt.data.tokenizer import train_wordpiece
 
-        path = corpus.builtin_corpus("python-docstrings", self.cache)
+        path = builtin.builtin_corpus("python-docstrings", self.cache)
         with open(path, encoding="utf-8") as fh:
             tokenizer = train_wordpiece(islice(fh, 20000), vocab_size=self.size["vocab_size"],
                                         lowercase=True, max_seq_length=512)

@@ -61,6 +61,7 @@ class PretrainDataSchema:
     group_by_length: bool = MISSING
     eval_files: list[Any] | None = MISSING  # held-out documents; or eval_fraction; null: none
     eval_fraction: float | None = MISSING  # a seeded share of train_files' documents
+    streaming: bool = MISSING  # read, tokenize and pack on the fly (corpora larger than the disk)
 
 
 @dataclass

@@ -100,6 +100,8 @@ def validate_pretrain(cfg: DictConfig, *, check_files: bool = True) -> None:
         "data.preprocessing_workers", f"must be 'auto' or >= 1, got {d.preprocessing_workers!r}")
     _require(d.dataloader_workers >= 0, "data.dataloader_workers", "must be >= 0")
     _validate_held_out(cfg, check_files=check_files)
+    if d.streaming:
+        _validate_streaming(cfg)
     validate_hub(cfg)
     _require(0.0 < o.masked_lm_prob < 1.0, "objective.masked_lm_prob",
              f"must be in (0, 1), got {o.masked_lm_prob}")
@@ -162,6 +164,21 @@ def _validate_held_out(cfg: DictConfig, *, check_files: bool) -> None:
     _require(cfg.checkpoint.keep_best_by is None or d.eval_files is not None
              or d.eval_fraction is not None, "checkpoint.keep_best_by",
              "needs a held-out set: set data.eval_files or data.eval_fraction")
+
+
+def _validate_streaming(cfg: DictConfig) -> None:
+    """What a stream cannot do: it has no length, and each document is seen once in order."""
+    why = "data.streaming reads the corpus once, in order, without its length"
+    _require(not cfg.objective.nsp, "objective.nsp",
+             f"NSP pairs need whole documents to draw random-next sentences from, and {why}: "
+             "set objective.nsp=false (packed blocks)")
+    _require(cfg.data.eval_fraction is None, "data.eval_fraction",
+             f"a share of a stream cannot be held out ({why}): give data.eval_files")
+    _require(cfg.checkpoint.every_steps is not None, "checkpoint.every_steps",
+             f"must be a number of steps: a stream has no epochs ({why})")
+    _require(cfg.model.from_scratch is None and cfg.model.extend_vocab is None,
+             "model.from_scratch" if cfg.model.from_scratch is not None else "model.extend_vocab",
+             f"makes a tokenizer from the whole corpus, and {why}")
 
 
 def validate_hub(cfg: DictConfig) -> None:

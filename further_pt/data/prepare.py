@@ -214,6 +214,9 @@ class PreparedSource:
 def check_preparable(cfg: DictConfig) -> None:
     """``model.from_scratch`` and ``model.extend_vocab`` runs make their tokenizer from the
     corpus inside the run: the instances' tokenizer is unknown ahead of it."""
+    if cfg.data.streaming:
+        raise ConfigError("config key 'data.streaming': a streamed corpus is read, tokenized and "
+                          "packed on the fly by the run itself: there is nothing to prepare")
     m = cfg.model
     for key, what in (("from_scratch", "trains a new tokenizer"),
                       ("extend_vocab", "extends its tokenizer")):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from further_pt.data import corpus, instances, masking, prepare, tokenizer, vocab
+from further_pt.data import corpus, instances, masking, prepare, streaming, tokenizer, vocab
 from further_pt.data.order import step_seed
 from further_pt.errors import ConfigError
 from further_pt.files import atomic_write_text
@@ -96,8 +96,12 @@ class MaskedLM:
         d, o = cfg.data, cfg.objective
         self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
         self.seed, self.rank = cfg.seed, trainer.rank
-        docs = prepare.read_corpus(cfg, self.sources)
-        docs, held = prepare.held_out_documents(cfg, docs)
+        if d.streaming:  # read on the fly: only the held-out files are read now
+            docs = []
+            _, held = prepare.held_out_documents(cfg, [])
+        else:
+            docs = prepare.read_corpus(cfg, self.sources)
+            docs, held = prepare.held_out_documents(cfg, docs)
         trainer.claim()  # the input is readable: only now does the run write its output dir
         base_tokenizer = self.tokenizer
         if self.tokenizer is None:
@@ -108,11 +112,18 @@ class MaskedLM:
             self.tokenizer, self.new_words = prepare.extend_vocabulary(
                 cfg, docs, self.tokenizer, trainer.output_dir)
         tok = self.tokenizer
-        train_set = prepare.training_set(cfg, docs, tok)
-        self.corpora = [{"source": src.spec, "documents": len(doc), "fingerprint": doc._fingerprint}
-                        for src, doc in zip(self.sources, docs, strict=True)]
-        self.sequences = len(train_set)
-        self.tokens = int(instances.lengths(train_set).sum()) if len(train_set) else 0
+        if d.streaming:
+            train_set = streaming.training_stream(cfg, self.sources, tok, rank=trainer.rank,
+                                                  world=trainer.world)
+            self.corpora = [{"source": src.spec} for src in self.sources]
+            self.sequences = self.tokens = None
+        else:
+            train_set = prepare.training_set(cfg, docs, tok)
+            self.corpora = [{"source": src.spec, "documents": len(doc),
+                             "fingerprint": doc._fingerprint}
+                            for src, doc in zip(self.sources, docs, strict=True)]
+            self.sequences = len(train_set)
+            self.tokens = int(instances.lengths(train_set).sum()) if len(train_set) else 0
         if held is not None:
             self.eval_rows = prepare.evaluation_rows(cfg, held, tok)
         on_gpu = acc.device.type == "cuda"
@@ -120,7 +131,8 @@ class MaskedLM:
             "corpus", train_set,
             partial(instances.collate, pad_id=tok.pad_token_id,
                     pad_to_multiple_of=8 if on_gpu else None),
-            lengths=instances.lengths(train_set) if d.group_by_length else None,
+            lengths=instances.lengths(train_set) if d.group_by_length and not d.streaming
+            else None,
             drop_last=True)]
 
         torch.manual_seed(cfg.seed)  # every rank builds the same weights from the same seed
@@ -272,10 +284,13 @@ class MaskedLM:
                 if d.eval_files is not None else
                 f"held-out documents: a seeded {d.eval_fraction:g} of the corpus documents, "
                 "never trained on")
-        data = [f"- `{c['source']}`: {c['documents']:,} documents (datasets fingerprint "
-                f"`{c['fingerprint']}`)" for c in self.corpora]
-        data.append(f"- {self.sequences:,} training sequences of up to {d.max_seq_length} "
-                    f"tokens, {self.tokens:,} tokens in all"
+        data = [f"- `{c['source']}`: " + (f"{c['documents']:,} documents (datasets "
+                                           f"fingerprint `{c['fingerprint']}`)"
+                                           if "documents" in c else "streamed")
+                for c in self.corpora]
+        data.append((f"- {self.sequences:,} training sequences of up to {d.max_seq_length} "
+                     f"tokens, {self.tokens:,} tokens in all" if self.sequences is not None else
+                     f"- read on the fly (data.streaming) as blocks of {d.max_seq_length} tokens")
                     + (f"; sources mixed by weight {list(d.source_weights)}"
                        if d.source_weights is not None else ""))
         if self.metric:

@@ -13,10 +13,11 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from further_pt.data import order
+from further_pt.data import order, streaming
 from further_pt.errors import SetupError
 from further_pt.objectives.base import Stream
 
@@ -29,6 +30,16 @@ class Batches:
         """Build every stream's sampler and loader; refuse a stream with no full batch."""
         self.seed, self.batch_size = seed, batch_size
         self.names = [s.name for s in streams]
+        # a streamed corpus (data.streaming): no length, read in order with a counted skip
+        self.streamed = {s.name: s for s in streams if isinstance(s.dataset,
+                                                                  datasets.IterableDataset)}
+        self.grouped = any(s.lengths is not None for s in streams) or bool(self.streamed)
+        self._iters: dict[str, Iterator[tuple[int, int, Any]]] = {}
+        if self.streamed:
+            if len(streams) > 1:
+                raise SetupError("a streamed corpus is the run's one stream")
+            self.steps_per_epoch = None  # unknown: the run is counted in steps
+            return
         self.sizes = torch.tensor([float(len(s.dataset)) for s in streams])
         self.samplers: dict[str, order.ResumableSampler] = {}
         self.loaders: dict[str, DataLoader] = {}
@@ -54,15 +65,17 @@ class Batches:
                 f"the training data ({empty[0]}) gives {len(s.dataset)} examples, fewer than one "
                 f"batch of {batch_size} x {world} process(es); add data or lower "
                 "train.batch_size")
-        self.steps_per_epoch = sum(math.ceil(n / accumulation) for n in micro_per_epoch.values())
-        self.grouped = any(s.lengths is not None for s in streams)
-        self._iters: dict[str, Iterator[tuple[int, int, Any]]] = {}
+        self.steps_per_epoch: int | None = sum(math.ceil(n / accumulation)
+                                                for n in micro_per_epoch.values())
 
     def start(self, positions: dict[str, list[int]]) -> None:
         """Iterate every stream from its saved ``[epoch, example]`` position."""
-        self._iters = {name: order.micro_batches(self.loaders[name], self.samplers[name],
-                                                 self.batch_size, *positions[name])
-                       for name in self.names}
+        self._iters = {name: streaming.micro_batches(
+            self.streamed[name].dataset, batch_size=self.batch_size,
+            collate=self.streamed[name].collate, epoch=positions[name][0],
+            position=positions[name][1]) if name in self.streamed else
+            order.micro_batches(self.loaders[name], self.samplers[name], self.batch_size,
+                                *positions[name]) for name in self.names}
 
     def stream_at(self, step: int) -> str:
         """The stream step ``step`` trains on: drawn by size, the same on every process."""

@@ -275,8 +275,8 @@ class Trainer:
                 if evaluate or save:  # every process (FSDP gathers), once per step
                     whole, whole_at = export.whole(module), step
                 if evaluate and (self.is_main or not self.sharded):
-                    export.evaluate(objective, whole, log, state, step,
-                                    -(-step // steps_per_epoch))
+                    export.evaluate(objective, whole, log, state, step, -(-step // steps_per_epoch)
+                                    if steps_per_epoch else state["streams"][name][0] + 1)
                 if save:
                     optimizer_state = export.optimizer_state(module, optimizer)
                     if self.is_main:
