@@ -46,7 +46,8 @@ def test_the_counted_skip_resumes_at_the_same_block(sources, tiny_model_dir, tmp
     from further_pt.data import corpus, instances, streaming
     from further_pt.data.tokenizer import load_tokenizer
 
-    cfg = pretrain.load(_args(tmp_path / "run", sources, tiny_model_dir, tmp_path / "cache"))
+    cfg = pretrain.load(_args(tmp_path / "run", sources, tiny_model_dir, tmp_path / "cache",
+                              **{"data.max_documents": 120}))  # per source: a short read
     tok = load_tokenizer(str(tiny_model_dir))
     stream = streaming.training_stream(cfg, corpus.resolve_sources(cfg.data.train_files), tok,
                                        rank=0, world=1)
