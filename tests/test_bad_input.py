@@ -226,6 +226,11 @@ CASES: list[Case] = [
     ("streaming without checkpoint steps", P, lambda e: e.pretrain(**{
         "data.streaming": "true", "objective.nsp": "false", "checkpoint.every_steps": "null"}),
      "'checkpoint.every_steps': must be a number of steps: a stream has no epochs"),
+    ("a streamed source without its text column", P, lambda e: e.pretrain(**{
+        "data.streaming": "true", "objective.nsp": "false",
+        "data.train_files": "[{{hf: json, data_files: [{}]}}]".format(e.file(
+            "rows.jsonl", '{"body": "some text here"}\n'))}),
+     "has no column 'text' (its columns: body); set data.text_column"),
     ("a dataset mapping with an unknown key", P, lambda e: e.pretrain(**{
         "data.train_files": "[{hf: json, files: [x.jsonl]}]"}),
      "'data.train_files[0].files': not a key of a dataset source"),

@@ -59,6 +59,12 @@ def source_stream(cfg: DictConfig, source: corpus.Source) -> datasets.IterableDa
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
                                    **kwargs)
         column = "text" if builder == "text" else d.text_column
+    first = next(iter(ds.take(1)), None)  # read one row now: a wrong column fails before work
+    if first is None:
+        raise DataError(f"data.train_files: {source.spec} holds no row")
+    if column not in first:
+        raise DataError(f"data.train_files: {source.spec} has no column {column!r} (its columns: "
+                        f"{', '.join(first)}); set data.text_column, or text_column in the entry")
     if column != "text":
         ds = ds.rename_column(column, "text")
     ds = ds.select_columns(["text"]).filter(

@@ -99,6 +99,8 @@ class MaskedLM:
         if d.streaming:  # read on the fly: only the held-out files are read now
             docs = []
             _, held = prepare.held_out_documents(cfg, [])
+            stream = streaming.training_stream(cfg, self.sources, self.tokenizer,
+                                               rank=trainer.rank, world=trainer.world)
         else:
             docs = prepare.read_corpus(cfg, self.sources)
             docs, held = prepare.held_out_documents(cfg, docs)
@@ -113,8 +115,7 @@ class MaskedLM:
                 cfg, docs, self.tokenizer, trainer.output_dir)
         tok = self.tokenizer
         if d.streaming:
-            train_set = streaming.training_stream(cfg, self.sources, tok, rank=trainer.rank,
-                                                  world=trainer.world)
+            train_set = stream
             self.corpora = [{"source": src.spec} for src in self.sources]
             self.sequences = self.tokens = None
         else:
