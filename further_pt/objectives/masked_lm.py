@@ -279,7 +279,6 @@ class MaskedLM:
     def card(self) -> dict[str, Any]:
         """What the model card says of this objective (see :mod:`further_pt.train.model_card`)."""
         cfg, o, d = self.cfg, self.cfg.objective, self.cfg.data
-        base = cfg.model.name_or_path or "a BERT built from a config (model.from_scratch)"
         held = ("no held-out set" if not self.metric else
                 f"the held-out documents data.eval_files ({', '.join(d.eval_files)})"
                 if d.eval_files is not None else
@@ -299,7 +298,9 @@ class MaskedLM:
         return {
             "pipeline_tag": "fill-mask",
             "tags": ["further-pretraining", "masked-lm"],
-            "title": f"`{base}` further pretrained on the corpora below (masked LM"
+            "title": (f"`{cfg.model.name_or_path}` further pretrained" if cfg.model.name_or_path
+                      else "A BERT built from a config (model.from_scratch) and pretrained")
+                     + " on the corpora below (masked LM"
                      + (" + next-sentence prediction" if o.nsp else "") + ").",
             "summary": [f"- masking: {o.masking}, masked_lm_prob {o.masked_lm_prob:g}, at most "
                         f"{o.max_predictions_per_seq} predictions per sequence"],
