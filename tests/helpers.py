@@ -39,6 +39,22 @@ def run_script(args: list[str], *, env: dict[str, str] | None = None, launcher: 
                           cwd=REPO)
 
 
+def resume_after_step_3(out: Path, args: list[str], tmp_path: Path) -> Path:
+    """A copy of a finished 6-step run as if it died after its step-3 checkpoint, resumed with
+    the same arguments; returns the resumed run's folder."""
+    import shutil
+
+    crashed = tmp_path / "crashed"
+    shutil.copytree(out, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000006")
+    shutil.rmtree(crashed / "final")
+    proc = run_script([a if not a.startswith("output_dir=") else f"output_dir={crashed}"
+                       for a in args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "step-000003" in proc.stderr
+    return crashed
+
+
 def run_scripts(*runs: tuple[list[str], dict[str, str] | None], script: str = "pretrain.py",
                 timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """Independent runs (args, env) at once: each is single-threaded (OMP_NUM_THREADS=1),

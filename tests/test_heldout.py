@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, pretrain_overrides, run_script
+from helpers import free_port, pretrain_overrides, resume_after_step_3, run_script
 
 from further_pt import pretrain
 from further_pt.data import corpus, prepare
@@ -148,14 +147,7 @@ def test_the_run_logs_the_held_out_curve(heldout_run) -> None:
 @pytest.mark.smoke
 def test_a_resumed_runs_evaluations_equal_the_uninterrupted_ones(heldout_run, tmp_path):
     out, args, _ = heldout_run
-    crashed = tmp_path / "crashed"
-    shutil.copytree(out, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step-000006")  # died after the step-3 checkpoint
-    shutil.rmtree(crashed / "final")
-    proc = run_script([a if not a.startswith("output_dir=") else f"output_dir={crashed}"
-                       for a in args])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr
+    crashed = resume_after_step_3(out, args, tmp_path)  # died after the step-3 checkpoint
     assert _evals(crashed) == _evals(out)  # steps 4 and 6 evaluated again, to the last bit
 
 

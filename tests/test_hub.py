@@ -40,6 +40,16 @@ def test_without_a_token_the_run_is_refused_before_any_work(tmp_path, corpus_fil
     assert not (tmp_path / "run").exists()
 
 
+@pytest.fixture
+def online(monkeypatch) -> type:
+    """The Hub reachable with a token, and huggingface_hub's HfApi replaced by FakeApi."""
+    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    FakeApi.calls = []
+    return FakeApi
+
+
 class FakeApi:
     """Records what further_pt hands huggingface_hub, and the files each upload would send."""
 
@@ -59,11 +69,7 @@ class FakeApi:
 
 
 def test_every_checkpoint_and_the_final_model_are_uploaded(tmp_path, corpus_file, tiny_model_dir,
-                                                           monkeypatch) -> None:
-    monkeypatch.setattr(hub, "_offline", lambda: False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    FakeApi.calls = []
+                                                           online) -> None:
     args = _args(tmp_path, corpus_file, tiny_model_dir, **{
         "hub.strategy": "every_checkpoint", "hub.revision": "exp1"})
     assert pretrain_main(args) == 0
@@ -95,11 +101,7 @@ def test_every_checkpoint_and_the_final_model_are_uploaded(tmp_path, corpus_file
 
 
 def test_end_uploads_the_final_model_only(tmp_path, corpus_file, tiny_model_dir,
-                                          monkeypatch) -> None:
-    monkeypatch.setattr(hub, "_offline", lambda: False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    FakeApi.calls = []
+                                          online) -> None:
     assert pretrain_main(_args(tmp_path, corpus_file, tiny_model_dir,
                                **{"hub.private": "false"})) == 0
     assert [name for name, _ in FakeApi.calls] == ["create_repo", "upload_folder"]

@@ -5,12 +5,11 @@ Hub dataset takes; exact resume by a counted skip."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import pretrain_overrides, run_script, weights
+from helpers import pretrain_overrides, resume_after_step_3, run_script, weights
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +90,6 @@ def test_a_streamed_run_trains_and_saves(streamed_run) -> None:
 @pytest.mark.smoke
 def test_a_resumed_streamed_run_equals_the_uninterrupted_one(streamed_run, tmp_path) -> None:
     out, args = streamed_run
-    crashed = tmp_path / "crashed"
-    shutil.copytree(out, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step-000006")  # died after the step-3 checkpoint
-    shutil.rmtree(crashed / "final")
-    proc = run_script([a if not a.startswith("output_dir=") else f"output_dir={crashed}"
-                       for a in args])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr
+    crashed = resume_after_step_3(out, args, tmp_path)  # died after the step-3 checkpoint
     want, got = weights(out / "final"), weights(crashed / "final")
     assert all(torch.equal(want[k], got[k]) for k in want)
