@@ -334,13 +334,13 @@ def test_preparation_longer_than_the_collective_timeout_completes(tmp_path, docs
 
 
 def test_preprocessing_workers_auto_is_the_cores_this_process_may_use(monkeypatch) -> None:
-    from further_pt.data import corpus
+    from further_pt.data import corpus, prepare
 
     monkeypatch.setattr(corpus.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert corpus.preprocessing_workers("auto", 1_000_000) == 4
-    assert corpus.preprocessing_workers("auto", 5_000) == 2  # a worker per 2,000 documents
-    assert corpus.preprocessing_workers("auto", 10) == 1
-    assert corpus.preprocessing_workers(3, 10) == 3
+    assert prepare.preprocessing_workers("auto", 1_000_000) == 4
+    assert prepare.preprocessing_workers("auto", 5_000) == 2  # a worker per 2,000 documents
+    assert prepare.preprocessing_workers("auto", 10) == 1
+    assert prepare.preprocessing_workers(3, 10) == 3
 
 
 # ---------------------------------------------------------------- 10. a lost peer under NCCL

@@ -72,6 +72,12 @@ def test_two_evaluations_of_one_model_agree(tmp_path, corpus_file, tiny_model_di
     assert heldout_loss(module, again, batch_size=3, pad_id=tok.pad_token_id) == first
     other = heldout_loss(module, again, batch_size=5, pad_id=tok.pad_token_id)  # other padding
     assert other["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+    cfg.eval.max_sequences = 4  # a seeded choice of 4, each masked as in the whole set
+    capped = prepare.evaluation_rows(cfg, held, tok)
+    assert len(capped) == 4 < len(rows)
+    assert all(any(torch.equal(c["input_ids"], r["input_ids"]) and torch.equal(c["labels"],
+                                                                             r["labels"])
+                   for r in rows) for c in capped)
 
 
 def _shard_worker(rank: int, world: int, port: int, folder: str, queue) -> None:

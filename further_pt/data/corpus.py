@@ -26,7 +26,6 @@ replaced with U+FFFD, as Python's ``errors="replace"`` does: one stray byte in a
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import json
 import logging
@@ -38,7 +37,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import datasets
-import filelock
 from omegaconf import OmegaConf
 
 from further_pt.config.recipes import ConfigError
@@ -89,6 +87,31 @@ def hub_source(entry: Mapping[str, Any], where: str) -> Source:
     shown = ", ".join(f"{k}={keys[k]}" for k in HUB_KEYS[1:] if k in keys and k != "data_files")
     spec = f"hf:{name}" + (f" ({shown})" if shown else "")
     return Source(spec=spec, files=(), hub=tuple(sorted(keys.items())))
+
+
+def load_dataset_source(source: Source, *, split_suffix: str = "", streaming: bool = False
+                        ) -> tuple[Any, str | None]:
+    """A dataset source (a mapping entry, or ``hf:NAME``) through ``load_dataset``, as a
+    Dataset or (``streaming``) an IterableDataset; and its own text column, if it names one.
+
+    A Hub id needs the network (or a warm hub cache); a builder with local ``data_files``
+    (json, parquet, ...) does not, which is how the tests reach this path.
+    """
+    hub = dict(source.hub or {"hf": source.spec.removeprefix("hf:"), "split": "train"})
+    files = hub.get("data_files")
+    ds = datasets.load_dataset(hub["hf"], hub.get("config"), split=hub["split"] + split_suffix,
+                               revision=hub.get("revision"), streaming=streaming,
+                               data_files=list(files) if isinstance(files, tuple) else files)
+    return ds, hub.get("text_column")
+
+
+def builder_kwargs(builder: str, files: Sequence[str], txt_documents: str) -> dict[str, Any]:
+    """How a builder reads these files: text by line or by blank-line block, tsv by tabs."""
+    if builder == "text":
+        return {"sample_by": "paragraph" if txt_documents == "blank_line" else "line"}
+    if builder == "csv" and all(f.lower().split(".gz")[0].endswith(".tsv") for f in files):
+        return {"delimiter": "\t"}
+    return {}
 
 
 def builder_for(path: str) -> str:
@@ -223,54 +246,6 @@ def default_cache_dir(cache_dir: str | None) -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "further_pt"
 
 
-@contextlib.contextmanager
-def preparation_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold ``folder/.further_pt-prepare.lock`` (a file lock) while preparing ``what``.
-
-    Data preparation - reading and tokenizing a corpus, training a tokenizer - can take
-    longer than any collective timeout, so processes must not wait for it in a barrier
-    (``main_process_first``): past ``train.collective_timeout_s`` the job would abort and
-    lose the unfinished cache, again on every rerun. They queue on this lock instead,
-    which has no timeout: the first process prepares and fills the cache, the others
-    then find it and load it. Where the cache is node-local each node prepares once; on
-    shared storage the job prepares once.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(folder / ".further_pt-prepare.lock"))
-    if not _try_lock(lock):
-        logger.info("waiting for another process to finish preparing %s (%s)", what, folder)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _try_lock(lock: filelock.FileLock) -> bool:
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        return False
-    return True
-
-
-def preprocessing_workers(value: int | str, documents: int) -> int:
-    """``data.preprocessing_workers``: a number, or ``auto`` = the cores this process may use.
-
-    While one process prepares, the others on its node wait on the lock, so it may use
-    every core it is allowed (``sched_getaffinity``: cgroups, taskset, container limits),
-    but no more than one worker per 2,000 documents: each worker is a new process, which
-    costs more than it saves on a small corpus.
-    """
-    if value != "auto":
-        return int(value)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, documents // 2000))
-
-
 def load_documents(
     source: Source,
     *,
@@ -284,26 +259,16 @@ def load_documents(
         path = builtin_corpus(source.spec.removeprefix("builtin:"), cache_dir)
         source = Source(spec=source.spec, files=(str(path),))
     if source.hub is not None or source.spec.startswith("hf:"):
-        # load_dataset: a Hub id needs the network (or a warm hub cache); a builder with local
-        # data_files (json, parquet, ...) does not, which is how the tests reach this path.
-        hub = dict(source.hub or {"hf": source.spec.removeprefix("hf:"), "split": "train"})
-        split = hub["split"] + (f"[:{max_documents}]" if max_documents else "")
-        files = hub.get("data_files")
-        ds = datasets.load_dataset(hub["hf"], hub.get("config"), split=split,
-                                   revision=hub.get("revision"),
-                                   data_files=list(files) if isinstance(files, tuple) else files)
-        parts = [_text_only(ds, hub.get("text_column", text_column), source.spec)]
+        ds, column = load_dataset_source(
+            source, split_suffix=f"[:{max_documents}]" if max_documents else "")
+        parts = [_text_only(ds, column or text_column, source.spec)]
     else:
         by_builder: dict[str, list[str]] = {}
         for path in source.files:
             by_builder.setdefault(builder_for(path), []).append(path)
         parts = []
         for builder, files in sorted(by_builder.items()):
-            kwargs = {}
-            if builder == "text":
-                kwargs["sample_by"] = "paragraph" if txt_documents == "blank_line" else "line"
-            if builder == "csv" and all(f.lower().split(".gz")[0].endswith(".tsv") for f in files):
-                kwargs["delimiter"] = "\t"
+            kwargs = builder_kwargs(builder, files, txt_documents)
             column = text_column if builder != "text" else "text"
             ds = load_files(builder, files, source.spec, cache_dir=str(cache_dir / "datasets"),
                             text_column=column, **kwargs)

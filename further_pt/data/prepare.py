@@ -15,16 +15,20 @@ never in a collective that could time out, so the other processes load what the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import datasets
+import filelock
 import torch
 from omegaconf import DictConfig
 
@@ -65,19 +69,19 @@ def source_instances(cfg: DictConfig, documents: datasets.Dataset, tokenizer: An
     return instances.build_instances(
         documents, tokenizer, nsp=cfg.objective.nsp, max_seq_length=d.max_seq_length,
         short_seq_prob=d.short_seq_prob, txt_documents=d.txt_documents, seed=cfg.seed,
-        num_proc=corpus.preprocessing_workers(d.preprocessing_workers, len(documents)))
+        num_proc=preprocessing_workers(d.preprocessing_workers, len(documents)))
 
 
 def read_corpus(cfg: DictConfig, sources: list[corpus.Source]) -> list[datasets.Dataset]:
     """Every source's documents, read (or found cached) by one process while the others wait."""
-    with corpus.preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir), "the corpus"):
+    with preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir), "the corpus"):
         return [source_documents(cfg, s) for s in sources]
 
 
 def training_set(cfg: DictConfig, docs: list[datasets.Dataset], tokenizer: Any
                  ) -> datasets.Dataset:
     """The sources' instances, built (or found cached) once, mixed by ``data.source_weights``."""
-    with corpus.preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir),
+    with preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir),
                                  "the pretraining instances"):
         per_source = [source_instances(cfg, doc, tokenizer) for doc in docs]
     return corpus.mix(per_source, cfg.data.source_weights, cfg.seed)
@@ -99,14 +103,14 @@ def held_out_documents(cfg: DictConfig, docs: list[datasets.Dataset]
     d = cfg.data
     cache = corpus.default_cache_dir(d.cache_dir)
     if d.eval_files is not None:
-        with corpus.preparation_lock(cache, "the held-out documents"):
+        with preparation_lock(cache, "the held-out documents"):
             held = [source_documents(cfg, s)
                     for s in corpus.resolve_sources(d.eval_files, "data.eval_files")]
         return docs, held
     if d.eval_fraction is None:
         return docs, None
     train, held = [], []
-    with corpus.preparation_lock(cache, "the held-out split"):
+    with preparation_lock(cache, "the held-out split"):
         for i, doc in enumerate(docs, start=1):
             n_held = max(1, round(len(doc) * d.eval_fraction))
             if n_held >= len(doc):
@@ -128,7 +132,7 @@ def evaluation_rows(cfg: DictConfig, held: list[datasets.Dataset], tokenizer: An
     (``objective.*``) from a seed of its own index, so the masks do not depend on batches,
     processes or the step: two evaluations of one model give the same loss.
     """
-    with corpus.preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir),
+    with preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir),
                                  "the held-out instances"):
         built = [source_instances(cfg, doc, tokenizer) for doc in held]
     ds = built[0] if len(built) == 1 else datasets.concatenate_datasets(built)
@@ -142,9 +146,9 @@ def evaluation_rows(cfg: DictConfig, held: list[datasets.Dataset], tokenizer: An
     continuation = (masking.word_continuation_table(tokenizer)
                     if o.masking in ("whole_word", "span") else None)
     rows = []
-    for k, index in enumerate(chosen):
+    for index in chosen:  # each masked from a seed of its own index in the held-out set
         one = instances.collate([ds[index]], pad_id=tokenizer.pad_token_id)
-        gen = torch.Generator().manual_seed(order.step_seed(cfg.seed, EVAL_SEED_PART, k))
+        gen = torch.Generator().manual_seed(order.step_seed(cfg.seed, EVAL_SEED_PART, index))
         masked, labels = masking.mask_tokens(
             one["input_ids"], one["attention_mask"], special_ids=special,
             mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
@@ -161,7 +165,7 @@ def evaluation_rows(cfg: DictConfig, held: list[datasets.Dataset], tokenizer: An
 def scratch_tokenizer(cfg: DictConfig, docs: list[datasets.Dataset], output_dir: Path) -> Any:
     """A WordPiece tokenizer trained on the corpus (main process), saved in the run."""
     folder = output_dir / "tokenizer"
-    with corpus.preparation_lock(output_dir, "the tokenizer"):
+    with preparation_lock(output_dir, "the tokenizer"):
         if not (folder / "tokenizer.json").is_file():
             fs = cfg.model.from_scratch
             per_source = math.ceil(fs.tokenizer_training_docs / len(docs))
@@ -179,7 +183,7 @@ def extend_vocabulary(cfg: DictConfig, docs: list[datasets.Dataset], base: Any,
     folder = output_dir / "tokenizer"
     chosen = folder / "extend_vocab.json"
     ev = cfg.model.extend_vocab
-    with corpus.preparation_lock(output_dir, "the vocabulary extension"):
+    with preparation_lock(output_dir, "the vocabulary extension"):
         if not chosen.is_file():
             texts = (row["text"] for doc in docs for row in doc)
             words = vocab.choose_words(texts, base, max_new_tokens=ev.max_new_tokens,
@@ -256,3 +260,51 @@ def prepare(cfg: DictConfig, sources: list[corpus.Source], tokenizer: Any
             cache_folder=Path(files[0]["filename"]).parent if files else None,
             read_seconds=seconds, build_seconds=time.perf_counter() - start))
     return done
+
+
+@contextlib.contextmanager
+def preparation_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder/.further_pt-prepare.lock`` (a file lock) while preparing ``what``.
+
+    Data preparation - reading and tokenizing a corpus, training a tokenizer - can take
+    longer than any collective timeout, so processes must not wait for it in a barrier
+    (``main_process_first``): past ``train.collective_timeout_s`` the job would abort and
+    lose the unfinished cache, again on every rerun. They queue on this lock instead,
+    which has no timeout: the first process prepares and fills the cache, the others
+    then find it and load it. Where the cache is node-local each node prepares once; on
+    shared storage the job prepares once.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(folder / ".further_pt-prepare.lock"))
+    if not _try_lock(lock):
+        logger.info("waiting for another process to finish preparing %s (%s)", what, folder)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _try_lock(lock: filelock.FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return False
+    return True
+
+
+def preprocessing_workers(value: int | str, documents: int) -> int:
+    """``data.preprocessing_workers``: a number, or ``auto`` = the cores this process may use.
+
+    While one process prepares, the others on its node wait on the lock, so it may use
+    every core it is allowed (``sched_getaffinity``: cgroups, taskset, container limits),
+    but no more than one worker per 2,000 documents: each worker is a new process, which
+    costs more than it saves on a small corpus.
+    """
+    if value != "auto":
+        return int(value)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, documents // 2000))

@@ -37,12 +37,8 @@ def source_stream(cfg: DictConfig, source: corpus.Source) -> datasets.IterableDa
     """One source's documents as an IterableDataset with a ``text`` column."""
     d = cfg.data
     if source.hub is not None or source.spec.startswith("hf:"):
-        hub = dict(source.hub or {"hf": source.spec.removeprefix("hf:"), "split": "train"})
-        files = hub.get("data_files")
-        ds = datasets.load_dataset(hub["hf"], hub.get("config"), split=hub["split"],
-                                   revision=hub.get("revision"), streaming=True,
-                                   data_files=list(files) if isinstance(files, tuple) else files)
-        column = hub.get("text_column", d.text_column)
+        ds, own_column = corpus.load_dataset_source(source, streaming=True)
+        column = own_column or d.text_column
     else:
         files = list(source.files)
         if source.spec.startswith("builtin:"):
@@ -54,10 +50,8 @@ def source_stream(cfg: DictConfig, source: corpus.Source) -> datasets.IterableDa
                             f"({', '.join(sorted(builders))}); with data.streaming give each "
                             "kind its own entry")
         builder = builders.pop()
-        kwargs = ({"sample_by": "paragraph" if d.txt_documents == "blank_line" else "line"}
-                  if builder == "text" else {})
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
-                                   **kwargs)
+                                   **corpus.builder_kwargs(builder, files, d.txt_documents))
         column = "text" if builder == "text" else d.text_column
     first = next(iter(ds.take(1)), None)  # read one row now: a wrong column fails before work
     if first is None:

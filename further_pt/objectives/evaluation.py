@@ -175,18 +175,12 @@ def mlm_loss(model_dir: str | Path, texts: list[str], *, max_seq_length: int, se
 
 
 def pad_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack masked rows into a batch: ids padded with ``pad_id``, labels with -100."""
-    longest = max(len(r["input_ids"]) for r in rows)
-    batch = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0),
-                      ("labels", -100)):
-        out = torch.full((len(rows), longest), fill, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, :len(r[key])] = r[key]
-        batch[key] = out
-    if "next_sentence_label" in rows[0]:
-        batch["next_sentence_label"] = torch.stack([r["next_sentence_label"] for r in rows])
-    return batch
+    """Stack masked rows into a batch as training collates them, the labels padded with -100."""
+    batch = instances.collate(rows, pad_id=pad_id)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i, r in enumerate(rows):
+        labels[i, :len(r["labels"])] = r["labels"]
+    return {**batch, "labels": labels}
 
 
 def heldout_loss(module: Any, rows: list[dict[str, torch.Tensor]], *, batch_size: int,
