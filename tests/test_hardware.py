@@ -95,21 +95,56 @@ def test_auto_precision_asks_the_local_gpus_capability_not_emulated_bf16(monkeyp
     assert hardware.detect_precision("auto")[0] == "bf16"
 
 
-def test_tf32_on_ampere_and_newer_unless_the_recipe_says_no(monkeypatch) -> None:
-    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+# Every reader of TF32 state, legacy and new API; run in a fresh process per case because
+# the flags are process-wide (a mix of APIs set here would leak into later tests).
+TF32_PROBE = """
+import json, sys, torch
+from further_pt.train import hardware
+enabled, capability, dynamo = json.loads(sys.argv[1])
+if dynamo:  # what Accelerator() does under --dynamo_backend with mixed_precision "no"
+    torch.backends.cuda.matmul.allow_tf32 = True
+note = hardware.configure_tf32(enabled, capability)
+readers = {
+    "allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+    "matmul_precision": torch.get_float32_matmul_precision,
+    "cudnn_allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
+    "matmul_fp32_precision": lambda: torch.backends.cuda.matmul.fp32_precision,
+}
+out = {"note": note}
+for name, read in readers.items():
     try:
-        assert hardware.configure_tf32(True, (7, 0)) is None  # V100: no TF32 cores
-        assert torch.backends.cuda.matmul.fp32_precision == before[0]
-        assert hardware.configure_tf32(True, None) is None  # a CPU run
-        note = hardware.configure_tf32(True, (8, 0))
-        assert note and "on (train.tf32=true)" in note
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
-        assert "off" in hardware.configure_tf32(False, (9, 0))
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before[0]
-        torch.backends.cudnn.conv.fp32_precision = before[1]
+        out[name] = read()
+    except Exception as exc:  # "mix of the legacy and new APIs"
+        out[name] = f"raised: {str(exc)[:80]}"
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["eager", "dynamo-backend"])
+@pytest.mark.parametrize("enabled", [True, False], ids=["tf32", "ieee"])
+def test_tf32_is_set_so_both_apis_read_it_back_and_agree(enabled: bool, dynamo: bool) -> None:
+    """Issue 27 item 3: after setup every reader works (inductor, flex attention and
+    accelerate read the legacy API) and says what train.tf32 asked for, with or without
+    accelerate's dynamo backend having set the legacy flag first."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", TF32_PROBE, json.dumps([enabled, [8, 0], dynamo])],
+                         capture_output=True, text=True, check=True)
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert got == {
+        "note": f"TF32 for fp32 matmuls and convolutions: {'on' if enabled else 'off'} "
+                f"(train.tf32={str(enabled).lower()})",
+        "allow_tf32": enabled, "matmul_precision": "high" if enabled else "highest",
+        "cudnn_allow_tf32": enabled, "matmul_fp32_precision": "tf32" if enabled else "ieee"}
+
+
+def test_tf32_only_on_ampere_and_newer() -> None:
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert hardware.configure_tf32(True, (7, 0)) is None  # V100: no TF32 cores
+    assert hardware.configure_tf32(True, None) is None  # a CPU run
+    assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
 @pytest.mark.parametrize(("name", "dtype", "tf32", "peak"), [

@@ -158,9 +158,15 @@ def configure_tf32(enabled: bool, capability: tuple[int, int] | None) -> str | N
     """
     if capability is None or capability[0] < 8:
         return None
-    precision = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    # Through the legacy API, which both APIs then read back consistently. Setting the new
+    # ``fp32_precision`` API instead makes every later read of the legacy one
+    # (``torch.backends.cuda.matmul.allow_tf32``, ``torch.get_float32_matmul_precision()``)
+    # raise "mix of the legacy and new APIs" in torch >= 2.9; inductor's max-autotune, flex
+    # attention and accelerate (which sets ``allow_tf32`` under a dynamo backend) read or
+    # write the legacy one.
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
     return (f"TF32 for fp32 matmuls and convolutions: {'on' if enabled else 'off'} "
             f"(train.tf32={str(enabled).lower()})")
 
