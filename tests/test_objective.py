@@ -90,7 +90,7 @@ def test_mlm_loss_path_compiles_as_one_graph_for_every_masking(sparse: bool) -> 
     """No host sync on the device path: torch.compile(fullgraph=True) raises at any graph break
     (.item(), .tolist(), .cpu()), and the graph holds no data-dependent shape (an unbacked
     symbol: a boolean index, nonzero - the GPU must finish to know the size). Masking itself
-    runs on the host before the copy (MaskedLM.prepare_batch), for each strategy."""
+    runs on the host, in the stream's collate (data.masking.MaskingCollate), for each strategy."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     data_dependent: list[str] = []

@@ -28,19 +28,23 @@ of a batch, where the first maskable token after a special token or padding alwa
 starts a word (so ``[CLS] hello`` or ``<s>world`` from a byte-level BPE without
 ``add_prefix_space`` never glue onto something before them).
 
-All randomness comes from the ``generator`` argument, which the trainer seeds from
-(seed, step, micro-batch, rank): a resumed run masks exactly as the uninterrupted one
-would.
+All randomness comes from the ``generator`` argument. :class:`MaskingCollate`, the
+pretraining stream's collate function, seeds it from (seed, epoch, micro-batch position,
+rank): it runs in the DataLoader workers, ahead of the step, and a resumed run masks
+exactly as the uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from further_pt.data import instances
+from further_pt.data.order import Rows, step_seed
 from further_pt.errors import ConfigError
 
 MASKING_STRATEGIES = ("token", "whole_word", "span")
@@ -338,3 +342,47 @@ def mask_tokens(
     masked = torch.where(chosen & (action < 0.8), torch.full_like(masked, mask_token_id), masked)
     masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, masked)
     return masked, labels
+
+
+#: The first part of a masking seed (:func:`~further_pt.data.order.step_seed`), apart from
+#: the held-out set's (:data:`further_pt.data.prepare.EVAL_SEED_PART`, -1) and the epochs'.
+MASK_SEED_PART = -2
+
+
+@dataclass(frozen=True)
+class MaskingCollate:
+    """Pad a micro-batch of instances and mask it: the pretraining stream's collate function.
+
+    It runs where the batch is read - in a DataLoader worker when ``data.dataloader_workers``
+    > 0 - so the CPU masks the next batches (whole-word and span masking walk words in
+    Python) while the accelerator runs the current step, and nothing in the step waits on
+    it. The mask is a pure function of (seed, epoch, position, rank), which the
+    :class:`~further_pt.data.order.Rows` carry: a resumed run masks as the uninterrupted
+    one did. Picklable (a frozen dataclass of tensors and numbers), as workers need.
+    """
+
+    pad_id: int
+    pad_to_multiple_of: int | None
+    seed: int
+    rank: int
+    special_ids: torch.Tensor
+    mask_token_id: int
+    vocab_size: int
+    masked_lm_prob: float
+    max_predictions: int
+    continuation: torch.Tensor | None
+    strategy: str
+    span_p: float
+    span_max_length: int
+
+    def __call__(self, rows: Rows) -> dict[str, torch.Tensor]:
+        batch = instances.collate(rows, self.pad_id, self.pad_to_multiple_of)
+        gen = torch.Generator().manual_seed(
+            step_seed(self.seed, MASK_SEED_PART, rows.epoch, rows.position, self.rank))
+        masked_ids, labels = mask_tokens(
+            batch["input_ids"], batch["attention_mask"], special_ids=self.special_ids,
+            mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+            masked_lm_prob=self.masked_lm_prob, max_predictions=self.max_predictions,
+            continuation=self.continuation, strategy=self.strategy, span_p=self.span_p,
+            span_max_length=self.span_max_length, generator=gen)
+        return {**batch, "input_ids": masked_ids, "labels": labels}

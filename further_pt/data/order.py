@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def step_seed(seed: int, *parts: int) -> int:
@@ -91,3 +91,61 @@ def micro_batches(loader: DataLoader, sampler: ResumableSampler, batch_size: int
             position += 1
             yield epoch, position, batch
         epoch, position = epoch + 1, 0
+
+
+class Rows(list):
+    """A micro-batch's rows, and where it lies in the data order: ``(epoch, position)``.
+
+    A collate function that draws randomness (dynamic masking) seeds it from these, so it
+    can run in a DataLoader worker, ahead of the step, and a resumed run - which starts
+    at the same ``(epoch, position)`` - draws what the uninterrupted run drew.
+    """
+
+    def __init__(self, rows: list[Any], *, epoch: int, position: int) -> None:
+        super().__init__(rows)
+        self.epoch, self.position = epoch, position
+
+
+class PositionedBatches(Sampler[list[tuple[int, int, int]]]):
+    """A batch sampler over a :class:`ResumableSampler` whose batches say where they are.
+
+    Each batch is a list of ``(epoch, position, index)``: the epoch and the position of the
+    micro-batch in this rank's order of it, read off the sampler's position when an
+    iteration starts. :class:`Positioned` turns them back into :class:`Rows`.
+    """
+
+    def __init__(self, sampler: ResumableSampler, batch_size: int, drop_last: bool) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch, position = self.sampler.epoch, self.sampler.start // self.batch_size
+        indices = self.sampler.order()[self.sampler.start:].tolist()
+        for first in range(0, len(indices), self.batch_size):
+            chunk = indices[first:first + self.batch_size]
+            if len(chunk) < self.batch_size and self.drop_last:
+                return
+            yield [(epoch, position, i) for i in chunk]
+            position += 1
+
+
+class Positioned(Dataset):
+    """A map-style dataset read by ``(epoch, position, index)`` keys: a batch is :class:`Rows`."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        return self.dataset[key[2]]
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> Rows:
+        indices = [k[2] for k in keys]
+        many = getattr(self.dataset, "__getitems__", None)
+        rows = many(indices) if many is not None else [self.dataset[i] for i in indices]
+        return Rows(rows, epoch=keys[0][0], position=keys[0][1])

@@ -26,7 +26,7 @@ from datasets.distributed import split_dataset_by_node
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from further_pt.data import builtin, corpus, instances
+from further_pt.data import builtin, corpus, instances, order
 from further_pt.errors import DataError
 
 #: Documents held in the shuffle buffer of each source (datasets' default is 1,000).
@@ -105,9 +105,10 @@ def micro_batches(dataset: datasets.IterableDataset, *, batch_size: int, collate
         start = position
         # Its own generator: a new iterator otherwise draws from the global RNG, which would
         # shift the step's dropout in a resumed run (it starts its iterator at another step).
-        loader = DataLoader(rest, batch_size=batch_size, collate_fn=collate, drop_last=True,
+        loader = DataLoader(rest, batch_size=batch_size, collate_fn=list, drop_last=True,
                             generator=torch.Generator().manual_seed(epoch))
-        for batch in loader:
+        for rows in loader:  # collated here, where the batch's position is known
+            batch = collate(order.Rows(rows, epoch=epoch, position=position))
             position += 1
             yield epoch, position, batch
         if position == start == 0:

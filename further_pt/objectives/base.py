@@ -11,9 +11,6 @@ and a metric; the Trainer (:mod:`further_pt.train.trainer`) owns what every run 
     optimizer_groups() -> list[dict]     # AdamW parameter groups, each with its own lr
     schedule(optimizer, total_steps=, steps_per_epoch=) -> LR scheduler
     total_steps(steps_per_epoch) -> int
-    prepare_batch(batch, stream=, step=, micro=) -> batch  # optional: on the host, before the
-                                         # copy to the device (e.g. masking: its Python loops
-                                         # and .tolist() then never wait on the GPU)
     loss(module, batch, stream=, step=, micro=) -> (loss, {name: (numerator, denominator)})
     before_optimizer_step(step) -> None  # e.g. gradual unfreezing drops frozen gradients
     eval_every_steps: int | None         # optional: evaluate every N steps (None: epoch ends)
@@ -47,7 +44,7 @@ class Stream:
 
     name: str
     dataset: Any
-    collate: Any
+    collate: Any  # rows (data.order.Rows: a list that knows its epoch and position) -> batch
     lengths: torch.Tensor | None = None  # per-example lengths: batches of similar length
     drop_last: bool = False  # pretraining: only full batches; fine-tuning: every example
 

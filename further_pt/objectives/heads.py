@@ -72,11 +72,15 @@ class Classifier(nn.Module):
             if hierarchical and spec.segment_pooling == "attention":
                 self.segment_score = nn.Linear(width, 1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 segment_mask: torch.Tensor | None = None, task: str | None = None
                 ) -> torch.Tensor:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # attention_mask None: a batch without padding; the model then builds no mask (and
+        # reads nothing back from the device to decide whether it may skip one)
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
         if token_type_ids is not None and getattr(self.model.config, "type_vocab_size", 0) > 1:
             inputs["token_type_ids"] = token_type_ids
         if not self.custom:
@@ -98,7 +102,9 @@ class Classifier(nn.Module):
             return out.pooler_output
         states = [out.hidden_states[i] for i in spec.layers] if need_all else [
             out.last_hidden_state]
-        mask = inputs["attention_mask"].unsqueeze(-1).to(states[0].dtype)
+        given = inputs.get("attention_mask")
+        mask = (torch.ones_like(inputs["input_ids"]) if given is None else given
+                ).unsqueeze(-1).to(states[0].dtype)
         pooled = [_pool_tokens(h, mask, spec.pooling) for h in states]
         if len(pooled) == 1:
             return pooled[0]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ import torch
 from omegaconf import DictConfig
 
 from further_pt.data import corpus, instances, masking, prepare, streaming, tokenizer, vocab
-from further_pt.data.order import step_seed
 from further_pt.errors import ConfigError
 from further_pt.files import atomic_write_text
 from further_pt.objectives import encoder, evaluation, layerwise, schedules
@@ -129,9 +127,7 @@ class MaskedLM:
             self.eval_rows = prepare.evaluation_rows(cfg, held, tok)
         on_gpu = acc.device.type == "cuda"
         self.streams = [Stream(
-            "corpus", train_set,
-            partial(instances.collate, pad_id=tok.pad_token_id,
-                    pad_to_multiple_of=8 if on_gpu else None),
+            "corpus", train_set, self._collate(tok, pad_to_multiple_of=8 if on_gpu else None),
             lengths=instances.lengths(train_set) if d.group_by_length and not d.streaming
             else None,
             drop_last=True)]
@@ -157,10 +153,19 @@ class MaskedLM:
         named = list(net.named_parameters())
         self.head_params = [p for n, p in named if n in head_names]
         self.encoder_params = [p for n, p in named if n not in head_names]
-        # Masking runs on the host (prepare_batch), so these stay on the CPU.
-        self.special_ids = masking.special_ids_tensor(tok)
-        self.continuation = (masking.word_continuation_table(tok)
-                             if o.masking in ("whole_word", "span") else None)
+
+    def _collate(self, tok: Any, pad_to_multiple_of: int | None) -> masking.MaskingCollate:
+        """Pad and mask in the DataLoader (its workers, with data.dataloader_workers > 0): on
+        the host, ahead of the step, so the step never waits on masking's Python loops."""
+        o = self.cfg.objective
+        return masking.MaskingCollate(
+            pad_id=tok.pad_token_id, pad_to_multiple_of=pad_to_multiple_of, seed=self.seed,
+            rank=self.rank, special_ids=masking.special_ids_tensor(tok),
+            mask_token_id=tok.mask_token_id, vocab_size=len(tok),
+            masked_lm_prob=o.masked_lm_prob, max_predictions=o.max_predictions_per_seq,
+            continuation=(masking.word_continuation_table(tok)
+                          if o.masking in ("whole_word", "span") else None),
+            strategy=o.masking, span_p=o.span_geometric_p, span_max_length=o.span_max_words)
 
     def _plan_head_warmup(self, trainer: Run, net: Any, new_heads: list[str]
                           ) -> tuple[int, list[str]]:
@@ -222,34 +227,20 @@ class MaskedLM:
             head_factor=self.cfg.objective.head_warmup.lr / t.lr, head_groups={"heads"},
             main=lambda s: schedules.linear_factor(s, t.warmup_steps, t.max_steps))
 
-    def prepare_batch(self, batch: dict[str, torch.Tensor], *, stream: str, step: int,
-                      micro: int) -> dict[str, torch.Tensor]:
-        """Mask on the host, before the copy to the device: a pure function of (seed, step,
-        rank, micro-batch), so a resumed run masks as the uninterrupted one did.
-
-        On the host because whole-word and span masking walk words in Python (``.tolist()``,
-        numpy): on a GPU batch each of those would wait for the device to drain. Here the
-        CPU works while the GPU runs the previous step.
-        """
-        o = self.cfg.objective
-        gen = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank, micro))
-        masked_ids, labels = masking.mask_tokens(
-            batch["input_ids"], batch["attention_mask"], special_ids=self.special_ids,
-            mask_token_id=self.tokenizer.mask_token_id, vocab_size=len(self.tokenizer),
-            masked_lm_prob=o.masked_lm_prob, max_predictions=o.max_predictions_per_seq,
-            continuation=self.continuation, strategy=o.masking, span_p=o.span_geometric_p,
-            span_max_length=o.span_max_words, generator=gen)
-        return {**batch, "input_ids": masked_ids, "labels": labels}
-
     def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
              micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
-        """The MLM (+ NSP) loss of a batch :meth:`prepare_batch` masked."""
+        """The MLM (+ NSP) loss of a batch the stream's collate masked (:meth:`_collate`).
+
+        Without ``attention_mask`` (a batch with no padding: packed blocks) the model attends
+        everywhere and builds no mask, so no step reads the device to ask whether it may skip
+        one (transformers' ``padding_mask.all()``).
+        """
         # Head warm-up on one process: no graph through the frozen encoder (3x less work).
         # Under DDP every parameter must get a gradient, so it is computed and dropped.
         self.module.encoder_frozen = step < self.warmup_steps and self.world == 1
         labels = batch["labels"]
-        losses = module(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                        labels, batch.get("next_sentence_label"))
+        losses = module(batch["input_ids"], batch.get("attention_mask"),
+                        batch["token_type_ids"], labels, batch.get("next_sentence_label"))
         metrics: dict[str, tuple[Any, Any]] = {"mlm_loss": (losses.mlm.detach(), 1)}
         if losses.nsp is not None:
             metrics["nsp_loss"] = (losses.nsp.detach(), 1)

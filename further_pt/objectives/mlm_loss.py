@@ -164,10 +164,13 @@ class PretrainingObjective(nn.Module):
         # Head warm-up: the encoder runs without building a graph; only the heads learn.
         self.encoder_frozen = False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None, labels: torch.Tensor,
                 next_sentence_label: torch.Tensor | None = None) -> Losses:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # attention_mask None: no padding (packed blocks); the model then builds no mask
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
         if self.token_types and token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         positions, targets = masked_positions(labels, self.max_predictions)

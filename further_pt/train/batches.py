@@ -47,9 +47,12 @@ class Batches:
             self.samplers[s.name] = order.ResumableSampler(
                 len(s.dataset), seed=seed, rank=rank, world_size=world, lengths=s.lengths,
                 batch_size=batch_size)
+            # Batches that know their (epoch, position): a collate that draws randomness
+            # (masking) seeds it from them, in the workers, and resumes exactly.
             self.loaders[s.name] = DataLoader(
-                s.dataset, batch_size=batch_size, sampler=self.samplers[s.name],
-                drop_last=s.drop_last, collate_fn=s.collate, num_workers=workers,
+                order.Positioned(s.dataset), batch_sampler=order.PositionedBatches(
+                    self.samplers[s.name], batch_size, s.drop_last),
+                collate_fn=s.collate, num_workers=workers,
                 pin_memory=pin_memory, persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
                 # Its own generator: a new iterator otherwise draws from the global RNG,
@@ -87,3 +90,21 @@ class Batches:
     def next(self, name: str) -> tuple[int, int, dict[str, torch.Tensor]]:
         """The stream's next micro-batch, with the (epoch, example) position after it."""
         return next(self._iters[name])
+
+
+def host_side(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """The batch as the model takes it, and its count of real tokens: both decided on the host.
+
+    A batch without padding (packed pretraining blocks; fine-tuning batches of full-length
+    texts) goes without its all-ones ``attention_mask``: the model then attends everywhere
+    and builds no mask. Given one, transformers' mask code asks the device whether it is all
+    ones (``padding_mask.all()``) to skip it, and every step would wait for the accelerator
+    there. Asked here of the batch still on the CPU, the answer costs nothing.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch, batch["input_ids"].numel()
+    tokens = int(mask.sum())
+    if tokens == mask.numel():
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch, tokens

@@ -41,7 +41,7 @@ from further_pt.errors import Preempted
 from further_pt.objectives.base import Objective
 from further_pt.train import checkpoint, dropout, faults, hub, launch, metrics_log, output_dir
 from further_pt.train import step as step_
-from further_pt.train.batches import Batches
+from further_pt.train.batches import Batches, host_side
 from further_pt.train.export import METRICS, Exporter
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,6 @@ class Trainer:
         module.train()
         watch = launch.PreemptionWatch(every=t.stop_check_every_steps)
         skips = step_.NonfiniteSteps(device, t.max_nonfinite_steps, state)
-        prepare_batch = getattr(objective, "prepare_batch", None)
         try:
             while step < total_steps:
                 torch.manual_seed(order.step_seed(cfg.seed, step, self.rank))  # dropout
@@ -230,10 +229,7 @@ class Trainer:
                 for micro in range(accum):
                     epoch, position, batch = batches.next(name)
                     state["streams"][name] = [epoch, position]
-                    if prepare_batch is not None:
-                        batch = prepare_batch(batch, stream=name, step=step, micro=micro)
-                        if device.type == "cuda":  # new tensors: pinned, the copy is async
-                            batch = {k: v.pin_memory() for k, v in batch.items()}
+                    batch, tokens = host_side(batch)  # e.g. drops an all-ones attention mask
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     sync = (acc.no_sync(module) if micro < accum - 1
                             else contextlib.nullcontext())
@@ -249,8 +245,8 @@ class Trainer:
                         faults.point("micro", step + 1, self.rank)
                     step_loss += loss.detach() / accum
                     # Summed on the device; read once per logging interval (no sync per step).
-                    window.add({"loss": (loss.detach(), 1),
-                                "tokens": (batch["attention_mask"].sum(), 0), **metrics}, device)
+                    window.add({"loss": (loss.detach(), 1), "tokens": (tokens, 0), **metrics},
+                               device)
                 objective.before_optimizer_step(step)
                 grad_norm, skipped, counted = step_.optimizer_step(
                     acc, module.parameters(), optimizer, scheduler, step_loss,
