@@ -11,6 +11,7 @@ state cut back into shards on resume.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -94,3 +95,99 @@ def test_fsdp_finetuning_evaluates_and_keeps_the_best_epoch(tmp_path: Path,
     assert metrics["eval_accuracy"] > 0.9
     from transformers import AutoModelForSequenceClassification
     assert AutoModelForSequenceClassification.from_pretrained(out / "final").num_labels == 2
+
+
+def _fp16_frozen_encoder(rank: int, port: int, results: str) -> None:
+    """One of two gloo processes: FSDP2, a real fp16 GradScaler, BERT-Feat's frozen encoder.
+
+    Three steps through ``optimizer_step`` with SGD at lr 1 (the update is the clipped
+    gradient itself): a finite one clipped to half its norm, one with an inf in rank 1's
+    shard of the head's gradient, a finite one. Writes what the parent checks.
+    """
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="true")
+    torch.set_num_threads(1)
+    import fsdp_on_cpu  # noqa: F401  (every Accelerator in this process: FSDP2 over BertLayers)
+    from accelerate import Accelerator
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from further_pt.train import step as optim_step
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=2))
+    for p in model.bert.parameters():  # BERT-Feat: only the head learns
+        p.requires_grad_(False)
+    acc = Accelerator(mixed_precision="fp16")
+    # Accelerate builds its fp16 GradScaler on GPUs only; FSDP2's (a plain one) on CPU
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**8), True
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    names = [n for n, _ in model.named_parameters()]
+    head = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def whole() -> dict[str, torch.Tensor]:
+        return {n: p.detach().full_tensor().float().clone() for n, p in model.named_parameters()}
+
+    g = torch.Generator().manual_seed(rank)
+    out: dict = {"head": head, "steps": []}
+    for step in (1, 2, 3):
+        ids = torch.randint(1, 50, (4, 8), generator=g)
+        with acc.autocast():
+            logits = model(input_ids=ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1]))
+        acc.backward(loss)  # scaled by the scaler
+        scale = acc.scaler.get_scale()
+        grads = {n: p.grad.full_tensor().float() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        unscaled = torch.sqrt(sum(x.pow(2).sum() for x in grads.values())).item() / scale
+        if step == 2 and rank == 1:  # an overflow in one process's shard only
+            dict(model.named_parameters())["classifier.weight"].grad.to_local().fill_(
+                float("inf"))
+        before = whole()
+        grad_norm, skipped, _ = optim_step.optimizer_step(
+            acc, model.parameters(), optimizer, scheduler, loss.detach(),
+            max_grad_norm=unscaled / 2)
+        after = whole()
+        moved = {n: torch.linalg.vector_norm(after[n] - before[n]).item() for n in names}
+        out["steps"].append({
+            "with_grad": sorted(grads), "unscaled": unscaled, "grad_norm": grad_norm.item(),
+            "skipped": skipped.item(), "scale_after": acc.scaler.get_scale(),
+            "head_update": math.sqrt(sum(moved[n] ** 2 for n in head)),
+            "encoder_moved": max(moved[n] for n in names if n not in head)})
+    Path(results, f"rank{rank}.json").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_fp16_with_a_frozen_encoder_unscales_once_and_clips_the_head(tmp_path: Path
+                                                                          ) -> None:
+    """Issue 27 item 4: under FSDP2 with a GradScaler, a clip over other than the model's whole
+    parameter list made Accelerate unscale twice ("unscale_() has already been called").
+    Here: the unscaled norm of the head's gradient, the head's update clipped to half of it,
+    the encoder still, an overflow in one shard skipped by both processes, the scale halved."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_fp16_frozen_encoder, args=(free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # the same norm, decisions and weights in both processes
+    head, steps = ranks[0]["head"], ranks[0]["steps"]
+    assert head == ["classifier.weight", "classifier.bias"]
+    for s in steps:
+        assert s["with_grad"] == sorted(head)
+        assert s["encoder_moved"] == 0.0
+    first, overflow, third = steps
+    # unscaled exactly once: not x256 (never unscaled), not /256 (unscaled twice)
+    assert first["grad_norm"] == pytest.approx(first["unscaled"], rel=1e-5)
+    assert first["head_update"] == pytest.approx(first["unscaled"] / 2, rel=1e-4)
+    assert (first["skipped"], first["scale_after"]) == (0.0, 2.0**8)
+    assert overflow["skipped"] == 1.0 and not math.isfinite(overflow["grad_norm"])
+    assert (overflow["head_update"], overflow["scale_after"]) == (0.0, 2.0**7)
+    assert third["grad_norm"] == pytest.approx(third["unscaled"], rel=1e-5)
+    assert third["head_update"] == pytest.approx(third["unscaled"] / 2, rel=1e-4)
+    assert (third["skipped"], third["scale_after"]) == (0.0, 2.0**7)

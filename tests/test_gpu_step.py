@@ -8,6 +8,7 @@ two NCCL ones.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,6 +134,46 @@ def test_nonfinite_limit_names_the_step_it_was_reached_at() -> None:
         skips.add(flag, flag, step)
     with pytest.raises(TrainingFailed, match=r"^2 non-finite steps in a row at step 5; stopped"):
         skips.read({}, 6, Path("ckpt"))
+
+
+def test_fp16_fsdp_clip_over_trainable_parameters_unscales_once() -> None:
+    """Issue 27 item 4, in one process: Accelerate's FSDP2 branch of clip_grad_norm_ unscales,
+    then clips only a list equal to a prepared model's parameters(); any other list (the
+    ones with gradients, under a frozen layer or a head warm-up) was unscaled a second time
+    and the GradScaler raised. The step hands it the whole list; the clip still covers only
+    the parameters with gradients, unscaled once. (Real sharding: tests/test_fsdp.py.)"""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)  # a frozen encoder
+    acc = Accelerator(cpu=True, mixed_precision="fp16")
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**8), True
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=1.0)  # the update is the gradient
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    acc.state.distributed_type = DistributedType.FSDP  # clip_grad_norm_'s FSDP2 branch
+    assert acc.is_fsdp2
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    x = torch.randn(8, 4)
+    for step in (1, 2):
+        acc.backward(model(x).pow(2).mean())
+        if step == 2:  # a head warm-up drops a trainable parameter's gradient
+            model[1].bias.grad = None
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        unscaled = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item() / 2.0**8
+        before = [p.detach().clone() for p in model.parameters()]
+        grad_norm, skipped, _ = optim_step.optimizer_step(
+            acc, model.parameters(), optimizer, scheduler, torch.tensor(1.0),
+            max_grad_norm=unscaled / 2)
+        moved = [torch.linalg.vector_norm(p.detach() - b).item()
+                 for p, b in zip(model.parameters(), before, strict=True)]
+        assert grad_norm.item() == pytest.approx(unscaled, rel=1e-5)  # not x256, not /256
+        assert math.hypot(*moved) == pytest.approx(unscaled / 2, rel=1e-4)  # clipped to half
+        assert moved[:2] == [0.0, 0.0]  # the frozen layer
+        assert (moved[3] == 0.0) == (step == 2)  # the dropped gradient
+        assert (skipped.item(), acc.scaler.get_scale()) == (0.0, 2.0**8)
 
 
 # ---------------------------------------------------------------- 5. the stop flag

@@ -34,6 +34,9 @@ def optimizer_step(accelerator: Any, params: Iterator[torch.nn.Parameter], optim
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clip, step, advance the schedule; ``(grad_norm, skipped, nonfinite_loss)`` as tensors.
 
+    ``params`` is the prepared model's ``parameters()``, all of them: the clip and the norm
+    cover those with a gradient, unscaled exactly once under fp16 (FSDP included).
+
     A step whose loss or gradient is not finite must not change the weights. How that
     is done depends on who owns the check, and none of the ways reads the device:
 
@@ -60,7 +63,11 @@ def optimizer_step(accelerator: Any, params: Iterator[torch.nn.Parameter], optim
     non-finite *loss*, since overflowing gradients are the scaler's routine business.
     """
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    # The model's whole list, not the parameters that have gradients: under FSDP Accelerate
+    # unscales, then clips only a list equal to a prepared model's parameters() and unscales
+    # again for any other (the GradScaler raises "unscale_() has already been called"). Its
+    # clip skips the parameters without gradients (frozen ones, a head warm-up's encoder).
+    grad_norm = accelerator.clip_grad_norm_(list(params), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor; its local value
         grad_norm = grad_norm.full_tensor()
     bad = ~torch.isfinite(grad_norm)
