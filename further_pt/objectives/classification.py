@@ -194,18 +194,14 @@ class Classification:
     name = "finetune"
 
     def __init__(self, cfg: DictConfig, resume_from: Path | None) -> None:
-        """Read-only checks: the model's config and tokenizer exist and fit the data."""
-        self.cfg, self.resume_from = cfg, resume_from
+        """Read-only checks: the model's config and tokenizer exist and fit the data.
+
+        ``resume_from`` is this process's own choice of checkpoint, made before the process
+        group exists; :meth:`build` reads the model again if the main process chose another.
+        """
+        self.cfg = cfg
         self.metric = cfg.eval.metric
-        m = cfg.model
-        source = str(resume_from or m.name_or_path)
-        self.model_config = encoder.load_config(source, trust_remote_code=m.trust_remote_code)
-        self.tokenizer = tokenizer.load_tokenizer(str(resume_from or m.tokenizer or source),
-                                                  trust_remote_code=m.trust_remote_code)
-        encoder.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length,
-                                 needs_mask=False)
-        check_special_tokens(self.tokenizer, pairs=cfg.data.text_pair_column is not None)
-        check_head(self.model_config, cfg.head, trust_remote_code=m.trust_remote_code)
+        self._read_model(resume_from)
         # DDP's search for unused parameters costs a graph walk every step: only custom heads
         # need it (another pooling leaves the pooler unused, an earlier layer the ones above,
         # a multi-task step the other tasks' heads). The standard head uses every parameter.
@@ -215,10 +211,26 @@ class Classification:
             and cfg.data.truncation != "segments")
         self.unfreezing: layerwise.GradualUnfreezing | None = None
 
+    def _read_model(self, resume_from: Path | None) -> None:
+        """The config and tokenizer of ``resume_from`` (else the recipe's model), checked."""
+        cfg, m = self.cfg, self.cfg.model
+        self.resume_from = resume_from
+        source = str(resume_from or m.name_or_path)
+        self.model_config = encoder.load_config(source, trust_remote_code=m.trust_remote_code)
+        self.tokenizer = tokenizer.load_tokenizer(str(resume_from or m.tokenizer or source),
+                                                  trust_remote_code=m.trust_remote_code)
+        encoder.check_compatible(self.model_config, self.tokenizer, cfg.data.max_seq_length,
+                                 needs_mask=False)
+        check_special_tokens(self.tokenizer, pairs=cfg.data.text_pair_column is not None)
+        check_head(self.model_config, cfg.head, trust_remote_code=m.trust_remote_code)
+
     def build(self, trainer: Run) -> None:
         """Tasks -> (claim the output dir) -> streams -> classifier -> layer groups."""
         cfg, t = self.cfg, self.cfg.train
-        self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
+        if trainer.resume_from != self.resume_from:
+            # This process saw another checkpoint (or none) than the main one, whose choice
+            # every process resumes (Trainer.start): its config and tokenizer are the ones.
+            self._read_model(trainer.resume_from)
         with trainer.accelerator.main_process_first():
             self.tasks, self.data_report = load_tasks(cfg, self.tokenizer)
         trainer.claim()

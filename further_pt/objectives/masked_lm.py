@@ -51,10 +51,26 @@ class MaskedLM:
     find_unused_parameters = False  # a head warm-up under DDP computes (then drops) all grads
 
     def __init__(self, cfg: DictConfig, resume_from: Path | None) -> None:
-        """Read-only checks: the model has the heads the objective needs, and fits the data."""
-        self.cfg, self.resume_from = cfg, resume_from
+        """Read-only checks: the model has the heads the objective needs, and fits the data.
+
+        ``resume_from`` is this process's own choice of checkpoint, made before the process
+        group exists; :meth:`build` reads the model again if the main process chose another.
+        """
+        self.cfg = cfg
         self.sources = corpus.resolve_sources(cfg.data.train_files)
-        m = cfg.model
+        self.new_words: list[Any] | None = None
+        held_out = cfg.data.eval_files is not None or cfg.data.eval_fraction is not None
+        # The held-out MLM loss, every eval.every_steps (None: no held-out set, no evaluation)
+        self.metric = "loss" if held_out else None
+        self.eval_every_steps = cfg.eval.every_steps if held_out else None
+        self.eval_rows: list[dict[str, torch.Tensor]] = []
+        self._read_model(resume_from)
+
+    def _read_model(self, resume_from: Path | None) -> None:
+        """The model's config and tokenizer, from ``resume_from`` (else the recipe's model),
+        checked against the objective and the data; a from-scratch start has neither yet."""
+        cfg, m = self.cfg, self.cfg.model
+        self.resume_from = resume_from
         if resume_from is not None:
             self.model_config = encoder.load_config(str(resume_from))
         elif m.from_scratch is None:
@@ -63,12 +79,6 @@ class MaskedLM:
         else:
             self.model_config = None  # built once the tokenizer is trained
         self.tokenizer: Any = None
-        self.new_words: list[Any] | None = None
-        held_out = cfg.data.eval_files is not None or cfg.data.eval_fraction is not None
-        # The held-out MLM loss, every eval.every_steps (None: no held-out set, no evaluation)
-        self.metric = "loss" if held_out else None
-        self.eval_every_steps = cfg.eval.every_steps if held_out else None
-        self.eval_rows: list[dict[str, torch.Tensor]] = []
         if self.model_config is not None:
             encoder.pretraining_class(self.model_config, cfg.objective.nsp)
             self.tokenizer = self._given_tokenizer()
@@ -92,7 +102,10 @@ class MaskedLM:
         """Corpus -> (claim the output dir) -> tokenizer -> instances -> model -> masking."""
         cfg, acc = self.cfg, trainer.accelerator
         d, o = cfg.data, cfg.objective
-        self.resume_from = trainer.resume_from  # the main process's choice (Trainer.start)
+        if trainer.resume_from != self.resume_from:
+            # This process saw another checkpoint (or none) than the main one, whose choice
+            # every process resumes (Trainer.start): its config and tokenizer are the ones.
+            self._read_model(trainer.resume_from)
         self.seed, self.rank = cfg.seed, trainer.rank
         if d.streaming:  # read on the fly: only the held-out files are read now
             docs = []
