@@ -24,6 +24,8 @@ from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from further_pt.train import gpu_driver
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -158,6 +160,33 @@ def test_torch_check_fails_for_a_stale_or_mismatched_image() -> None:
                                      f"torch>={ci.major}.{ci.minor + 5}"]
     with pytest.raises(AssertionError):
         image_torch("FROM pytorch/pytorch:latest\n")
+
+
+#: The CUDA builds of each torch release, which the pytorch/pytorch tags follow
+#: (`T-cudaX-cudnn9-runtime`): torch's CUDA support matrix (12.8 left after 2.11; 2.12 to
+#: 2.14 share one matrix). A new torch pin needs its row: its tags are checked here.
+TORCH_CUDA_BUILDS = {"2.12": ("12.6", "13.0", "13.2"), "2.13": ("12.6", "13.0", "13.2"),
+                     "2.14": ("12.6", "13.0", "13.2")}
+
+
+def test_default_cuda_runs_on_the_drivers_clouds_run_and_13_is_a_build_argument() -> None:
+    """Issue 27: CUDA 13 needs an NVIDIA driver >= 580, most cloud H100/A100 hosts run
+    R535-R570: the default is a 12.x build of the same torch (a tag that exists), the
+    one the launcher's driver line names, and the Dockerfile, README and Docker guide say
+    how to build for CUDA 13.0."""
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert FROM_TAG.search(dockerfile)["cuda"] == "${CUDA}"
+    default = re.search(r"^ARG CUDA=(\S+)$", dockerfile, re.MULTILINE)[1]
+    assert Version(default).major == 12, default
+    assert gpu_driver.MIN_DRIVER[12] <= 535  # R535, the oldest driver clouds commonly run
+    assert default == gpu_driver.IMAGE_CUDA  # the build argument the driver line names
+    torch = image_torch(dockerfile)
+    builds = TORCH_CUDA_BUILDS[f"{torch.major}.{torch.minor}"]
+    assert default in builds and "13.0" in builds
+    guide = (REPO / "docs" / "guides" / "docker.md").read_text()
+    for text in (dockerfile, (REPO / "README.md").read_text(), guide):
+        assert "docker build --build-arg CUDA=13.0" in text
+    assert f"pytorch/pytorch:{torch}-cuda{default}-cudnn9-runtime" in guide
 
 
 def test_image_runs_as_non_root_and_compose_chains_the_stages() -> None:

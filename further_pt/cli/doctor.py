@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from further_pt.data import builtin
-from further_pt.train import hardware
+from further_pt.train import gpu_driver, hardware
 
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "evaluate",
             "hydra-core", "omegaconf", "safetensors")
@@ -92,8 +92,12 @@ def versions() -> Check:
 
 
 def devices() -> Check:
-    """Each GPU's name, capability, memory and half-precision support, or the CPU's."""
+    """Each GPU's name, capability, memory and half-precision support, or the CPU's; a
+    failure when the driver shows GPUs this torch cannot use (its line names the fix)."""
     if not torch.cuda.is_available():
+        problem = gpu_driver.unusable_gpus()
+        if problem is not None:
+            return Check("devices", "FAIL", problem)
         flags = sorted(hardware.cpu_bf16_flags()) or ["no fast bf16"]
         return Check("devices", "ok", f"no CUDA GPU; CPU {cpu_model()}, "
                      f"{hardware.cpu_threads(1)} cores, {'/'.join(flags)}")

@@ -28,7 +28,7 @@ from accelerate.utils import (
 
 from further_pt.config import recipes
 from further_pt.errors import FurtherPTError, SetupError, TrainingFailed
-from further_pt.train import hardware
+from further_pt.train import gpu_driver, hardware
 
 logger = logging.getLogger("further_pt.train.launch")
 
@@ -161,8 +161,19 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     node) fails the run after that long instead of blocking it forever; a process that
     dies outright is noticed at once. Fails loudly when the launcher's
     WORLD_SIZE and the processes Accelerate sees disagree: on CPU,
-    ``accelerate launch --cpu --num_processes 2`` silently starts one process.
+    ``accelerate launch --cpu --num_processes 2`` silently starts one process. When
+    ``nvidia-smi`` lists GPUs that torch cannot use (a driver older than torch's CUDA
+    needs), that is said first, in one line with the fix
+    (:func:`further_pt.train.gpu_driver.unusable_gpus`): an error for several processes,
+    a warning for one (it runs on the CPU).
     """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        problem = gpu_driver.unusable_gpus()
+        if problem and launched > 1:
+            raise SetupError(problem)
+        if problem and launched_rank() == 0:
+            logger.warning("%s; this run trains on the CPU", problem)
     precision, why = hardware.detect_precision(mixed_precision)
     # Before the process group exists: NCCL's watchdog then aborts the communicator on a
     # timeout and the step raises (-> the "lost contact" line, exit 3) instead of killing
@@ -179,7 +190,6 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
         project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)),
         **kwargs,
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SetupError(
             f"WORLD_SIZE={launched} but Accelerate runs {accelerator.num_processes} process(es); "
