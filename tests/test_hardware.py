@@ -306,3 +306,26 @@ def test_engines_without_a_gather_path_are_refused_before_any_work(engine) -> No
     assert check_engine(SimpleNamespace(
         distributed_type=DistributedType.FSDP,
         state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))) is True
+
+
+def test_fsdp_on_cpu_processes_needs_torch_2_7(monkeypatch) -> None:
+    """torch 2.6's FSDP2 calls torch.cpu.Stream.record_event, which 2.7 added: a one-line
+    error before any work instead of an AttributeError in the first forward (CUDA: fine)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from further_pt.errors import SetupError
+    from further_pt.train.launch import check_engine
+
+    def fsdp(device: str) -> SimpleNamespace:
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, device=torch.device(device),
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    with pytest.raises(SetupError, match=r"^FSDP on CPU processes needs torch >= 2.7 \(this is "
+                                         r"2.6.0\+cu124\)"):
+        check_engine(fsdp("cpu"))
+    assert check_engine(fsdp("cuda")) is True
+    monkeypatch.setattr(torch, "__version__", "2.7.0")
+    assert check_engine(fsdp("cpu")) is True

@@ -134,6 +134,14 @@ def check_engine(accelerator: Any) -> bool:
                 f"accelerate is configured for FSDP version {version}: further_pt shards with "
                 "FSDP version 2 (torch's fully_shard); set fsdp_version: 2 in `accelerate "
                 "config` or pass --fsdp_version 2 to accelerate launch")
+        device = getattr(accelerator, "device", None)
+        if getattr(device, "type", None) == "cpu" and torch_release() < (2, 7):
+            # FSDP2 records events on its streams; torch.cpu.Stream has record_event only
+            # from 2.7 (pytorch#145935): 2.6 fails in the first forward with an AttributeError
+            raise SetupError(
+                f"FSDP on CPU processes needs torch >= 2.7 (this is {torch.__version__}): "
+                "upgrade torch, or train data-parallel (drop the FSDP config); on CUDA GPUs "
+                "torch 2.6 shards fine")
         return True
     if engine in REFUSED_ENGINES:
         raise SetupError(
@@ -141,6 +149,11 @@ def check_engine(accelerator: Any) -> bool:
             "1..N GPUs or nodes) or sharded with FSDP version 2; run `accelerate config` with "
             "'multi-GPU' or FSDP (fsdp_version: 2)")
     return False
+
+
+def torch_release() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
