@@ -108,6 +108,7 @@ class OptimizerSchema:
     collective_timeout_s: float = MISSING
     fast_cpu_dropout: bool = MISSING
     global_batch_size: int | None = MISSING
+    ddp_comm_hook: str | None = MISSING  # null | bf16 | fp16: DDP's gradient all-reduce dtype
     stop_check_every_steps: int = MISSING
     tf32: bool = MISSING
     compile: bool = MISSING

@@ -224,6 +224,8 @@ def _validate_loop(cfg: DictConfig, *, check_files: bool = True) -> None:
     _require(t.mixed_precision in (None, "auto", "no", "fp16", "bf16"), "train.mixed_precision",
              f"must be auto, no, fp16, bf16 or null (from the accelerate config); got "
              f"{t.mixed_precision!r}")
+    _require(t.ddp_comm_hook in (None, "bf16", "fp16"), "train.ddp_comm_hook",
+             f"must be null (fp32 all-reduce), bf16 or fp16; got {t.ddp_comm_hook!r}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _require(t.collective_timeout_s > 0, "train.collective_timeout_s",

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
+    DDPCommunicationHookType,
     DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     ProjectConfiguration,
@@ -32,7 +33,7 @@ from further_pt.train import gpu_driver, hardware
 
 logger = logging.getLogger("further_pt.train.launch")
 
-__all__ = ["PreemptionWatch", "checkpoint_bytes", "entry_point", "make_accelerator"]
+__all__ = ["PreemptionWatch", "checkpoint_bytes", "ddp_kwargs", "entry_point", "make_accelerator"]
 
 
 class PreemptionWatch:
@@ -156,8 +157,71 @@ def torch_release() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+#: ``train.ddp_comm_hook`` -> Accelerate's DDP communication hook (torch's
+#: ``default_hooks.bf16_compress_hook`` / ``fp16_compress_hook``): each bucket of fp32
+#: gradients is divided by the world size, cast to 16 bits for the all-reduce (half the
+#: bytes on the wire) and cast back; every replica gets the same result.
+COMM_HOOKS = {"bf16": DDPCommunicationHookType.BF16, "fp16": DDPCommunicationHookType.FP16}
+
+
+def ddp_kwargs(*, find_unused_parameters: bool = False, comm_hook: str | None = None
+               ) -> DistributedDataParallelKwargs | None:
+    """Accelerate's DDP settings for these keys; None when both are the defaults.
+
+    Accelerate reads them only where it wraps the model in DDP (several processes, not
+    FSDP) and registers the hook on the wrapped model (``register_comm_hook``).
+    """
+    if not find_unused_parameters and comm_hook is None:
+        return None
+    if comm_hook is not None and comm_hook not in COMM_HOOKS:
+        raise SetupError(f"config key 'train.ddp_comm_hook': must be null, bf16 or fp16; got "
+                         f"{comm_hook!r}")
+    return DistributedDataParallelKwargs(
+        find_unused_parameters=find_unused_parameters,
+        comm_hook=COMM_HOOKS[comm_hook] if comm_hook else DDPCommunicationHookType.NO)
+
+
+def bf16_all_reduce_supported() -> bool:
+    """Whether torch registers its bf16 compression hook here: its own test in
+    ``DistributedDataParallel._check_comm_hook`` (a CUDA/ROCm build with NCCL >= 2.10)."""
+    import torch.distributed as dist
+
+    if torch.version.cuda is None and torch.version.hip is None:
+        return False
+    try:
+        return dist.is_available() and dist.is_nccl_available() and (
+            torch.cuda.nccl.version() >= (2, 10))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def comm_hook_note(comm_hook: str | None, accelerator: Any) -> tuple[str, bool] | None:
+    """What became of ``train.ddp_comm_hook`` (the line to log, and whether it is a warning).
+
+    The hook lives on DDP's gradient buckets. Under FSDP gradients are reduce-scattered
+    by FSDP itself (in the dtype of its mixed-precision policy), and a single process has
+    no all-reduce: there the key does nothing, and the log says so rather than letting a
+    user believe the all-reduce was compressed. Where DDP would refuse the bf16 hook (a
+    CPU build of torch) the run stops here, before the model loads, naming the key.
+    """
+    if comm_hook is None:
+        return None
+    engine = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if engine == "FSDP":
+        return (f"train.ddp_comm_hook={comm_hook} is ignored under FSDP: FSDP reduce-scatters "
+                "gradients itself, in the reduce dtype of its mixed-precision policy (set it "
+                "in the accelerate FSDP config)"), True
+    if accelerator.num_processes < 2:
+        return f"train.ddp_comm_hook={comm_hook} is ignored: one process, no all-reduce", True
+    if comm_hook == "bf16" and not bf16_all_reduce_supported():
+        raise SetupError("config key 'train.ddp_comm_hook': bf16 needs a CUDA build of torch "
+                         f"with NCCL >= 2.10 (torch {torch.__version__} here); use fp16 or null")
+    return (f"DDP gradient all-reduce in {comm_hook} (train.ddp_comm_hook): half the bytes of "
+            "fp32"), False
+
+
 def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
-                     find_unused_parameters: bool = False,
+                     find_unused_parameters: bool = False, comm_hook: str | None = None,
                      collective_timeout_s: float = 1800.0, tf32: bool = True,
                      trackers: list[str] | tuple[str, ...] = ()) -> Any:
     """An Accelerator logging to ``trackers`` (``train.trackers``; TensorBoard writes under
@@ -172,7 +236,9 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     Both choices are logged with their reason. ``collective_timeout_s`` bounds every
     collective: a peer that hangs or vanishes without closing its sockets (a frozen
     node) fails the run after that long instead of blocking it forever; a process that
-    dies outright is noticed at once. Fails loudly when the launcher's
+    dies outright is noticed at once. ``comm_hook`` (``train.ddp_comm_hook``: null, bf16,
+    fp16) compresses DDP's gradient all-reduce (:func:`ddp_kwargs`; ignored, with a log
+    line, under FSDP or on one process). Fails loudly when the launcher's
     WORLD_SIZE and the processes Accelerate sees disagree: on CPU,
     ``accelerate launch --cpu --num_processes 2`` silently starts one process. When
     ``nvidia-smi`` lists GPUs that torch cannot use (a driver older than torch's CUDA
@@ -193,8 +259,10 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
     # the process with SIGABRT. A value the user exported is kept.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", NCCL_ERROR_HANDLING)
     handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))]
-    if find_unused_parameters:  # custom heads leave the pooler or HF head without gradients
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # custom heads leave the pooler or HF head without gradients; the hook halves the all-reduce
+    ddp = ddp_kwargs(find_unused_parameters=find_unused_parameters, comm_hook=comm_hook)
+    if ddp is not None:
+        handlers.append(ddp)
     kwargs: dict[str, Any] = {"kwargs_handlers": handlers}
     if precision is not None:
         kwargs["mixed_precision"] = precision
@@ -219,9 +287,12 @@ def make_accelerator(mixed_precision: str | None, log_dir: Path, *,
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         threads, why_threads = hardware.configure_cpu_threads(local)
         notes.append(f"CPU threads per process: {threads} ({why_threads})")
+    hook_note = comm_hook_note(comm_hook, accelerator)
     if accelerator.is_main_process:
         for note in notes:
             logger.info(note)
+        if hook_note is not None:
+            (logger.warning if hook_note[1] else logger.info)(hook_note[0])
     return accelerator
 
 

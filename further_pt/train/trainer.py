@@ -117,7 +117,7 @@ class Trainer:
         t = self.cfg.train
         self.accelerator = launch.make_accelerator(
             t.mixed_precision, self.output_dir / "logs",
-            find_unused_parameters=find_unused_parameters,
+            find_unused_parameters=find_unused_parameters, comm_hook=t.ddp_comm_hook,
             collective_timeout_s=t.collective_timeout_s, tf32=t.tf32, trackers=list(t.trackers))
         self.sharded = launch.check_engine(self.accelerator)  # refuses; FSDP: gather to save
         global_batch = t.global_batch_size
