@@ -159,3 +159,53 @@ def test_fp16_comm_hook_compresses_the_all_reduce_and_replicas_agree(tmp_path: P
     assert fp16["off_half_sum_by"] == 0.0  # exactly what the compressed all-reduce gives
     assert 0.0 < fp16["off_fp32_mean_by"] <= 2 ** -10 * fp16["scale"]  # fp16 rounding, no more
     assert fp32["off_fp32_mean_by"] <= 1e-6 * fp32["scale"]
+
+
+# ---------------------------------------------------------------- fine-tuning data, file lock
+
+
+def test_finetuning_tokenizes_under_the_file_lock_not_in_a_barrier(
+        tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Classification.build reads and tokenizes its tasks holding the preparation file lock in
+    data.cache_dir (which has no timeout), never in accelerate's main_process_first (a barrier
+    bounded by train.collective_timeout_s): here main_process_first raises, and the lock is
+    seen held while the labelled file is read."""
+    import filelock
+    import torch
+    from helpers import write_task
+
+    from further_pt.data import labelled
+    from further_pt.objectives.classification import Classification
+
+    train = write_task(tmp_path / "train.jsonl", 24, 0)
+    cache = tmp_path / "cache"
+    cfg = recipes.load(["recipe=fit", f"output_dir={tmp_path / 'out'}",
+                        f"model.name_or_path={tiny_model_dir}", f"data.train_file={train}",
+                        "data.max_seq_length=32", f"data.cache_dir={cache}"],
+                       recipes.FinetuneSchema, kind="finetune",
+                       validate=validate.validate_finetune)
+
+    def barrier() -> None:
+        raise AssertionError("main_process_first: a collective with a timeout")
+
+    held = []
+    real = labelled.load_labelled
+
+    def spy(*args, **kwargs):
+        probe = filelock.FileLock(str(cache / ".further_pt-prepare.lock"))
+        try:
+            probe.acquire(timeout=0)
+            probe.release()
+            held.append(False)
+        except filelock.Timeout:
+            held.append(True)
+        return real(*args, **kwargs)
+
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(device=torch.device("cpu"), main_process_first=barrier),
+        resume_from=None, claim=lambda: None)
+    monkeypatch.setattr(labelled, "load_labelled", spy)  # what load_tasks reads files with
+    objective = Classification(cfg, None)
+    objective.build(trainer)  # type: ignore[arg-type]
+    assert held == [True]  # read (and then tokenized) while holding the lock
+    assert len(objective.tasks[0].train) == 24

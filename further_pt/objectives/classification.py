@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
-from further_pt.data import instances, labelled, segments, tokenizer
+from further_pt.data import corpus, instances, labelled, segments, tokenizer
+from further_pt.data.prepare import preparation_lock
 from further_pt.errors import ConfigError
 from further_pt.objectives import encoder, evaluation, layerwise, schedules
 from further_pt.objectives.base import Run, Stream
@@ -231,7 +232,9 @@ class Classification:
             # This process saw another checkpoint (or none) than the main one, whose choice
             # every process resumes (Trainer.start): its config and tokenizer are the ones.
             self._read_model(trainer.resume_from)
-        with trainer.accelerator.main_process_first():
+        # A file lock, not a barrier (main_process_first): tokenizing a large task may outlast
+        # train.collective_timeout_s. The first process fills the cache, the others load it.
+        with preparation_lock(corpus.default_cache_dir(cfg.data.cache_dir), "the labelled data"):
             self.tasks, self.data_report = load_tasks(cfg, self.tokenizer)
         trainer.claim()
         self.device = trainer.accelerator.device
