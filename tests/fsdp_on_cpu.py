@@ -10,13 +10,19 @@ and switches its state to FSDP, which is what ``accelerate launch --use_fsdp
 ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2``::
 
     tests/fsdp_on_cpu.py further_pt/pretrain.py key=value ...
+
+With ``FSDP_ON_CPU_LOADS=<folder>`` each process also appends the name of every file it
+``torch.load``s to ``<folder>/rank-<RANK>.txt`` (which process read the optimizer state).
 """
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
+from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -35,6 +41,19 @@ def _fsdp_init(self: Accelerator, *args: object, **kwargs: object) -> None:
 
 
 Accelerator.__init__ = _fsdp_init  # type: ignore[method-assign]
+
+_load = torch.load
+
+
+def _logged_load(f: object, *args: object, **kwargs: object) -> object:
+    with open(Path(os.environ["FSDP_ON_CPU_LOADS"]) / f"rank-{os.environ['RANK']}.txt",
+              "a") as fh:
+        fh.write(f"{Path(str(f)).name}\n")
+    return _load(f, *args, **kwargs)
+
+
+if os.environ.get("FSDP_ON_CPU_LOADS"):
+    torch.load = _logged_load  # type: ignore[assignment]
 
 if __name__ == "__main__":
     sys.argv = sys.argv[1:]

@@ -209,3 +209,71 @@ def test_finetuning_tokenizes_under_the_file_lock_not_in_a_barrier(
     objective.build(trainer)  # type: ignore[arg-type]
     assert held == [True]  # read (and then tokenized) while holding the lock
     assert len(objective.tasks[0].train) == 24
+
+
+# ---------------------------------------------------------------- FSDP: state on rank 0's GPU
+
+
+def test_fsdp_full_copy_stays_in_cpu_memory_and_visits_the_gpu_to_evaluate(tmp_path: Path
+                                                                           ) -> None:
+    """The main process's full copy of a sharded model is kept on the CPU (no whole fp32
+    model on rank 0's GPU for the run); an evaluation moves it to the device and back."""
+    import torch
+
+    from further_pt.train.export import Exporter
+
+    moves: list[str] = []
+
+    class Spy(torch.nn.Linear):
+        def to(self, *args, **kwargs):  # record where it is sent; stay put (no CUDA here)
+            moves.append(str(torch.device(args[0])))
+            return self
+
+    acc = SimpleNamespace(is_main_process=True, process_index=0, num_processes=2)
+    cfg = SimpleNamespace(model=SimpleNamespace(name_or_path="unused"))
+    export = Exporter(acc, tmp_path, sharded=True, cfg=cfg, resolved={})
+    export.keep_full_copy(Spy(4, 4), torch.device("cuda", 0))
+    assert moves in ([], ["cpu"])  # never sent to the GPU to be kept
+    assert {p.device.type for p in export._full.parameters()} == {"cpu"}
+    moves.clear()
+    seen: list[list[str]] = []
+    objective = SimpleNamespace(evaluate=lambda whole, shard: seen.append(list(moves)) or {})
+    export.evaluate(objective, export._full, None, {}, 1, 1)  # type: ignore[arg-type]
+    assert seen == [["cuda:0"]] and moves == ["cuda:0", "cpu"]  # there for the evaluation only
+
+
+def test_sharded_checkpoint_optimizer_state_is_read_by_the_main_process_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDP a process other than rank 0 does not open optimizer.pt (the whole AdamW
+    state, 2x the fp32 model): it gets {} and receives its shard by broadcast."""
+    import torch
+
+    from further_pt.train import checkpoint
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def write_model(folder: Path) -> None:
+        (folder / "config.json").write_text("{}")
+
+    opened: list[tuple[bool, int, str]] = []
+    real = torch.load
+    where: dict[str, object] = {}
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (opened.append(
+        (where["sharded"], where["rank"], Path(f).name)), real(f, *a, **k))[1])
+    for sharded in (True, False):
+        folder = checkpoint.save_checkpoint(
+            tmp_path / str(sharded), 3, write_model=write_model,
+            optimizer_state=opt.state_dict(), scheduler=sched,
+            state={"sharded": sharded}, keep_last=1)
+        for rank in (1, 0):
+            where.update(sharded=sharded, rank=rank)
+            monkeypatch.setattr(checkpoint, "_rank", lambda rank=rank: rank)
+            state, optimizer_state = checkpoint.load_training_state(folder, sched)
+            assert state["sharded"] is sharded and state["step"] == 3
+            assert bool(optimizer_state) is (rank == 0 or not sharded)
+    assert [x for x in opened if x[2] == "optimizer.pt"] == [
+        (True, 0, "optimizer.pt"), (False, 1, "optimizer.pt"), (False, 0, "optimizer.pt")]

@@ -84,6 +84,42 @@ def test_fsdp_pretraining_equals_ddp_and_resumes_from_its_checkpoint(
 
 
 @pytest.mark.slow
+def test_fsdp_resume_is_bit_exact_and_only_rank_0_reads_the_optimizer_state(
+        tmp_path: Path, corpus_file: Path, tiny_model_dir: Path) -> None:
+    """FSDP straight through vs killed after step 4 and resumed from step 3: the same final
+    weights, bit for bit. On resume the main process alone opens optimizer.pt; the other
+    receives its shard (set_optimizer_state_dict(..., broadcast_from_rank0=True)). The
+    DDP-only train.ddp_comm_hook is ignored under FSDP, with a line saying so."""
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    env = {"ACCELERATE_USE_CPU": "true"}
+    finals = {}
+    for name, fault in (("straight", None), ("resumed", "step:4:1")):
+        out = tmp_path / name
+        args = pretrain_overrides(out, corpus_file, tiny_model_dir, tmp_path / f"cache-{name}",
+                                  **{"model.attn_implementation": "sdpa",
+                                     "train.ddp_comm_hook": "fp16"})
+        if fault:
+            killed = run_script(args, env={**env, "FURTHER_PT_FAULT": fault},
+                                launcher=_launcher(free_port(), fsdp=True))
+            assert killed.returncode != 0 and not (out / "final").exists()
+            assert not list(loads.iterdir())  # a fresh run loads no optimizer state
+            proc = run_script(args, env={**env, "FSDP_ON_CPU_LOADS": str(loads)},
+                              launcher=_launcher(free_port(), fsdp=True))
+            assert "resuming from" in proc.stderr and "step-000003 (step 3)" in proc.stderr
+        else:
+            proc = run_script(args, env=env, launcher=_launcher(free_port(), fsdp=True))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "train.ddp_comm_hook=fp16 is ignored under FSDP" in proc.stderr
+        finals[name] = weights(out / "final")
+    opened = {p.name: p.read_text().split() for p in loads.iterdir()}
+    assert opened["rank-0.txt"].count("optimizer.pt") == 1
+    assert "optimizer.pt" not in opened.get("rank-1.txt", [])
+    assert finals["straight"].keys() == finals["resumed"].keys()
+    assert all(torch.equal(finals["straight"][k], finals["resumed"][k]) for k in finals["straight"])
+
+
+@pytest.mark.slow
 def test_fsdp_finetuning_evaluates_and_keeps_the_best_epoch(tmp_path: Path,
                                                             tiny_model_dir: Path) -> None:
     train = write_task(tmp_path / "train.jsonl", 160, 0)

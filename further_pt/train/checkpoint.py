@@ -17,8 +17,10 @@ the newest complete one. RNG state is not saved because the loops reseed every
 step from (seed, step, rank): the randomness of step *k* is the same whether
 the run was resumed or not.
 
-Only data-parallel (DDP) runs are supported: optimizer state is replicated on
-every rank, so the main process writes it and every rank reads it.
+Under data parallelism (DDP) optimizer state is replicated on every rank, so the main
+process writes it and every rank reads it. Under FSDP the main process writes the gathered
+full state and alone reads it back; the others receive their shards from it
+(:meth:`further_pt.train.export.Exporter.load_optimizer`).
 """
 
 from __future__ import annotations
@@ -249,11 +251,24 @@ def load_training_state(folder: Path, scheduler: Any) -> tuple[dict[str, Any], d
     """Restore the scheduler in place; return the trainer state and the optimizer's state.
 
     The caller loads the optimizer state: as it is under data parallelism, or sharded
-    onto each process's parameters under FSDP.
+    onto each process's parameters under FSDP. A sharded checkpoint's ``optimizer.pt``
+    (the whole AdamW state: twice the fp32 model) is read by the main process alone;
+    the others get ``{}`` and receive their shards from it (``broadcast_from_rank0``),
+    so a node of 8 GPUs reads and holds it once, not 8 times.
     """
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    state = json.loads((folder / STATE).read_text())
+    if state.get("sharded") and _rank() != 0:
+        return state, {}
     optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    return json.loads((folder / STATE).read_text()), optimizer_state
+    return state, optimizer_state
+
+
+def _rank() -> int:
+    """This process's rank in the job's process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # --------------------------------------------------------------------------- one run per dir

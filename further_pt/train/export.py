@@ -3,8 +3,9 @@ the folders a run writes (checkpoints' models, ``best/``, ``final/``) and metric
 
 Under data parallelism every process holds the whole model and the same optimizer state;
 under FSDP each holds a shard, so every save and evaluation first gathers the full weights
-into a plain copy on the main process. Both go through the same calls here, and the code
-that writes folders and evaluates stays the data-parallel path.
+into a plain copy on the main process (in CPU memory: on the GPU only while it evaluates).
+Both go through the same calls here, and the code that writes folders and evaluates stays
+the data-parallel path.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Exporter:
         self.accelerator, self.output_dir, self.sharded = accelerator, output_dir, sharded
         self.cfg, self.base_model, self.resolved = cfg, cfg.model.name_or_path, resolved
         self._full: Any = None
+        self._eval_device: torch.device | None = None
         self._st_files: dict[str, bytes] | None = None
 
     @property
@@ -51,9 +53,17 @@ class Exporter:
 
     def keep_full_copy(self, module: torch.nn.Module, device: torch.device) -> None:
         """FSDP: the main process keeps a plain full copy, into which the weights are
-        gathered to save or evaluate (call before Accelerate wraps the module)."""
+        gathered to save or evaluate (call before Accelerate wraps the module).
+
+        The copy lives in CPU memory, where the gather lands (``get_state_dict`` offloads
+        to the CPU) and from where folders are written. Kept on the GPU (``device``) it
+        would hold a whole fp32 model there for the run, on rank 0 alone: the memory FSDP
+        exists to spread, and the first OOM of an otherwise balanced job. It visits
+        ``device`` only for the length of an evaluation (:meth:`evaluate`).
+        """
         if self.sharded and self.is_main:
-            self._full = copy.deepcopy(module).to(device)
+            self._full = copy.deepcopy(module).to("cpu")
+            self._eval_device = device
 
     def whole(self, module: Any) -> Any:
         """The model to save or evaluate, on the main process (None elsewhere under FSDP).
@@ -78,12 +88,15 @@ class Exporter:
             full_state_dict=True, cpu_offload=True))  # every process; full on the main one
 
     def load_optimizer(self, module: Any, optimizer: Any, saved: dict[str, Any]) -> None:
-        """Restore ``optimizer.pt``: as saved, or under FSDP cut into this process's shard."""
+        """Restore ``optimizer.pt``: as saved, or under FSDP cut into this process's shard
+        from the main process's copy (``saved`` is ``{}`` on the others)."""
         if not self.sharded:
             optimizer.load_state_dict(saved)
             return
-        set_optimizer_state_dict(module, optimizer.optimizer, saved,
-                                 options=StateDictOptions(full_state_dict=True))
+        # Only the main process read optimizer.pt (checkpoint.load_training_state): the others
+        # pass {} and receive their shards from it, one tensor at a time.
+        set_optimizer_state_dict(module, optimizer.optimizer, saved, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
 
     def folder(self, objective: Objective, whole: Any, folder: Path) -> None:
         """``objective.export``, plus the base model's sentence-transformers modules.
@@ -115,7 +128,13 @@ class Exporter:
         shard = None if self.sharded else EvalShard(
             acc.process_index, acc.num_processes,
             partial(acc.gather_for_metrics, use_gather_object=True))
-        results = objective.evaluate(whole, shard)
+        if self.sharded:  # the main process's full copy: on the GPU for this evaluation only
+            whole.to(self._eval_device)
+        try:
+            results = objective.evaluate(whole, shard)
+        finally:
+            if self.sharded:
+                whole.to("cpu")
         if not results or not self.is_main:
             return
         scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
