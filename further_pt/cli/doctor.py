@@ -5,7 +5,9 @@ minutes what works there: the versions against what further_pt declares; each GP
 with its bf16 / fp16 / TF32 support and memory; an NCCL all-reduce across the local
 GPUs; a config-built BERT-base-size MLM pretraining in bf16 (tokens/s, MFU against the
 device's dense peak); an fp16 run that survives a forced overflow; bf16 against fp32
-loss parity; a run killed and resumed. Then one summary line.
+loss parity; a run killed and resumed; what the measured throughput makes of a corpus
+recipe's whole run (the papers' 100K steps of BERT-base at the recipe's global batch). Then
+one summary line.
 
 Every training check is a real run of ``further_pt/pretrain.py`` in a subprocess - the
 code path users run, fault injection included (:mod:`further_pt.train.faults`) - on the
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from further_pt.cli import projection as projected
 from further_pt.data import builtin
 from further_pt.train import gpu_driver, hardware
 
@@ -52,6 +55,7 @@ class Check:
     status: str
     detail: str
     seconds: float = 0.0
+    tokens_per_s: float | None = None  # the throughput check's measurement, for the projection
 
     def line(self) -> str:
         return f"[{self.status:>4s}] {self.name}: {self.detail} ({self.seconds:.0f} s)"
@@ -242,7 +246,17 @@ def throughput(runs: Runs, precision: str) -> Check:
     s = runs.size
     return Check(name, "ok", f"{s['num_hidden_layers']} x {s['hidden_size']} BERT, batch "
                  f"{s['batch']} x {SEQ}, {s['steps']} steps: {tokens:,.0f} tokens/s"
-                 + (f", MFU {100 * sum(mfu) / len(mfu):.1f}%" if mfu else ""))
+                 + (f", MFU {100 * sum(mfu) / len(mfu):.1f}%" if mfu else ""),
+                 tokens_per_s=tokens)
+
+
+def projection(measured: Check, size: dict[str, int], gpus: int = 0) -> Check:
+    """What the measured throughput makes of a corpus recipe's whole run (:mod:`.projection`)."""
+    name = f"{projected.RECIPE} recipe's run, projected"
+    if measured.status != "ok" or not measured.tokens_per_s:
+        return Check(name, "skip", "no throughput measured")
+    return Check(name, "ok", projected.wall_time(measured.tokens_per_s, size, GPU_SIZE,
+                                                 seq=SEQ, gpus=gpus))
 
 
 def fp16_overflow(runs: Runs) -> Check:
@@ -328,6 +342,7 @@ def diagnose(work: Path | None = None, *, emit: Callable[[str], None] = print) -
             "model", "ok", f"tokenizer of {len(_vocab(runs.model))} pieces, "
             f"{runs.size['num_hidden_layers']} x {runs.size['hidden_size']} BERT"))[1]))
         add(_timed(throughput, runs, fast))
+        add(_timed(projection, checks[-1], runs.size, torch.cuda.device_count() if on_gpu else 0))
         add(_timed(fp16_overflow, runs))
         if fast == "no":
             add(Check("bf16 vs fp32 loss parity", "skip", "no fast bf16 here"))
