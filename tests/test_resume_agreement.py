@@ -70,7 +70,8 @@ def test_masked_lm_builds_from_the_agreed_checkpoint_not_its_own(
     assert objective.module.model.get_input_embeddings().weight.shape[0] == 800
     ids = [row["input_ids"] for row in objective.streams[0].dataset.select(range(4))]
     assert max(max(r) for r in ids) < 800 and objective.streams[0].dataset.num_rows > 0
-    assert int(objective.special_ids.max()) < 800
+    collate = objective.streams[0].collate  # masks in the workers, with the agreed tokenizer
+    assert collate.vocab_size == 800 and int(collate.special_ids.max()) < 800
 
 
 def test_classification_builds_from_the_agreed_checkpoint_not_its_own(
