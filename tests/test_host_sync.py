@@ -105,6 +105,23 @@ def test_a_padded_batch_keeps_its_mask_and_counts_its_real_tokens() -> None:
     assert batch["attention_mask"] is padded["attention_mask"] and tokens == 6
 
 
+def test_on_cuda_a_batch_not_yet_pinned_is_pinned_for_the_asynchronous_copy(monkeypatch) -> None:
+    """A streamed corpus is collated outside the DataLoader's pin_memory: pinned here, once."""
+    pinned: list[int] = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.dtype == torch.float32)
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self: pinned.append(self.numel()) or self.clone())
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long),
+             "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "weights": torch.ones(3)}  # float32: "already pinned" here
+    out, tokens = batches_module.host_side(batch, pin=True)
+    assert sorted(pinned) == [8, 8] and tokens == 8 and set(out) == {"input_ids", "weights"}
+    assert out["weights"] is batch["weights"]
+    pinned.clear()
+    batches_module.host_side(batch, pin=False)  # a CPU run pins nothing
+    assert pinned == []
+
+
 def test_forward_and_loss_of_a_packed_batch_compile_as_one_graph() -> None:
     """The whole training forward - embeddings, attention without a mask, dropout, the sparse
     MLM head, the loss - as one fullgraph compile: no graph break (a host read breaks it)

@@ -92,7 +92,8 @@ class Batches:
         return next(self._iters[name])
 
 
-def host_side(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+def host_side(batch: dict[str, torch.Tensor], *, pin: bool = False
+              ) -> tuple[dict[str, torch.Tensor], int]:
     """The batch as the model takes it, and its count of real tokens: both decided on the host.
 
     A batch without padding (packed pretraining blocks; fine-tuning batches of full-length
@@ -100,7 +101,12 @@ def host_side(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     and builds no mask. Given one, transformers' mask code asks the device whether it is all
     ones (``padding_mask.all()``) to skip it, and every step would wait for the accelerator
     there. Asked here of the batch still on the CPU, the answer costs nothing.
+
+    ``pin`` (a CUDA device): tensors not yet in pinned memory (a streamed corpus is collated
+    outside the DataLoader's pinning) are pinned, so the copy to the device is asynchronous.
     """
+    if pin:
+        batch = {k: v if v.is_pinned() else v.pin_memory() for k, v in batch.items()}
     mask = batch.get("attention_mask")
     if mask is None:
         return batch, batch["input_ids"].numel()

@@ -229,7 +229,8 @@ class Trainer:
                 for micro in range(accum):
                     epoch, position, batch = batches.next(name)
                     state["streams"][name] = [epoch, position]
-                    batch, tokens = host_side(batch)  # e.g. drops an all-ones attention mask
+                    # drops an all-ones attention mask; pins for an asynchronous copy
+                    batch, tokens = host_side(batch, pin=device.type == "cuda")
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     sync = (acc.no_sync(module) if micro < accum - 1
                             else contextlib.nullcontext())
