@@ -14,6 +14,11 @@ ref, ... (``--repeats`` pairs), each at its own defaults:
   (datasets map + group_texts, DataCollatorForLanguageModeling, the full MLM
   head, ``Accelerator()`` defaults, ``save_pretrained`` at the end).
 
+- ref bf16 (``--ref-bf16``; by default where bf16 runs fast: AMX/AVX512-BF16 CPUs, CUDA
+  GPUs of capability >= 8.0): the same reference under bf16 autocast, as
+  ``accelerate launch --mixed_precision bf16`` runs it (``ACCELERATE_MIXED_PRECISION=bf16``):
+  the precision flag a skilled user passes there. Both ratios are reported.
+
 Same model folder, corpus, N steps, batch, sequence length, linear schedule
 without warmup, and threads (``OMP_NUM_THREADS`` for both, plus
 ``torch.set_num_threads`` in the reference); a fresh datasets cache per run, so
@@ -65,6 +70,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--work", type=Path, default=Path("/tmp/further_pt_bench/pretrain"))
     p.add_argument("--keep", action="store_true", help="keep each run's output folder")
+    p.add_argument("--ref-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="also run the reference under bf16 autocast (what `accelerate launch "
+                        "--mixed_precision bf16` gives it); auto: where bf16 runs fast (a CPU "
+                        "with AMX-BF16/AVX512-BF16, a CUDA GPU of capability >= 8.0)")
     return p.parse_args()
 
 
@@ -135,12 +144,25 @@ def ours_precision(run_dir: Path) -> str:
     return common.dtype_of(chosen)
 
 
+def fast_bf16() -> bool:
+    """Whether bf16 runs fast here: what `mixed_precision: auto` would pick bf16 for."""
+    import torch
+
+    from further_pt.train.hardware import cpu_bf16_flags
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability(0) >= (8, 0)
+    return bool(cpu_bf16_flags())
+
+
 def one_run(side: str, args: argparse.Namespace, model: Path, corpus: Path, i: int,
             log_every: int) -> dict[str, Any]:
     out = common.fresh_dir(args.work / f"{side}_{i}")
     build = ours_cmd if side == "ours" else ref_cmd
-    run = common.timed_run(build(args, model, corpus, out, log_every),
-                           common.bench_env(args.threads, out / "hf_cache"), out / "log.txt")
+    env = common.bench_env(args.threads, out / "hf_cache")
+    if side == "ref_bf16":  # Accelerator() reads what `accelerate launch --mixed_precision` sets
+        env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    run = common.timed_run(build(args, model, corpus, out, log_every), env, out / "log.txt")
     common.check(run, f"{side} run {i}")
     tokens = args.steps * args.batch * args.seq
     result = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb,
@@ -170,6 +192,8 @@ def main() -> None:
     dense = common_flops(config, args.seq, 1.0)
     peaks: dict[str, float] = {}
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "ref": []}
+    if args.ref_bf16 == "on" or (args.ref_bf16 == "auto" and fast_bf16()):
+        runs["ref_bf16"] = []
     for i in range(args.repeats):
         for side in runs:  # interleaved: ours, ref, ours, ref, ...
             runs[side].append(one_run(side, args, model, corpus, i, log_every))
@@ -179,7 +203,10 @@ def main() -> None:
               f" tok/s, {o['dtype']}, RSS {o['peak_rss_mb']:.0f} MB) | ref {r['wall_s']:.1f} s "
               f"({r['tokens_per_s']:.0f} tok/s whole run, steady {_fmt(r['steady_tokens_per_s'])}"
               f" tok/s, {r['dtype']}, RSS {r['peak_rss_mb']:.0f} MB) | "
-              f"{r['wall_s'] / o['wall_s']:.2f}x", flush=True)
+              f"{r['wall_s'] / o['wall_s']:.2f}x"
+              + (f" | ref bf16 {runs['ref_bf16'][-1]['wall_s']:.1f} s, "
+                 f"{runs['ref_bf16'][-1]['wall_s'] / o['wall_s']:.2f}x" if "ref_bf16" in runs
+                 else ""), flush=True)
     summary: dict[str, dict[str, Any]] = {}
     for side, rs in runs.items():
         dtype = rs[0]["dtype"]
@@ -196,11 +223,13 @@ def main() -> None:
             "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "runs": rs}
     o, r = summary["ours"], summary["ref"]
     speedup = o["tokens_per_s"] / r["tokens_per_s"]
+    speedup_bf16 = (o["tokens_per_s"] / summary["ref_bf16"]["tokens_per_s"]
+                    if "ref_bf16" in summary else None)
     out = common.write_results("pretrain_throughput", {
         "model": str(model), "corpus": str(corpus), "steps": args.steps, "batch": args.batch,
         "seq": args.seq, "repeats": args.repeats, "threads": args.threads,
         "model_flops_per_token": useful, "ref_hardware_flops_per_token": dense,
-        "speedup": speedup, "results": summary},
+        "speedup": speedup, "speedup_vs_ref_bf16": speedup_bf16, "results": summary},
         args.work if args.tiny else common.RESULTS)
     print(f"threads: {args.threads} for both (OMP_NUM_THREADS; ref also torch.set_num_threads); "
           f"model FLOPs/token {useful / 1e6:.1f} M for both (encoder + MLM head on "
@@ -213,6 +242,15 @@ def main() -> None:
           f"{_pct(r['mfu'])} ({r['dtype']} peak {r['peak_flops'] / 1e9:.0f} GFLOP/s; steady "
           f"{_fmt(r['steady_tokens_per_s'])} tok/s) | CPU {common.cpu_model()}, "
           f"bf16: {common.bf16_flags()}")
+    if speedup_bf16 is not None:
+        rb = summary["ref_bf16"]
+        print(f"pretrain_throughput: speedup {speedup_bf16:.2f}x against the reference under "
+              f"bf16 autocast (accelerate launch --mixed_precision bf16) | ref bf16 "
+              f"{rb['tokens_per_s']:.0f} tok/s MFU {_pct(rb['mfu'])} (steady "
+              f"{_fmt(rb['steady_tokens_per_s'])} tok/s)")
+    else:
+        print("pretrain_throughput: no bf16 reference: bf16 is not fast here (fp32 on both "
+              "sides is what a skilled user runs); --ref-bf16 on forces it")
 
 
 def common_flops(config: Any, seq: int, head_fraction: float) -> float:
