@@ -67,3 +67,40 @@ def test_prepare_refuses_a_tokenizer_the_run_makes(tmp_path: Path, corpus_file: 
     assert len(lines) == 1 and f"'model.{key}'" in lines[0]
     assert "prepare cannot know the tokenizer" in lines[0]
     assert not out.exists() and not cache.exists()  # refused before reading anything
+
+
+def test_a_scratch_tokenizer_is_trained_once_per_corpus_and_settings(
+        tmp_path: Path, corpus_file: Path, monkeypatch) -> None:
+    """tokenizers' WordPiece training is not deterministic (huggingface/tokenizers#1794), so a
+    second run of one recipe from scratch must reuse the first run's vocabulary from the cache
+    - same bytes, no second training - or the two runs train different models. Other settings
+    train their own."""
+    from further_pt import pretrain
+    from further_pt.data import corpus, prepare
+
+    def config(run: str, **extra: object):
+        return pretrain.load(["recipe=demo", f"output_dir={tmp_path / run}",
+                              f"data.train_files=[{corpus_file}]",
+                              f"data.cache_dir={tmp_path / 'cache'}",
+                              "model.from_scratch.vocab_size=300",
+                              *(f"{k}={v}" for k, v in extra.items())])
+
+    first = config("first")
+    docs = prepare.read_corpus(first, corpus.resolve_sources(first.data.train_files))
+    trained = prepare.scratch_tokenizer(first, docs, tmp_path / "first")
+    assert 100 < len(trained) <= 300
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained a second time")
+
+    monkeypatch.setattr(prepare, "train_wordpiece", no_training)
+    second = config("second")
+    docs = prepare.read_corpus(second, corpus.resolve_sources(second.data.train_files))
+    again = prepare.scratch_tokenizer(second, docs, tmp_path / "second")
+    assert again.get_vocab() == trained.get_vocab()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert ((tmp_path / "second" / "tokenizer" / name).read_bytes()
+                == (tmp_path / "first" / "tokenizer" / name).read_bytes())
+    other = config("other", **{"model.from_scratch.vocab_size": 250})
+    with pytest.raises(AssertionError, match="trained a second time"):
+        prepare.scratch_tokenizer(other, docs, tmp_path / "other")

@@ -16,10 +16,12 @@ never in a collective that could time out, so the other processes load what the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -163,18 +165,56 @@ def evaluation_rows(cfg: DictConfig, held: list[datasets.Dataset], tokenizer: An
 
 
 def scratch_tokenizer(cfg: DictConfig, docs: list[datasets.Dataset], output_dir: Path) -> Any:
-    """A WordPiece tokenizer trained on the corpus (main process), saved in the run."""
+    """A WordPiece tokenizer trained on the corpus (main process), saved in the run.
+
+    ``tokenizers``' WordPiece training is not deterministic (huggingface/tokenizers#1794:
+    the ids of ``##`` pieces follow a hash map's iteration order and break ties between
+    merges), so the same corpus can give a different vocabulary, and so a different model,
+    on every run. The first run therefore keeps what it trained in ``data.cache_dir``,
+    keyed by the documents' fingerprints and every setting of the training, and a run with
+    the same corpus and settings reuses it: two runs of one recipe from scratch, or a run
+    and its benchmark reference, start from the same vocabulary. A resumed run reads the
+    one in its own output_dir.
+    """
     folder = output_dir / "tokenizer"
     with preparation_lock(output_dir, "the tokenizer"):
         if not (folder / "tokenizer.json").is_file():
-            fs = cfg.model.from_scratch
-            per_source = math.ceil(fs.tokenizer_training_docs / len(docs))
-            texts = (text for doc in docs for text in islice(
-                (row["text"] for row in doc), per_source))
-            tok = train_wordpiece(texts, vocab_size=fs.vocab_size, lowercase=fs.lowercase,
-                                  max_seq_length=fs.max_position_embeddings)
-            tok.save_pretrained(folder)
+            cached = _cached_tokenizer_folder(cfg, docs)
+            with preparation_lock(cached.parent, "the tokenizer"):
+                if (cached / "tokenizer.json").is_file():
+                    logger.info("tokenizer: the WordPiece vocabulary already trained on these "
+                                "documents with these settings (%s)", cached)
+                else:
+                    fs = cfg.model.from_scratch
+                    per_source = math.ceil(fs.tokenizer_training_docs / len(docs))
+                    texts = (text for doc in docs for text in islice(
+                        (row["text"] for row in doc), per_source))
+                    tok = train_wordpiece(texts, vocab_size=fs.vocab_size,
+                                          lowercase=fs.lowercase,
+                                          max_seq_length=fs.max_position_embeddings)
+                    partial = cached.with_name(cached.name + ".tmp")
+                    shutil.rmtree(partial, ignore_errors=True)
+                    tok.save_pretrained(partial)
+                    os.replace(partial, cached)
+            partial = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(cached, partial)
+            os.replace(partial, folder)
         return load_tokenizer(str(folder))
+
+
+def _cached_tokenizer_folder(cfg: DictConfig, docs: list[datasets.Dataset]) -> Path:
+    """Where the cache keeps the vocabulary trained on ``docs`` with the recipe's settings."""
+    import tokenizers
+
+    fs = cfg.model.from_scratch
+    key = json.dumps({
+        "documents": [doc._fingerprint for doc in docs], "vocab_size": fs.vocab_size,
+        "lowercase": fs.lowercase, "training_docs": fs.tokenizer_training_docs,
+        "max_positions": fs.max_position_embeddings, "tokenizers": tokenizers.__version__,
+    }, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return corpus.default_cache_dir(cfg.data.cache_dir) / "tokenizers" / f"wordpiece-{digest}"
 
 
 def extend_vocabulary(cfg: DictConfig, docs: list[datasets.Dataset], base: Any,
