@@ -55,6 +55,9 @@ def report(cfg: DictConfig, metrics: dict[str, Any]) -> str:
         lines.append(f"dev accuracy {metrics['eval_accuracy']:.4f}, error rate "
                      f"{metrics['eval_error_rate']:.4f}, macro-F1 {metrics['eval_macro_f1']:.4f} "
                      f"({metrics['final_model']})")
+    if metrics.get("stopped_early_at"):
+        lines.append(f"stopped early at step {metrics['stopped_early_at']} "
+                     f"(train.early_stopping_patience={cfg.train.early_stopping_patience})")
     lines.append(f"Final model: {Path(cfg.output_dir).resolve() / 'final'}")
     return "\n".join(lines)
 

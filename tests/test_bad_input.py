@@ -387,6 +387,17 @@ CASES: list[Case] = [
      "'train.adam_epsilon': must be > 0, got 0"),
     ("checkpoint every 0 steps", F, lambda e: e.finetune(**{"checkpoint.every_steps": 0}),
      "'checkpoint.every_steps': must be > 0 or null (every epoch), got 0"),
+    ("fine-tuning evaluation every 0 steps", F, lambda e: e.finetune(**{"eval.every_steps": 0}),
+     "'eval.every_steps': must be a positive number of optimizer steps or null (every epoch), "
+     "got 0"),
+    ("early stopping patience 0", F, lambda e: e.finetune(**{
+        "data.eval_file": e.labelled("dev.jsonl", ["a", "b"]),
+        "train.early_stopping_patience": 0}),
+     "'train.early_stopping_patience': must be a positive number of evaluations or null (off), "
+     "got 0"),
+    ("early stopping without a dev set", F, lambda e: e.finetune(**{
+        "train.early_stopping_patience": 2}),
+     "'train.early_stopping_patience': needs a dev set to evaluate: set data.eval_file"),
     # ---- other values
     ("head dropout 1", F, lambda e: e.finetune(**{"head.dropout": 1}),
      "'head.dropout': must be in [0, 1), got 1.0"),

@@ -200,6 +200,7 @@ class HeadSchema:
 @dataclass
 class FinetuneTrainSchema(OptimizerSchema):
     epochs: int = MISSING
+    early_stopping_patience: int | None = MISSING  # null: train every epoch
     batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
     lr: float = MISSING
@@ -217,6 +218,7 @@ class FinetuneTrainSchema(OptimizerSchema):
 @dataclass
 class EvalSchema:
     metric: str = MISSING  # accuracy | macro_f1 | error_rate
+    every_steps: int | None = MISSING  # null: at the end of every epoch
     batch_size: int = MISSING
 
 

@@ -356,4 +356,19 @@ def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
              "conflicts with train.unfreeze (a frozen encoder is never unfrozen)")
     _choice("eval.metric", e.metric, ("accuracy", "macro_f1", "error_rate"))
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    _validate_stopping(cfg)
     _validate_loop(cfg, check_files=check_files)
+
+
+def _validate_stopping(cfg: DictConfig) -> None:
+    """eval.every_steps and train.early_stopping_patience: positive, and patience needs a dev set
+    (without one nothing is evaluated, so the run would never stop early nor say so)."""
+    every, patience = cfg.eval.every_steps, cfg.train.early_stopping_patience
+    _require(every is None or every >= 1, "eval.every_steps",
+             f"must be a positive number of optimizer steps or null (every epoch), got {every}")
+    _require(patience is None or patience >= 1, "train.early_stopping_patience",
+             f"must be a positive number of evaluations or null (off), got {patience}")
+    dev = cfg.data.eval_file is not None if cfg.tasks is None else any(
+        task.eval_file is not None for task in cfg.tasks)
+    _require(patience is None or dev, "train.early_stopping_patience",
+             "needs a dev set to evaluate: set data.eval_file (or eval_file in tasks)")

@@ -14,6 +14,7 @@ and a metric; the Trainer (:mod:`further_pt.train.trainer`) owns what every run 
     loss(module, batch, stream=, step=, micro=) -> (loss, {name: (numerator, denominator)})
     before_optimizer_step(step) -> None  # e.g. gradual unfreezing drops frozen gradients
     eval_every_steps: int | None         # optional: evaluate every N steps (None: epoch ends)
+    early_stopping_patience: int | None  # optional: stop after N evaluations without a new best
     evaluate(model, shard) -> dict       # at epoch ends, unless metric is None: every process
                                          # its EvalShard of the dev set, results gathered; under
                                          # FSDP the main process alone (shard None), on the

@@ -6,8 +6,9 @@ cut into segments), a classifier with its pooling and layer selection (one head
 per task in multi-task training), layer groups with their own learning rates
 (layer-wise decay), BERT-Feat's frozen encoder, gradual unfreezing, the
 schedule (STLR, warmup + linear / cosine / constant), the cross-entropy loss,
-evaluation on the dev set at each epoch end, and the saved model folder. The
-Trainer (:mod:`further_pt.train.trainer`) runs the loop and keeps the best epoch.
+evaluation on the dev set (each epoch end, or every ``eval.every_steps``), and the saved
+model folder. The Trainer (:mod:`further_pt.train.trainer`) runs the loop, keeps the best
+evaluation and stops early after ``train.early_stopping_patience``.
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ class Classification:
         """
         self.cfg = cfg
         self.metric = cfg.eval.metric
+        self.eval_every_steps = cfg.eval.every_steps  # None: the Trainer evaluates at epoch ends
+        self.early_stopping_patience = cfg.train.early_stopping_patience  # None: off
         self._read_model(resume_from)
         # DDP's search for unused parameters costs a graph walk every step: only custom heads
         # need it (another pooling leaves the pooler unused, an earlier layer the ones above,

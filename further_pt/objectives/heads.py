@@ -18,7 +18,9 @@ head on top of ``base_model``'s hidden states:
 - multi-task: one linear classifier per task on the shared pooled vector.
 
 A custom head is saved beside the HF folder as ``head.safetensors`` and
-``head_config.json``; :func:`load_classifier` rebuilds the whole model.
+``head_config.json``; :func:`load_classifier` rebuilds the whole model. The HF folder
+itself never predicts with an untrained head: it holds the custom head when its own can
+compute it exactly, else the standard loaders refuse it (:mod:`.standard_folder`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification
+
+from further_pt.objectives import standard_folder
 
 HEAD_CONFIG = "head_config.json"
 HEAD_WEIGHTS = "head.safetensors"
@@ -129,9 +133,13 @@ class Classifier(nn.Module):
         return (vectors * m).sum(1) / m.sum(1).clamp(min=1)
 
     def save(self, folder: Path, tokenizer: Any) -> None:
-        """A HF folder; a custom head adds head.safetensors and head_config.json."""
-        self.model.save_pretrained(folder)
+        """A HF folder; a custom head adds head.safetensors and head_config.json, and is
+        either carried into the HF head (exactly) or makes the standard loaders refuse."""
+        standard = standard_folder.standard_state(self) if self.custom else None
+        self.model.save_pretrained(folder, state_dict=standard)
         tokenizer.save_pretrained(folder)
+        if self.custom and standard is None:
+            standard_folder.refuse_standard_loaders(folder)
         if self.custom:
             from safetensors.torch import save_file
 
@@ -159,6 +167,9 @@ def load_classifier(folder: str | Path, **kwargs: Any) -> Classifier:
     """Load a fine-tuned model saved by further_pt, custom head included."""
 
     folder = Path(folder)
+    if standard_folder.refused(folder) and "config" not in kwargs:
+        kwargs["config"] = standard_folder.loadable_config(
+            folder, trust_remote_code=kwargs.get("trust_remote_code", False))
     model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
     config_path = folder / HEAD_CONFIG
     if not config_path.is_file():

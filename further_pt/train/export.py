@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -122,8 +123,10 @@ class Exporter:
 
     def evaluate(self, objective: Objective, whole: Any, log: Any, state: dict[str, Any],
                  step: int, epoch: int) -> None:
-        """At an epoch end: evaluate (each process a shard, under FSDP the main one alone);
-        the main process logs and keeps the best model in ``best/``."""
+        """At an epoch end (or every ``eval.every_steps``): evaluate (each process a shard,
+        under FSDP the main one alone); the main process logs, keeps the best model in
+        ``best/`` and counts the evaluations since the best (``evals_since_best``, saved with
+        the checkpoint's state so that a resumed run stops early where it would have)."""
         acc = self.accelerator
         shard = None if self.sharded else EvalShard(
             acc.process_index, acc.num_processes,
@@ -145,8 +148,10 @@ class Exporter:
             f"{k}={v:.4f}" for k, v in scalars.items() if k.count("_") <= 2),
             1 if self.sharded else world, "" if self.sharded or world == 1 else "es")
         score = results[f"eval_{objective.metric}"]
+        state["evals_since_best"] = state.get("evals_since_best", 0) + 1
         if objective.better(score, state["best"]):
-            state["best"], state["best_epoch"] = score, epoch
+            state["best"], state["best_epoch"], state["best_step"] = score, epoch, step
+            state["evals_since_best"] = 0
 
             def save_best(folder: Path) -> None:
                 self.folder(objective, whole, folder)
@@ -154,6 +159,21 @@ class Exporter:
                 self.card(objective, folder, state, step, results)
 
             checkpoint.save_model_folder(self.output_dir / "best", save_best)
+
+    def patience_spent(self, state: dict[str, Any], patience: int | None, step: int) -> bool:
+        """Early stopping: whether the last ``patience`` evaluations all failed to beat the
+        best, on every process (the main one keeps the count: it alone evaluates under FSDP)."""
+        if patience is None:
+            return False
+        spent = self.is_main and state.get("evals_since_best", 0) >= patience
+        if self.accelerator.num_processes > 1:
+            spent = broadcast_object_list([spent])[0]
+        if spent and self.is_main and "stopped_early_at" not in state:
+            state["stopped_early_at"] = step
+            logger.info("early stopping at step %d: %d evaluations in a row did not beat the "
+                        "best, %.4f at step %d (train.early_stopping_patience)", step, patience,
+                        state["best"], state["best_step"])
+        return bool(spent)
 
     def check_replicas(self, module: Any) -> None:
         """DDP keeps replicas in sync; prove it before the final model is written."""
@@ -175,7 +195,8 @@ class Exporter:
             best, final = self.output_dir / "best", self.output_dir / "final"
             if best.is_dir():
                 metrics = json.loads((best / "eval_results.json").read_text())
-                final_from = f"best epoch {state['best_epoch']} by eval_{objective.metric}"
+                final_from = (f"best epoch {state['best_epoch']} (step {state.get('best_step')}) "
+                              f"by eval_{objective.metric}")
                 checkpoint.save_model_folder(
                     final, lambda f: shutil.copytree(best, f, dirs_exist_ok=True))
             else:
@@ -189,7 +210,10 @@ class Exporter:
                     self.card(objective, folder, state, step, metrics)
 
                 checkpoint.save_model_folder(final, save_final)
+            if "stopped_early_at" in state:  # train.early_stopping_patience ended the run
+                metrics["stopped_early_at"] = state["stopped_early_at"]
             metrics.update({"final_model": final_from, "best_epoch": state["best_epoch"],
+                            "best_step": state.get("best_step"),
                             "steps": step, "tokens": state["tokens"],
                             "nonfinite_steps": state["nonfinite_steps"],
                             "history": state["history"], **objective.summary(),

@@ -13,7 +13,8 @@ fine-tuning, ...) brings what is its own, through the interface of
   counted), the schedule, fault-injection points (:mod:`.step`, :mod:`.faults`);
 - named-metric logging (TensorBoard + ``logs/metrics.jsonl``), progress bar
   (:mod:`.metrics_log`);
-- evaluation at epoch ends with the best model kept in ``best/``, the final export to
+- evaluation at epoch ends (or every ``eval.every_steps``) with the best model kept in
+  ``best/`` and early stopping after ``train.early_stopping_patience``, the final export to
   ``final/`` and ``metrics.json``, and under FSDP the gathers that make every saved folder
   and evaluation see the whole model (:mod:`.export`);
 - checkpoints, resume, preemption (SIGTERM -> checkpoint, exit 75) (:mod:`.checkpoint`).
@@ -184,8 +185,9 @@ class Trainer:
         steps_per_epoch = batches.steps_per_epoch
         total_steps = objective.total_steps(steps_per_epoch)
         every = cfg.checkpoint.every_steps or steps_per_epoch
-        # evaluations: at epoch ends, or every eval_every_steps (pretraining's held-out loss)
+        # evaluations: at epoch ends, or every eval.every_steps; early stopping after `patience`
         eval_every = getattr(objective, "eval_every_steps", None) or steps_per_epoch
+        patience = getattr(objective, "early_stopping_patience", None)
 
         # Fused AdamW (one kernel over all tensors): on a CPU it takes MiniLM's update from
         # ~115 ms to ~15 ms a step; torch's default there is the per-tensor loop.
@@ -221,8 +223,9 @@ class Trainer:
         module.train()
         watch = launch.PreemptionWatch(every=t.stop_check_every_steps)
         skips = step_.NonfiniteSteps(device, t.max_nonfinite_steps, state)
+        early = export.patience_spent(state, patience, step)  # a run resumed after it stopped
         try:
-            while step < total_steps:
+            while step < total_steps and not early:
                 torch.manual_seed(order.step_seed(cfg.seed, step, self.rank))  # dropout
                 name = batches.stream_at(step)  # the same draw on every process
                 step_loss = torch.zeros((), device=device)
@@ -274,6 +277,8 @@ class Trainer:
                 if evaluate and (self.is_main or not self.sharded):
                     export.evaluate(objective, whole, log, state, step, -(-step // steps_per_epoch)
                                     if steps_per_epoch else state["streams"][name][0] + 1)
+                if evaluate:  # every process: the main one decides
+                    early = export.patience_spent(state, patience, step)
                 if save:
                     optimizer_state = export.optimizer_state(module, optimizer)
                     if self.is_main:
