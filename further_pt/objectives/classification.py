@@ -371,6 +371,11 @@ class Classification:
         resolved = OmegaConf.to_container(self.cfg.data, resolve=True)
         preprocessing = {k: resolved[k] for k in evaluation.PREPROCESSING_KEYS}
         preprocessing["head_tokens"] = head_tokens(self.cfg.data)  # auto, resolved
+        d = self.cfg.data  # each task's columns: predict reads every task of a multi-task model
+        preprocessing["tasks"] = {str(s["name"]): {"text_column": str(s["text_column"]),
+                                                   "label_column": str(s["label_column"])}
+                                  for s in self.cfg.tasks or [{"name": "main", "text_column":
+                                  d.text_column, "label_column": d.label_column}]}
         (folder / evaluation.PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
 
     def summary(self) -> dict[str, Any]:
