@@ -465,6 +465,30 @@ CASES: list[Case] = [
     ("predict: input without the text column", PREDICT, lambda e: e.predict(_rows(
         e, "test.jsonl", {"body": "fine"})),
      "further_pt: error: {tmp}/test.jsonl: no column 'text' (columns: body)"),
+    ("predict: an output suffix without a format", PREDICT, lambda e: [
+        *e.predict(e.labelled("test.jsonl", ["a"]))[:2], f"output={e.out / 'p.txt'}"],
+     "further_pt: error: predict: output={tmp}/out/p.txt: the format is read from the suffix: "
+     ".jsonl, .parquet, .csv"),
+    ("predict: top_k not a positive integer", PREDICT, lambda e: [
+        *e.predict(e.labelled("test.jsonl", ["a"])), "top_k=0"],
+     "further_pt: error: predict: top_k=0 must be a positive integer"),
+    ("predict: max_length beyond the positions", PREDICT, lambda e: [
+        *e.predict(e.labelled("test.jsonl", ["a"])), "max_length=100"],
+     "further_pt: error: predict: max_length=100 exceeds the model's 64 positions"),
+    # ---- class weights and hub specs (issue 28)
+    ("class weight for an unknown label", F, lambda e: e.finetune(**{
+        "train.class_weights": "{a:1,zz:2}"}),
+     "config key 'train.class_weights.zz': {tmp}/train.jsonl has no class 'zz' (classes: a, b)"),
+    ("class weight not positive", F, lambda e: e.finetune(**{"train.class_weights": "{a:0}"}),
+     "config key 'train.class_weights.a': a class weight must be a positive number, got 0"),
+    ("class weights an unknown word", F, lambda e: e.finetune(**{
+        "train.class_weights": "balance"}),
+     "config key 'train.class_weights': 'balance' is not a setting: give null, balanced or a "
+     "mapping {label: weight}"),
+    ("hub dataset with too many parts", F, lambda e: e.finetune(**{
+        "data.train_file": "hf:glue:mrpc:train:x"}),
+     "further_pt: error: hf:glue:mrpc:train:x: a hub dataset is hf:NAME, hf:NAME:SPLIT or "
+     "hf:NAME:CONFIG:SPLIT (e.g. hf:glue:mrpc:train)"),
 ]
 
 

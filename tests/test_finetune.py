@@ -112,6 +112,11 @@ def test_multitask_evaluates_each_task(tmp_path, tiny_model_dir, task) -> None:
     assert metrics["eval_accuracy"] == pytest.approx(
         (metrics["eval_a_accuracy"] + metrics["eval_b_accuracy"]) / 2)
     assert metrics["steps"] == 3 * (math.ceil(160 / 16) + math.ceil(90 / 16))
+    from further_pt.objectives.prediction import predict_file  # every task, from the saved folder
+
+    scores = predict_file(out / "final", str(task[1]), tmp_path / "preds.csv")
+    assert scores["eval_a_accuracy"] == pytest.approx(metrics["eval_a_accuracy"])
+    assert scores["eval_b_examples"] == 40  # b's label column is "label" too: scored as well
 
 
 @pytest.mark.smoke
@@ -165,7 +170,7 @@ def test_two_processes_count_steps_after_sharding_and_follow_stlr(tmp_path, tiny
         assert lr == pytest.approx(3e-3 * stlr_factor(step, total, 0.1, 32))
     assert metrics["eval_examples"] == 40  # every dev example, none twice
     # The gathered metrics are those of the whole dev set: predict on one process agrees.
-    from further_pt.objectives.evaluation import predict_file
+    from further_pt.objectives.prediction import predict_file
 
     single = predict_file(out / "final", str(task[1]), tmp_path / "pred.jsonl")
     assert single["eval_accuracy"] == metrics["eval_accuracy"]

@@ -453,39 +453,30 @@ def test_gpu_batches_are_padded_to_multiples_of_eight() -> None:
     assert batch["attention_mask"].sum().item() == 14  # padding is masked out
 
 
-def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path) -> None:
-    from further_pt.objectives import evaluation
+def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path, tiny_model_dir
+                                                   ) -> None:
+    """On a GPU predict uses it, pads batches to multiples of 8 and runs under bf16 autocast."""
+    from further_pt.objectives import prediction
 
     seen: list[torch.device] = []
 
     class Stop(Exception):
-        """Ends predict_file at its predict call, once the device is known."""
+        """Ends predict_file at its first batch, once the device is known."""
 
-    def fake_predict(classifier, loader, device, task=None):
+    def fake_probabilities(classifier, encoded, tasks, *, batch_size, device, pad_id):
         seen.append(device)
         raise Stop
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
-    monkeypatch.setattr(evaluation, "predict", fake_predict)
-    monkeypatch.setattr(evaluation, "load_classifier", lambda path: _FakeClassifier())
-    monkeypatch.setattr(evaluation, "load_tokenizer", lambda path: SimpleNamespace(pad_token_id=0))
-    monkeypatch.setattr(evaluation.segments, "tokenize", lambda *a, **k: [])
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    (model / evaluation.PREPROCESSING).write_text(json.dumps({
-        "text_column": "text", "text_pair_column": None, "label_column": "label",
-        "truncation": "head", "max_seq_length": 32, "head_tokens": 0, "max_segments": 1}))
+    monkeypatch.setattr(prediction, "probabilities", fake_probabilities)
     data = tmp_path / "in.jsonl"
     data.write_text('{"text": "a b"}\n')
     with pytest.raises(Stop):
-        evaluation.predict_file(model, str(data), tmp_path / "out.jsonl")
+        prediction.predict_file(tiny_model_dir, str(data), tmp_path / "out.jsonl")
     assert seen == [torch.device("cuda")]
-
-
-class _FakeClassifier(torch.nn.Module):
-    spec = SimpleNamespace(tasks={"task": ["a", "b"]})
-
-    def eval(self):
-        return self
+    pad, autocast = prediction.device_settings(torch.device("cuda"))
+    assert pad == 8
+    assert autocast().fast_dtype == torch.bfloat16
+    assert prediction.device_settings(torch.device("cpu"))[0] is None

@@ -7,7 +7,7 @@
     further-pt pretrain recipe=demo                    # in this process; for several processes:
     further-pt finetune recipe=fit ...                 #   accelerate launch further_pt/<job>.py
     further-pt finetune -m recipe=fit train.lr=1e-5,2e-5 ...  # a sweep: one run per value
-    further-pt predict model=runs/fit/final input=test.jsonl output=predictions.jsonl
+    further-pt predict model=runs/fit/final input=test.jsonl output=predictions.parquet top_k=3
     further-pt experiment recipe=paper_grid task.train_file=... task.eval_file=... corpora...
     further-pt plot-schedule recipe=ulmfit [steps=1000] [layers=12] [output=schedule.png]
     further-pt plot-run runs/fit [output=run.png]
@@ -25,10 +25,9 @@ from typing import Any
 from further_pt import finetune, pretrain
 from further_pt.cli import show_config
 from further_pt.config import recipes
-from further_pt.data import corpus, labelled, prepare
+from further_pt.data import corpus, prepare
 from further_pt.errors import ConfigError, FurtherPTError
-from further_pt.objectives import encoder, masked_lm
-from further_pt.objectives.evaluation import PREPROCESSING, predict_file
+from further_pt.objectives import encoder, masked_lm, prediction
 from further_pt.study import experiment, sweep
 from further_pt.study.plots import plot_run, plot_schedule, schedule_curves
 from further_pt.train import launch
@@ -43,7 +42,8 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
   finetune   fine-tune in this process (several: accelerate launch further_pt/finetune.py)
              pretrain/finetune -m [--launcher L] ... key=a,b: a sweep, one run per grid point,
              each in output_dir/key=value, summarised in output_dir/sweep.md and sweep.csv
-  predict    model=DIR input=FILE output=FILE [batch_size=64]: predictions as JSON lines
+  predict    model=DIR input=FILE output=FILE.jsonl|.parquet|.csv [top_k=K] [max_length=N]
+             ...: a classifier's labels (any AutoModelForSequenceClassification folder)
   experiment run the FiT / ITPT / IDPT / CDPT (/ Feat) grid and write report.md and plots
   plot-schedule  recipe=NAME [steps=1000] [layers=12] [output=FILE.png]: lr per layer group
   plot-run   OUTPUT_DIR [output=FILE.png]: loss, lr and accuracy curves of a run
@@ -56,43 +56,55 @@ USAGE = """usage: further-pt COMMAND [recipe=NAME] [key=value ...]
 # --------------------------------------------------------------------------- config
 
 
+PREDICT_USAGE = ("further-pt predict model=DIR input=FILE output=FILE.jsonl|.parquet|.csv "
+                 "[batch_size=64] [top_k=K] [max_length=N] [text_column=C] "
+                 "[text_pair_column=C] [label_column=C]")
+_PREDICT_INTS = ("batch_size", "top_k", "max_length")
+_PREDICT_KEYS = ("model", "input", "output", *_PREDICT_INTS, "text_column", "text_pair_column",
+                 "label_column")
+
+
 def _predict(args: list[str]) -> int:
+    """Predict a file; what is read and how the text is cut is said before the model loads."""
     options = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = sorted(set(options) - {"model", "input", "output", "batch_size"})
+    unknown = sorted(set(options) - set(_PREDICT_KEYS))
     missing = [k for k in ("model", "input", "output") if k not in options]
     if unknown or missing or len(options) != len(args):
         problem = f"unknown option {unknown[0]!r}" if unknown else (
             f"missing {missing[0]}=..." if missing else "options are key=value")
-        raise ConfigError(f"predict: {problem}; usage: further-pt predict model=DIR "
-                          "input=FILE output=FILE [batch_size=64]")
-    check_predict_inputs(options["model"], options["input"])
-    metrics = predict_file(options["model"], options["input"], options["output"],
-                           batch_size=int(options.get("batch_size", 64)))
+        raise ConfigError(f"predict: {problem}; usage: {PREDICT_USAGE}")
+    numbers: dict[str, int] = {}
+    for key in _PREDICT_INTS:
+        if key in options:
+            if not options[key].isdecimal() or int(options[key]) < 1:
+                raise ConfigError(f"predict: {key}={options[key]} must be a positive integer")
+            numbers[key] = int(options[key])
+    readings = check_predict_inputs(options, max_length=numbers.get("max_length"))
+    for reading in readings:
+        print(f"Reading {reading.describe()}")
+    metrics = prediction.predict_file(options["model"], options["input"], options["output"],
+                                      batch_size=numbers.get("batch_size", 64),
+                                      top_k=numbers.get("top_k"), readings=readings)
     print(f"Predictions: {options['output']}")
     if metrics:
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}))
     return 0
 
 
-def check_predict_inputs(model_dir: str, input_path: str) -> None:
-    """What predict reads, checked before the model loads: one line naming the file, exit 2.
+def check_predict_inputs(options: dict[str, str], *, max_length: int | None
+                         ) -> list[prediction.Reading]:
+    """What predict needs, checked before the model loads: one line naming it, exit 2.
 
-    A weights file cut short by an interrupted copy fails in safetensors with a traceback,
-    and predict's reader (``evaluation.predict_file``) does not check texts as training's
-    does: a null text was predicted as "", a number crashed the tokenizer. The model folder
-    itself (config.json, preprocessing.json) is left to ``predict_file``, which names it.
+    The output's suffix (its format), weights cut short by an interrupted copy (which fail in
+    safetensors with a traceback), the folder's config and preprocessing.json: the plan of
+    what each task reads (:func:`prediction.plan`). The input's texts are checked by
+    ``predict_file`` as training's are, also before the model loads.
     """
-    encoder.check_weights(model_dir, key="model")
-    prep_path = Path(model_dir) / PREPROCESSING
-    if not prep_path.is_file():
-        return
-    try:
-        prep = json.loads(prep_path.read_text())
-        text_columns = [c for c in (prep["text_column"], prep["text_pair_column"]) if c]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"model: {prep_path} is damaged ({' '.join(str(exc).split())[:120]});"
-                          " copy the model folder again") from None
-    labelled.read_predict_input(input_path, text_columns)
+    prediction.output_format(options["output"])
+    encoder.check_weights(options["model"], key="model")
+    return prediction.plan(options["model"], max_length=max_length,
+                           **{k: options[k] for k in ("text_column", "text_pair_column",
+                                                      "label_column") if k in options})
 
 
 def _options(args: list[str], allowed: set[str], usage: str) -> dict[str, str]:
@@ -212,10 +224,7 @@ HELP: dict[str, Any] = {
                "settings reuses it.\n",
     "pretrain": lambda: pretrain.usage() + "\n" + SWEEP_HELP,
     "finetune": lambda: finetune.usage() + "\n" + SWEEP_HELP,
-    "predict": "usage: further-pt predict model=DIR input=FILE output=FILE [batch_size=64]\n\n"
-               "Predictions of a fine-tuned further_pt model (its final/ or best/ folder) on a "
-               "file of texts\n(.jsonl/.csv/.parquet, the training file's text columns), as "
-               "JSON lines.\n",
+    "predict": lambda: f"usage: {PREDICT_USAGE}\n\n" + PREDICT_HELP,
     "experiment": "usage: further-pt experiment recipe=NAME task.train_file=... "
                   "task.eval_file=... [corpora...] [key=value ...]\n\nRun the study grid "
                   "(BERT-FiT, -ITPT-, -IDPT-, -CDPT-FiT, ... per seed and training size)\n"
@@ -231,6 +240,17 @@ HELP: dict[str, Any] = {
               "machine, and how fast: versions, devices, a short\ntraining run with its "
               "tokens/s and MFU, parity and resume checks (GPU: about 5 minutes).\n",
 }
+PREDICT_HELP = """\
+Labels of a sequence classifier for a file of texts (.jsonl/.csv/.tsv/.parquet or hf:...).
+model: a further_pt fine-tuned folder (final/, best/: text cut and columns as in training,
+  every task of a multi-task model) or any AutoModelForSequenceClassification folder (text
+  column 'text', cut at max_length: the tokenizer's model_max_length unless given).
+output: the format from the suffix; each row is the input row plus prediction and
+  probabilities ({label: p}), or with top_k=K the K best [{label, score}] (multi-task:
+  TASK_prediction, ...). csv holds the nested values as JSON text.
+text_column, text_pair_column, label_column: the input's columns, if not the folder's (a
+  label column gives metrics). On a GPU: autocast (bf16) and batches padded to multiples of 8.
+"""
 SWEEP_HELP = ("A sweep: further-pt {pretrain,finetune} -m [--launcher L] recipe=NAME key=a,b "
               "...\nruns one run per grid point, each in output_dir/key=value, summarised in "
               "output_dir/sweep.md.\n")

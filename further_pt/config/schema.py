@@ -213,6 +213,7 @@ class FinetuneTrainSchema(OptimizerSchema):
     unfreeze: str = MISSING  # none | epoch | steps
     unfreeze_every_steps: int | None = MISSING
     freeze_encoder: bool = MISSING
+    class_weights: Any = MISSING  # null | balanced | {label: weight}: weighted cross-entropy
 
 
 @dataclass

@@ -284,6 +284,27 @@ def validate_trackers(t: DictConfig, *, check_installed: bool) -> None:
     t.trackers = names
 
 
+CLASS_WEIGHTS = "train.class_weights"
+
+
+def check_class_weights(setting: Any) -> None:
+    """``train.class_weights`` without the data: null, ``balanced`` or positive numbers by
+    label (whether each label is a class is known once the training data is read)."""
+    if setting is None or setting == "balanced":
+        return
+    if isinstance(setting, str):
+        raise ConfigError(f"config key {CLASS_WEIGHTS!r}: {setting!r} is not a setting: give "
+                          "null, balanced or a mapping {label: weight}")
+    if not isinstance(setting, dict | DictConfig) or not setting:
+        raise ConfigError(f"config key {CLASS_WEIGHTS!r}: null, balanced or a mapping "
+                          f"{{label: weight}}, got {setting!r}")
+    for label, weight in setting.items():
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not number or not 0 < weight < float("inf"):
+            raise ConfigError(f"config key '{CLASS_WEIGHTS}.{label}': a class weight must be a "
+                              f"positive number, got {weight!r}")
+
+
 def _check_file(key: str, path: str | None) -> None:
     if path is not None and not path.startswith("hf:") and not os.path.isfile(
             os.path.expanduser(path)):
@@ -354,6 +375,7 @@ def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
              "train.unfreeze_every_steps", "must be > 0 when train.unfreeze=steps")
     _require(not (t.freeze_encoder and t.unfreeze != "none"), "train.freeze_encoder",
              "conflicts with train.unfreeze (a frozen encoder is never unfrozen)")
+    check_class_weights(t.class_weights)
     _choice("eval.metric", e.metric, ("accuracy", "macro_f1", "error_rate"))
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
     _validate_stopping(cfg)

@@ -89,6 +89,24 @@ def hub_source(entry: Mapping[str, Any], where: str) -> Source:
     return Source(spec=spec, files=(), hub=tuple(sorted(keys.items())))
 
 
+def hub_split(spec: str) -> tuple[str, str | None, str]:
+    """``hf:name[:config]:split`` (or ``hf:name``: its train split) -> (name, config, split).
+
+    ``hf:glue:mrpc:train`` is GLUE's MRPC, ``hf:imdb:test`` imdb's test split. A split may
+    carry a slice (``train[:10%]``), whose colon is not a separator.
+    """
+    head, bracket, rest = spec.removeprefix("hf:").partition("[")
+    parts = head.split(":")
+    if bracket:
+        parts[-1] += f"[{rest}"
+    if len(parts) > 3 or not all(parts):
+        raise ConfigError(f"{spec}: a hub dataset is hf:NAME, hf:NAME:SPLIT or "
+                          "hf:NAME:CONFIG:SPLIT (e.g. hf:glue:mrpc:train)")
+    if len(parts) == 1:
+        parts.append("train")
+    return parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
+
+
 def load_dataset_source(source: Source, *, split_suffix: str = "", streaming: bool = False
                         ) -> tuple[Any, str | None]:
     """A dataset source (a mapping entry, or ``hf:NAME``) through ``load_dataset``, as a

@@ -1,10 +1,11 @@
 """Classification data: labelled files -> token ids, with the long-text strategies of Sun et al.
 
 Files are ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` (optionally compressed)
-or ``hf:owner/name[:split]``; ``text_column`` (and ``text_pair_column`` for
-pairs) hold the text, ``label_column`` the label. Labels are mapped to ids from
-the training set, sorted; a label in evaluation data that training never saw
-is an error naming the file, the row and the label.
+or ``hf:owner/name[[:config]:split]``; ``text_column`` (and ``text_pair_column`` for
+pairs) hold the text, ``label_column`` the label. Class ids are those users know: a
+hub dataset's ``ClassLabel`` names in their order, integer labels in numeric order
+(labels 0..n-1 are ids 0..n-1), other labels sorted; a label in evaluation data
+that training never saw is an error naming the file, the row and the label.
 
 Data quality is checked as a class, not case by case: every text must be a
 non-blank string and every label a non-blank string or an integer; a bad value
@@ -40,7 +41,14 @@ from typing import Any
 
 import datasets
 
-from further_pt.data.corpus import builder_for, check_file, json_lines, load_files, open_bytes
+from further_pt.data.corpus import (
+    builder_for,
+    check_file,
+    hub_split,
+    json_lines,
+    load_files,
+    open_bytes,
+)
 from further_pt.errors import ConfigError, DataError
 
 logger = logging.getLogger("further_pt.data.labelled")
@@ -95,8 +103,8 @@ def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
     bad: dict[int, _Bad] = {}
     scanned = prefiltered = False
     if path.startswith("hf:"):
-        name, _, split = path.removeprefix("hf:").partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
+        name, config, split = hub_split(path)
+        ds = datasets.load_dataset(name, config, split=split)
     else:
         builder = builder_for(path)
         if builder == "text":
@@ -162,9 +170,17 @@ def value_problem(value: Any, role: str) -> str | None:
 
 
 def label_names(train: datasets.Dataset, label_column: str, path: str) -> list[str]:
-    """The class names of the training data, sorted; a null or blank label is a DataError."""
+    """The class names of the training data in id order: a ``ClassLabel``'s names; integers
+    (or digit strings) numerically, so 0..11 are ids 0..11 (not 0, 1, 10, 11, 2); else sorted.
+    A null or blank label is a DataError."""
     _raise_bad_labels(train, label_column, path)
-    names = sorted({str(v) for v in train[label_column]})
+    feature = train.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    else:
+        values = {str(v) for v in train[label_column]}
+        numeric = all(v.lstrip("-").isdecimal() for v in values)
+        names = sorted(values, key=(lambda v: (int(v), v)) if numeric else None)
     if len(names) < 2:
         raise ConfigError(f"{path}: the training data has a single class ({names[0]!r}); "
                           "classification needs at least two")
@@ -173,11 +189,18 @@ def label_names(train: datasets.Dataset, label_column: str, path: str) -> list[s
 
 def encode_labels(ds: datasets.Dataset, label_column: str, names: list[str], path: str
                   ) -> list[int]:
-    """Label ids by ``names``; a label training never saw is an error naming the row."""
+    """Label ids by ``names`` (a ``ClassLabel``'s ids read as its names); a label training
+    never saw, or a ClassLabel's -1 (no label), is an error naming the row."""
     _raise_bad_labels(ds, label_column, path)
     index = {name: i for i, name in enumerate(names)}
+    feature = ds.features.get(label_column)
     ids = []
     for row, value in enumerate(ds[label_column]):
+        if isinstance(feature, datasets.ClassLabel):
+            if value < 0:
+                raise DataError(f"{path}: row {row + 1} has no label ({value}: a ClassLabel's "
+                                "missing value, as in a test split)")
+            value = feature.int2str(value)
         if str(value) not in index:
             raise ConfigError(f"{path}: row {row + 1} has label {str(value)!r}, which the "
                               f"training data does not have (labels: {', '.join(names)})")

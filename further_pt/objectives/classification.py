@@ -5,10 +5,11 @@ checked and tokenized per task (long texts truncated head / tail / head+tail or
 cut into segments), a classifier with its pooling and layer selection (one head
 per task in multi-task training), layer groups with their own learning rates
 (layer-wise decay), BERT-Feat's frozen encoder, gradual unfreezing, the
-schedule (STLR, warmup + linear / cosine / constant), the cross-entropy loss,
-evaluation on the dev set (each epoch end, or every ``eval.every_steps``), and the saved
-model folder. The Trainer (:mod:`further_pt.train.trainer`) runs the loop, keeps the best
-evaluation and stops early after ``train.early_stopping_patience``.
+schedule (STLR, warmup + linear / cosine / constant), the cross-entropy loss (weighted by
+class with ``train.class_weights``), evaluation on the dev set (each epoch end, or every
+``eval.every_steps``), and the saved model folder. The Trainer
+(:mod:`further_pt.train.trainer`) runs the loop, keeps the best evaluation and stops early
+after ``train.early_stopping_patience``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
-from further_pt.data import corpus, instances, labelled, segments, tokenizer
+from further_pt.data import corpus, imbalance, instances, labelled, segments, tokenizer
 from further_pt.data.prepare import preparation_lock
 from further_pt.errors import ConfigError
 from further_pt.objectives import encoder, evaluation, layerwise, schedules
@@ -49,6 +50,7 @@ class Task:
     train: Any  # tokenized datasets.Dataset
     eval: Any | None
     eval_file: str | None
+    class_weights: list[float] | None = None  # by class id: the weighted cross-entropy's
 
 
 def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, Any]]:
@@ -59,7 +61,8 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
     counted). ``data.max_train_examples`` keeps a seeded, stratified subsample of
     each training file: the same rows for the same seed whatever the starting
     model, so variants are compared on identical data. Eval files are never
-    subsampled.
+    subsampled. ``train.class_weights`` are computed on the training rows kept, logged and
+    reported (``class_weights`` of each task's entry).
     """
     d = cfg.data
     specs = cfg.tasks or [{"name": "main", "train_file": d.train_file, "eval_file": d.eval_file,
@@ -77,6 +80,8 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
                        invalid_rows=d.invalid_rows)
         train, dropped = read(spec["train_file"])
         names = labelled.label_names(train, spec["label_column"], spec["train_file"])
+        if len(specs) == 1:  # before tokenizing: a misspelt label fails in seconds
+            imbalance.check_labels(cfg.train.class_weights, names, spec["train_file"])
         labels = labelled.encode_labels(train, spec["label_column"], names,
                                         spec["train_file"])
         entry: dict[str, Any] = {"invalid_train_rows_skipped": dropped,
@@ -89,6 +94,12 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
                 [labels[i] for i in keep], names, len(labels)), cfg.seed)
             train, labels = train.select(keep), [labels[i] for i in keep]
         entry["train_examples"] = len(labels)
+        weights = imbalance.class_weights(cfg.train.class_weights, names, labels)
+        if weights is not None:
+            entry["class_weights"] = dict(zip(names, weights, strict=True))
+            logger.info("%s: class weights (train.class_weights=%s): %s", spec["name"],
+                        "balanced" if cfg.train.class_weights == "balanced" else "given",
+                        imbalance.describe(weights, names))
         encode = partial(segments.tokenize, tokenizer=tokenizer,
                          text_column=spec["text_column"], text_pair_column=d.text_pair_column,
                          strategy=d.truncation, max_seq_length=d.max_seq_length,
@@ -100,8 +111,11 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
                                                  spec["eval_file"])
             evaluated = encode(raw, labels=eval_labels)
         tasks.append(Task(spec["name"], names, encode(train, labels=labels), evaluated,
-                          spec["eval_file"]))
+                          spec["eval_file"], weights))
         report[spec["name"]] = entry
+    if len(specs) > 1:  # a label of any task
+        imbalance.check_labels(cfg.train.class_weights, {n for t in tasks for n in t.labels},
+                               "the tasks' training data")
     return tasks, report
 
 
@@ -241,6 +255,8 @@ class Classification:
             self.tasks, self.data_report = load_tasks(cfg, self.tokenizer)
         trainer.claim()
         self.device = trainer.accelerator.device
+        self.class_weights = {task.name: torch.tensor(task.class_weights, device=self.device)
+                              for task in self.tasks if task.class_weights is not None}
         # GPUs: lengths in multiples of 8 for the tensor cores
         self.collate = partial(segments.collate, pad_id=self.tokenizer.pad_token_id,
                                pad_to_multiple_of=8 if self.device.type == "cuda" else None)
@@ -294,7 +310,8 @@ class Classification:
         labels = batch.pop("labels")
         logits = module(**batch, task=stream).float()
         correct = (logits.detach().argmax(-1) == labels).sum()
-        return F.cross_entropy(logits, labels), {"accuracy": (correct, labels.shape[0])}
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights.get(stream))
+        return loss, {"accuracy": (correct, labels.shape[0])}
 
     def before_optimizer_step(self, step: int) -> None:
         if self.unfreezing is not None:
@@ -339,7 +356,8 @@ class Classification:
             "summary": [f"- head: {cfg.head.pooling} pooling, layers {list(cfg.head.layers)}; "
                         f"truncation {cfg.data.truncation} at {cfg.data.max_seq_length} tokens",
                         f"- {t.epochs} epochs, layer-wise lr decay {t.layer_decay:g}, "
-                        f"unfreezing {t.unfreeze}"],
+                        f"unfreezing {t.unfreeze}"
+                        + (f", class weights {t.class_weights}" if t.class_weights else "")],
             "data": data,
             "eval_dataset": ", ".join(dev) or "no dev set",
             "metrics": {f"eval_{k}": (k, prefix + k.replace("_", " "))
@@ -356,6 +374,11 @@ class Classification:
         resolved = OmegaConf.to_container(self.cfg.data, resolve=True)
         preprocessing = {k: resolved[k] for k in evaluation.PREPROCESSING_KEYS}
         preprocessing["head_tokens"] = head_tokens(self.cfg.data)  # auto, resolved
+        d = self.cfg.data  # each task's columns: predict reads every task of a multi-task model
+        preprocessing["tasks"] = {str(s["name"]): {"text_column": str(s["text_column"]),
+                                                   "label_column": str(s["label_column"])}
+                                  for s in self.cfg.tasks or [{"name": "main", "text_column":
+                                  d.text_column, "label_column": d.label_column}]}
         (folder / evaluation.PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
 
     def summary(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Evaluation: predictions over a dataset and the metrics of a classifier.
+"""Evaluation: predictions over a dev set and the metrics of a classifier (files of texts:
+:mod:`.prediction`).
 
 Metrics are computed with the ``evaluate`` library from metric modules shipped
 in ``further_pt/metric_modules`` and loaded by local path, so they work offline
@@ -18,12 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForMaskedLM
 
-from further_pt.data import instances, labelled, segments
+from further_pt.data import instances
 from further_pt.data.instances import pack_documents
 from further_pt.data.masking import mask_tokens, special_ids_tensor
 from further_pt.data.tokenizer import load_tokenizer
-from further_pt.errors import ConfigError
-from further_pt.objectives.heads import load_classifier
 
 MODULES = Path(__file__).resolve().parent / "metric_modules"
 PREPROCESSING = "preprocessing.json"  # how the model's training text was cut: predict does the same
@@ -81,54 +80,6 @@ def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
     return new < best if metric == "error_rate" else new > best
-
-
-def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path, *,
-                 batch_size: int = 64) -> dict[str, Any]:
-    """Write one JSON line per input row: the row, ``prediction`` and ``probabilities``.
-
-    Text is cut as in training (the model folder's preprocessing.json). If the
-    input has the label column, metrics are computed and returned.
-    """
-    import json
-
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model {model_dir} is not a model folder (no config.json)")
-    prep_path = model_dir / PREPROCESSING
-    if not prep_path.is_file():
-        raise ConfigError(f"model {model_dir} has no {PREPROCESSING}: not a further_pt "
-                          "fine-tuned model")
-    prep = json.loads(prep_path.read_text())
-    classifier = load_classifier(model_dir).eval()
-    tokenizer = load_tokenizer(str(model_dir))
-    names = next(iter(classifier.spec.tasks.values()))
-    text_cols = [c for c in (prep["text_column"], prep["text_pair_column"]) if c]
-    raw = labelled.read_predict_input(input_path, text_cols)  # texts checked
-    has_labels = prep["label_column"] in raw.column_names
-    labels = (labelled.encode_labels(raw, prep["label_column"], names, input_path)
-              if has_labels else [0] * len(raw))
-    encoded = segments.tokenize(
-        raw.select_columns(text_cols), tokenizer, text_column=prep["text_column"],
-        text_pair_column=prep["text_pair_column"], labels=labels, strategy=prep["truncation"],
-        max_seq_length=prep["max_seq_length"], head_tokens=prep["head_tokens"],
-        max_segments=prep["max_segments"])
-    loader = DataLoader(encoded, batch_size=batch_size, collate_fn=lambda rows: (
-        segments.collate(rows, pad_id=tokenizer.pad_token_id)))
-    # The GPU when there is one (the first: predict is one process); the CPU otherwise.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preds, refs, probs = predict(classifier.to(device), loader, device)
-    out = Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row, pred, prob in zip(raw, preds, probs, strict=True):
-            fh.write(json.dumps({**row, "prediction": names[pred], "probabilities": dict(
-                zip(names, [round(p, 6) for p in prob], strict=True))}, default=str) + "\n")
-    tmp.replace(out)
-    return compute_metrics(preds, refs, names) if has_labels else {}
-
 
 
 @torch.no_grad()

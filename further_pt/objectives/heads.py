@@ -80,6 +80,26 @@ class Classifier(nn.Module):
                 token_type_ids: torch.Tensor | None = None,
                 segment_mask: torch.Tensor | None = None, task: str | None = None
                 ) -> torch.Tensor:
+        if not self.custom:
+            return self.model(**self._inputs(input_ids, attention_mask, token_type_ids)).logits
+        vector = self.vector(input_ids, attention_mask, token_type_ids, segment_mask)
+        head = self.heads[task] if task is not None else next(iter(self.heads.values()))
+        return head(self.dropout(vector))
+
+    def logits_by_task(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       token_type_ids: torch.Tensor | None = None,
+                       segment_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every task's logits from one pass of the encoder (predicting with a multi-task
+        model: ``forward`` per task would run the encoder once per task)."""
+        if not self.custom:
+            return {next(iter(self.spec.tasks)): self.forward(input_ids, attention_mask,
+                                                               token_type_ids)}
+        vector = self.dropout(self.vector(input_ids, attention_mask, token_type_ids,
+                                          segment_mask))
+        return {task: head(vector) for task, head in self.heads.items()}
+
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                token_type_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
         # attention_mask None: a batch without padding; the model then builds no mask (and
         # reads nothing back from the device to decide whether it may skip one)
         inputs = {"input_ids": input_ids}
@@ -87,16 +107,20 @@ class Classifier(nn.Module):
             inputs["attention_mask"] = attention_mask
         if token_type_ids is not None and getattr(self.model.config, "type_vocab_size", 0) > 1:
             inputs["token_type_ids"] = token_type_ids
-        if not self.custom:
-            return self.model(**inputs).logits
+        return inputs
+
+    def vector(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               token_type_ids: torch.Tensor | None, segment_mask: torch.Tensor | None
+               ) -> torch.Tensor:
+        """The pooled vector a custom head classifies (segments pooled too)."""
+        inputs = self._inputs(input_ids, attention_mask, token_type_ids)
         if self.hierarchical:  # (B, S, L) -> (B*S, L)
             batch, n_seg = input_ids.shape[:2]
             inputs = {k: v.reshape(batch * n_seg, -1) for k, v in inputs.items()}
         vector = self.pool(inputs)
         if self.hierarchical:
             vector = self.pool_segments(vector.reshape(batch, n_seg, -1), segment_mask)
-        head = self.heads[task] if task is not None else next(iter(self.heads.values()))
-        return head(self.dropout(vector))
+        return vector
 
     def pool(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         spec = self.spec
