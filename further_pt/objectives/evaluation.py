@@ -23,6 +23,7 @@ from further_pt.data.instances import pack_documents
 from further_pt.data.masking import mask_tokens, special_ids_tensor
 from further_pt.data.tokenizer import load_tokenizer
 from further_pt.errors import ConfigError
+from further_pt.objectives import kinds, scoring
 from further_pt.objectives.heads import load_classifier
 
 MODULES = Path(__file__).resolve().parent / "metric_modules"
@@ -58,37 +59,57 @@ def compute_metrics(predictions: list[int], references: list[int], label_names: 
     }
 
 
+def compute(kind: str, scores: list[Any], references: list[Any], names: list[str],
+            prefix: str = "eval_", *, threshold: float | str = 0.5,
+            metric: str = "micro_f1") -> dict[str, Any]:
+    """The dev metrics of a task kind from :func:`predict`'s scores (as lists): single-label's
+    :func:`compute_metrics` of the most probable classes, else :mod:`.scoring`'s."""
+    if kind == "single_label":
+        preds = [max(range(len(row)), key=row.__getitem__) for row in scores]
+        return compute_metrics(preds, references, names, prefix)
+    if kind == "multi_label":
+        return scoring.multi_label(scores, references, names, prefix=prefix,
+                                   threshold=threshold, metric=metric)
+    return scoring.regression(scores, references, prefix=prefix)
+
+
 @torch.no_grad()
 def predict(classifier: torch.nn.Module, loader: DataLoader, device: torch.device,
-            task: str | None = None) -> tuple[list[int], list[int], list[list[float]]]:
-    """(predicted ids, reference ids, probabilities) over ``loader``, in order."""
+            task: str | None = None, kind: str = "single_label"
+            ) -> tuple[list[Any], list[Any]]:
+    """(scores, references) over ``loader``, in order, as lists: class probabilities
+    (:func:`kinds.scores`: softmax, or a sigmoid per class) or predicted values."""
     was_training = classifier.training
     classifier.eval()
-    preds, refs, probs = [], [], []
+    scores, refs = [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = classifier(**batch, task=task).float()
-        p = logits.softmax(-1)
-        preds += p.argmax(-1).tolist()
-        probs += p.tolist()
-        refs += labels.tolist()
+        refs.append(batch.pop("labels").cpu())
+        scores.append(kinds.scores(kind, classifier(**batch, task=task)).cpu())
     classifier.train(was_training)
-    return preds, refs, probs
+    if not scores:
+        return [], []
+    return torch.cat(scores).tolist(), torch.cat(refs).tolist()
+
+
+#: Metrics for which lower is better (the best epoch, sweeps).
+LOWER_IS_BETTER = ("error_rate", "mse", "mae", "hamming_loss")
 
 
 def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
-    return new < best if metric == "error_rate" else new > best
+    return new < best if metric in LOWER_IS_BETTER else new > best
 
 
 def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path, *,
                  batch_size: int = 64) -> dict[str, Any]:
     """Write one JSON line per input row: the row, ``prediction`` and ``probabilities``.
 
-    Text is cut as in training (the model folder's preprocessing.json). If the
-    input has the label column, metrics are computed and returned.
+    Text is cut as in training (the model folder's preprocessing.json). The prediction is
+    the task kind's (:func:`kinds.predicted`: a class, the label set at the saved
+    threshold, or a value). If the input has the label column, metrics are computed and
+    returned.
     """
     import json
 
@@ -104,10 +125,11 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     classifier = load_classifier(model_dir).eval()
     tokenizer = load_tokenizer(str(model_dir))
     names = next(iter(classifier.spec.tasks.values()))
+    kind, threshold = task_kind(prep, classifier.model.config), prep.get("threshold", 0.5)
     text_cols = [c for c in (prep["text_column"], prep["text_pair_column"]) if c]
     raw = labelled.read_predict_input(input_path, text_cols)  # texts checked
     has_labels = prep["label_column"] in raw.column_names
-    labels = (labelled.encode_labels(raw, prep["label_column"], names, input_path)
+    labels = (kinds.read(raw, prep["label_column"], input_path, kind, names)[1]
               if has_labels else [0] * len(raw))
     encoded = segments.tokenize(
         raw.select_columns(text_cols), tokenizer, text_column=prep["text_column"],
@@ -118,16 +140,25 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
         segments.collate(rows, pad_id=tokenizer.pad_token_id)))
     # The GPU when there is one (the first: predict is one process); the CPU otherwise.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preds, refs, probs = predict(classifier.to(device), loader, device)
+    scores, refs = predict(classifier.to(device), loader, device, kind=kind)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for row, pred, prob in zip(raw, preds, probs, strict=True):
-            fh.write(json.dumps({**row, "prediction": names[pred], "probabilities": dict(
-                zip(names, [round(p, 6) for p in prob], strict=True))}, default=str) + "\n")
+        for row, score in zip(raw, scores, strict=True):
+            fh.write(json.dumps({**row, **kinds.predicted(kind, score, names, threshold)},
+                                default=str) + "\n")
     tmp.replace(out)
-    return compute_metrics(preds, refs, names) if has_labels else {}
+    return compute(kind, scores, refs, names, threshold=threshold) if has_labels else {}
+
+
+def task_kind(preprocessing: dict[str, Any], config: Any) -> str:
+    """The ``task.kind`` a folder was trained for: preprocessing.json's, else the config's
+    ``problem_type`` (a folder from before task kinds, or another tool's), else single-label."""
+    if preprocessing.get("task_kind"):
+        return preprocessing["task_kind"]
+    by_type = {v: k for k, v in kinds.PROBLEM_TYPES.items() if v}
+    return by_type.get(getattr(config, "problem_type", None), "single_label")
 
 
 
