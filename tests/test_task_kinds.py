@@ -274,3 +274,20 @@ def test_pipeline_reads_a_standard_folder_as_predict_does(kind, tmp_path, tiny_m
             assert scores == pytest.approx(row["probabilities"], abs=1e-4)
     if kind == "multi_label":
         assert any(abs(sum(r["probabilities"].values()) - 1) > 0.05 for r in rows)
+
+
+def test_the_closing_line_names_each_kinds_metrics(tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from further_pt.finetune import report
+
+    cfg = OmegaConf.create({"output_dir": str(tmp_path)})
+    multi = {"eval_micro_f1": 0.9, "eval_macro_f1": 0.8, "eval_subset_accuracy": 0.7,
+             "final_model": "best epoch 2 by eval_micro_f1"}
+    assert report(cfg, {**multi, "eval_threshold": 0.35}).splitlines()[0] == (
+        "dev micro-F1 0.9000, macro-F1 0.8000, subset accuracy 0.7000 at threshold 0.35 "
+        "(best epoch 2 by eval_micro_f1)")
+    assert "subset accuracy 0.7000 (best" in report(cfg, multi)  # multi-task: no one threshold
+    assert report(cfg, {"eval_pearson": 0.91, "eval_spearman": 0.9, "eval_mse": 0.25,
+                        "final_model": "last step (8)"}).splitlines()[0] == (
+        "dev Pearson 0.9100, Spearman 0.9000, MSE 0.2500 (last step (8))")
