@@ -291,3 +291,21 @@ def test_the_closing_line_names_each_kinds_metrics(tmp_path) -> None:
     assert report(cfg, {"eval_pearson": 0.91, "eval_spearman": 0.9, "eval_mse": 0.25,
                         "final_model": "last step (8)"}).splitlines()[0] == (
         "dev Pearson 0.9100, Spearman 0.9000, MSE 0.2500 (last step (8))")
+
+
+def test_a_hub_datasets_class_label_lists_keep_their_names_and_order(tmp_path) -> None:
+    """go_emotions-style labels: lists of ClassLabel ids read as the dataset's names, ids in
+    the dataset's order (not sorted, not the ids' digits)."""
+    import datasets
+
+    from further_pt.objectives.kinds import read
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Sequence(
+        datasets.ClassLabel(names=["joy", "anger", "fear"]))})
+    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [[1], [0, 2], []]},
+                                    features=features)
+    names, rows = read(ds, "label", "hf:go_emotions", "multi_label")
+    assert names == ["joy", "anger", "fear"]
+    assert rows == [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    dev = datasets.Dataset.from_dict({"text": ["d"], "label": [[2]]}, features=features)
+    assert read(dev, "label", "dev", "multi_label", names)[1] == [[0.0, 0.0, 1.0]]

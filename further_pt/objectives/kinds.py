@@ -43,7 +43,8 @@ def read(ds: datasets.Dataset, column: str, path: str, kind: str,
          names: list[str] | None = None) -> tuple[list[str], list[Any]]:
     """(names, encoded labels) of ``ds[column]``; ``names`` None: those of this (training) data.
 
-    Encoded: class ids (single_label), multi-hot rows of floats (multi_label), floats
+    Encoded: class ids (single_label), multi-hot rows of floats (multi_label: the classes of
+    a hub dataset's ``Sequence(ClassLabel)`` are its names, in its order), floats
     (regression, whose one output is named after the label column). A label training never
     saw is a ConfigError naming the file and row.
     """
@@ -52,6 +53,10 @@ def read(ds: datasets.Dataset, column: str, path: str, kind: str,
         return names, labelled.encode_labels(ds, column, names, path)
     labelled.check_labels(ds, column, path, targets.ROLES[kind])
     values = list(ds[column])
+    inner = getattr(ds.features.get(column), "feature", None)
+    if kind == "multi_label" and isinstance(inner, datasets.ClassLabel):
+        values = [[inner.int2str(i) for i in row] for row in values]  # a hub dataset's names,
+        names = names or list(inner.names)  # in its own order
     if kind == "multi_label":
         names = names or targets.label_set_names(values, path)
         return names, targets.encode_label_sets(values, names, path)
