@@ -1,5 +1,5 @@
 """The experiment runner and its report on a multi-label and a regression task (toy grids:
-BERT-FiT and BERT-Feat, plus the linear reference where scikit-learn is installed, 2 seeds):
+BERT-FiT and the linear reference, or BERT-Feat without scikit-learn; 2 seeds):
 the stages fine-tune the task kind, the report's columns and comparisons follow it."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from helpers import write_multilabel_task, write_regression_task
 
 from further_pt.cli.main import main
 
-SKLEARN = importlib.util.find_spec("sklearn") is not None
-# The second row of the multi-label grid is the linear reference (seconds) where it can run.
-ML_VARIANTS = ["fit", "linear"] if SKLEARN else ["fit", "feat"]
-VARIANTS = ["fit", "feat", *(["linear"] if SKLEARN else [])]
+# The second row is the linear reference (seconds, in-process) where scikit-learn is installed,
+# else BERT-Feat (a fine-tuning stage more).
+VARIANTS = ["fit", "linear"] if importlib.util.find_spec("sklearn") else ["fit", "feat"]
 FINETUNE = ("finetune.overrides=['data.max_seq_length=32','data.head_tokens=8',"
             "'train.epochs=1','train.batch_size=16','train.lr=1e-2','train.head_lr=1e-2',"
             "'head.pooling=mean','head.layers=[-2,-1]','train.trackers=[]','model.attn_implementation=eager']")
@@ -47,7 +46,7 @@ def _metrics(out, variant: str, tag: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def multilabel_grid(tmp_path_factory, tiny_model_dir):
     return _grid(tmp_path_factory.mktemp("ml-grid"), tiny_model_dir, "multi_label", "[12,null]",
-                 ML_VARIANTS)
+                 VARIANTS)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +55,11 @@ def regression_grid(tmp_path_factory, tiny_model_dir):
                  VARIANTS)
 
 
+@pytest.mark.slow  # 8 stages (10 s); the regression grid keeps the runner's kind path fast
 def test_a_multi_label_grid_reports_macro_and_micro_f1(multilabel_grid) -> None:
     out, table, paired = multilabel_grid
     assert [(r["key"], r["train_size"], r["train_examples"]) for r in table] == [
-        (v, size, n) for size, n in (("12", "12"), ("all", "64")) for v in ML_VARIANTS]
+        (v, size, n) for size, n in (("12", "12"), ("all", "64")) for v in VARIANTS]
     assert set(table[0]) >= {"macro_f1_mean", "macro_f1_sd", "micro_f1_mean",
                              "subset_accuracy_mean", "relative_error_reduction"}
     assert "error_rate_mean" not in table[0] and "accuracy_mean" not in table[0]
@@ -85,7 +85,7 @@ def test_a_multi_label_grid_reports_macro_and_micro_f1(multilabel_grid) -> None:
     assert "error = 1 - macro-F1" in report and "error rate" not in report
     assert "Welch's t-test over the per-seed macro-F1 scores" in report
     assert (out / "macro_f1.png").stat().st_size > 1000 and (out / "data_size.png").is_file()
-    other = ML_VARIANTS[1]
+    other = VARIANTS[1]
     row = next(p for p in paired if p["key"] == other and p["train_size"] == "all")
     diffs = [f["eval_macro_f1"] - b["eval_macro_f1"]
              for f, b in zip(_metrics(out, other, "all"), _metrics(out, "fit", "all"), strict=True)]

@@ -461,7 +461,7 @@ def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path) -> Non
     class Stop(Exception):
         """Ends predict_file at its predict call, once the device is known."""
 
-    def fake_predict(classifier, loader, device, task=None):
+    def fake_predict(classifier, loader, device, task=None, kind="single_label"):
         seen.append(device)
         raise Stop
 

@@ -125,7 +125,8 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     classifier = load_classifier(model_dir).eval()
     tokenizer = load_tokenizer(str(model_dir))
     names = next(iter(classifier.spec.tasks.values()))
-    kind, threshold = task_kind(prep, classifier.model.config), prep.get("threshold", 0.5)
+    config = json.loads((model_dir / "config.json").read_text())
+    kind, threshold = task_kind(prep, config), prep.get("threshold", 0.5)
     text_cols = [c for c in (prep["text_column"], prep["text_pair_column"]) if c]
     raw = labelled.read_predict_input(input_path, text_cols)  # texts checked
     has_labels = prep["label_column"] in raw.column_names
@@ -152,13 +153,13 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     return compute(kind, scores, refs, names, threshold=threshold) if has_labels else {}
 
 
-def task_kind(preprocessing: dict[str, Any], config: Any) -> str:
-    """The ``task.kind`` a folder was trained for: preprocessing.json's, else the config's
+def task_kind(preprocessing: dict[str, Any], config: dict[str, Any]) -> str:
+    """The ``task.kind`` a folder was trained for: preprocessing.json's, else config.json's
     ``problem_type`` (a folder from before task kinds, or another tool's), else single-label."""
     if preprocessing.get("task_kind"):
         return preprocessing["task_kind"]
     by_type = {v: k for k, v in kinds.PROBLEM_TYPES.items() if v}
-    return by_type.get(getattr(config, "problem_type", None), "single_label")
+    return by_type.get(config.get("problem_type"), "single_label")
 
 
 
