@@ -55,6 +55,16 @@ def report(cfg: DictConfig, metrics: dict[str, Any]) -> str:
         lines.append(f"dev accuracy {metrics['eval_accuracy']:.4f}, error rate "
                      f"{metrics['eval_error_rate']:.4f}, macro-F1 {metrics['eval_macro_f1']:.4f} "
                      f"({metrics['final_model']})")
+    elif "eval_micro_f1" in metrics:  # task.kind=multi_label
+        at = (f" at threshold {metrics['eval_threshold']:g}" if "eval_threshold" in metrics
+              else "")  # several tasks: each its own
+        lines.append(f"dev micro-F1 {metrics['eval_micro_f1']:.4f}, macro-F1 "
+                     f"{metrics['eval_macro_f1']:.4f}, subset accuracy "
+                     f"{metrics['eval_subset_accuracy']:.4f}{at} ({metrics['final_model']})")
+    elif "eval_pearson" in metrics:  # task.kind=regression
+        lines.append(f"dev Pearson {metrics['eval_pearson']:.4f}, Spearman "
+                     f"{metrics['eval_spearman']:.4f}, MSE {metrics['eval_mse']:.4f} "
+                     f"({metrics['final_model']})")
     if metrics.get("stopped_early_at"):
         lines.append(f"stopped early at step {metrics['stopped_early_at']} "
                      f"(train.early_stopping_patience={cfg.train.early_stopping_patience})")

@@ -97,3 +97,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+COLOR = ["red", "blue", "green", "yellow", "black", "white", "purple"]
+TOPICS = {"fruit": FRUIT, "motor": MOTOR, "color": COLOR}
+
+
+def write_multilabel_task(path: Path, n: int, seed: int) -> Path:
+    """Rows with a set of topics (each of fruit, motor, color with probability 1/2; [] for none):
+    eight words drawn from the topics held, or from ``other`` words for a row with none."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            held = [t for t in TOPICS if rng.random() < 0.5]
+            words = [w for t in held for w in TOPICS[t]] or ["the", "of", "and", "to", "is"]
+            fh.write(json.dumps({"text": " ".join(rng.choices(words, k=8)), "label": held}) + "\n")
+    return path
+
+
+def write_regression_task(path: Path, n: int, seed: int) -> Path:
+    """Eight words, k of them fruit and the rest motor; the target is 5k / 8 (0 to 5)."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            k = rng.randint(0, 8)
+            words = rng.choices(FRUIT, k=k) + rng.choices(MOTOR, k=8 - k)
+            rng.shuffle(words)
+            fh.write(json.dumps({"text": " ".join(words), "label": 5 * k / 8}) + "\n")
+    return path

@@ -129,6 +129,13 @@ def _bad_train(env: Env, bad: dict, **extra: object) -> list[str]:
     return env.finetune(**{"data.train_file": path, **extra})
 
 
+def _kind_train(env: Env, kind: str, *labels: object, **extra: object) -> list[str]:
+    """Fine-tuning a ``task.kind`` on train_kind.jsonl, whose line N has label ``labels[N-1]``."""
+    path = _rows(env, "train_kind.jsonl", *({"text": f"text number {i}", "label": label}
+                                            for i, label in enumerate(labels)))
+    return env.finetune(**{"data.train_file": path, "task.kind": kind, **extra})
+
+
 def _wordlevel(env: Env, **special: str) -> Path:
     """A fast tokenizer with no word boundaries (WordLevel on whitespace) and given specials."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -339,6 +346,71 @@ CASES: list[Case] = [
         "data.max_train_examples": 2}), "2 is below the 3 classes of"),
     ("max_train_examples above the rows", F, lambda e: e.finetune(**{
         "data.max_train_examples": 10}), "'data.max_train_examples': 10 exceeds the 4 rows of"),
+    # ---- task kinds: label shapes and keys (task.kind, task.threshold, eval.metric)
+    ("a list label in a single-label task", F, lambda e: _bad_train(
+        e, {"text": "fine", "label": ["a", "b"]}),
+     "train_bad.jsonl:3: column 'label' holds a list, not a string or an integer: ['a', 'b']; "
+     "rows with a list of labels need task.kind=multi_label"),
+    ("a float label in a single-label task", F, lambda e: _bad_train(
+        e, {"text": "fine", "label": 0.25}), "numeric targets need task.kind=regression"),
+    ("a scalar in a multi-label task", F, lambda e: _kind_train(
+        e, "multi_label", ["a"], ["b", "a"], "b", []),
+     "train_kind.jsonl:3: column 'label' holds a str, not a list of labels: 'b'; "
+     "task.kind=multi_label reads a list per row"),
+    ("a multi-label csv", F, lambda e: e.finetune(**{"task.kind": "multi_label", (
+        "data.train_file"): e.file("t.csv", "text,label\nhello there,a\nworld,b\n")}),
+     "t.csv:2: column 'label' holds a str, not a list of labels: 'a'; task.kind=multi_label "
+     "reads a list per row (e.g. [\"a\", \"b\"]; [] for none), from .jsonl, .json or .parquet: "
+     "a csv cell holds no list"),
+    ("an empty label in a list", F, lambda e: _kind_train(
+        e, "multi_label", ["a"], ["b"], ["a", ""], []),
+     "train_kind.jsonl:3: column 'label' holds a list with an empty label in it: ['a', '']"),
+    ("a number in a list of labels", F, lambda e: _kind_train(
+        e, "multi_label", ["a"], ["b"], ["a", 0.5], []),
+     "train_kind.jsonl:3: column 'label' holds a list with a float in it, not labels"),
+    ("a null label set", F, lambda e: _kind_train(e, "multi_label", ["a"], ["b"], None, []),
+     "train_kind.jsonl:3: column 'label' is null: None"),
+    ("no label in any list", F, lambda e: _kind_train(e, "multi_label", [], [], [], []),
+     "train_kind.jsonl: no row has a label (every list is empty)"),
+    ("an unknown label in a dev list", F, lambda e: _kind_train(
+        e, "multi_label", ["a"], ["b"], ["a", "b"], [], **{"data.eval_file": _rows(
+            e, "dev.jsonl", {"text": "x y", "label": ["a"]},
+            {"text": "y z", "label": ["b", "c"]})}),
+     "dev.jsonl: row 2 has label 'c' in its list, which the training data does not have "
+     "(labels: a, b)"),
+    ("max_train_examples below the label strata", F, lambda e: _kind_train(
+        e, "multi_label", ["a"], ["b"], ["a", "b"], [], **{"data.max_train_examples": 2}),
+     "'data.max_train_examples': 2 is below the 3 label strata (rows' rarest labels) of"),
+    ("a NaN target", F, lambda e: e.finetune(**{"task.kind": "regression", "data.train_file": (
+        e.file("nan.jsonl", '{"text": "a b", "label": 1.5}\n{"text": "c d", "label": 2}\n'
+                            '{"text": "e f", "label": NaN}\n'))}),
+     "nan.jsonl:3: column 'label' is not a finite number: nan"),
+    ("an infinite target", F, lambda e: _kind_train(e, "regression", 1.5, float("inf"), 2.0, 0),
+     "train_kind.jsonl:2: column 'label' is not a finite number: inf"),
+    ("a text target", F, lambda e: _kind_train(e, "regression", 1.5, 2.5, "high", 0),
+     "train_kind.jsonl:3: column 'label' holds a str, not a number: 'high'"),
+    ("a csv target that is no number", F, lambda e: e.finetune(**{
+        "task.kind": "regression", "data.train_file": e.file(
+            "t.csv", "text,label\nhello there,1.5\nworld peace,\nagain,2\n")}),
+     "t.csv:3: column 'label' is empty: ''"),
+    ("unknown task kind", F, lambda e: e.finetune(**{"task.kind": "multilabel"}),
+     "'task.kind': must be one of single_label, multi_label, regression; got 'multilabel'"),
+    ("threshold 1.5", F, lambda e: e.finetune(**{"task.kind": "multi_label",
+                                                 "task.threshold": 1.5}),
+     "'task.threshold': must be a probability in (0, 1), or tune; got 1.5"),
+    ("threshold 0", F, lambda e: e.finetune(**{"task.kind": "multi_label",
+                                               "task.threshold": 0}),
+     "'task.threshold': must be a probability in (0, 1), or tune; got 0"),
+    ("threshold tuned without a dev set", F, lambda e: e.finetune(**{
+        "task.kind": "multi_label", "task.threshold": "tune"}),
+     "'task.threshold': tune picks the threshold on the dev set: set data.eval_file"),
+    ("threshold tuned for a single-label task", F, lambda e: e.finetune(**{
+        "task.threshold": "tune"}),
+     "'task.threshold': tune picks a multi_label threshold; task.kind is single_label"),
+    ("a metric of another task kind", F, lambda e: e.finetune(**{
+        "task.kind": "regression", "eval.metric": "accuracy"}),
+     "'eval.metric': must be auto or, for task.kind=regression, one of pearson, spearman, mse; "
+     "got 'accuracy'"),
     # ---- model-dependent keys, checked against the model's config before any work
     ("head layer below the model", F, lambda e: e.finetune(**{"head.layers": "[-40]"}),
      "'head.layers': -40 addresses no hidden state of the 2-layer model (valid: -3..2;"),

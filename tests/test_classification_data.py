@@ -124,7 +124,7 @@ def test_long_values_are_truncated(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         _load(path)
     assert "t.jsonl:3: column 'label' holds a list" in str(info.value)
-    shown = str(info.value).split("integer: ")[1].split(" (data.invalid_rows")[0]
+    shown = str(info.value).split("integer: ")[1].split("; rows with a list")[0]
     assert shown == "['" + "y" * 35 + "..." and len(shown) == 40
 
 

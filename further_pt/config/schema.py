@@ -189,6 +189,14 @@ class TaskSchema:
 
 
 @dataclass
+class TaskKindSchema:
+    """What a row's label is: one class, a list of classes, or a number to predict."""
+
+    kind: str = MISSING  # single_label | multi_label | regression
+    threshold: Any = MISSING  # multi_label: a float in (0, 1), or "tune"
+
+
+@dataclass
 class HeadSchema:
     pooling: str = MISSING  # cls | pooler | cls_raw | mean | max | concat
     layers: list[int] = MISSING
@@ -218,7 +226,7 @@ class FinetuneTrainSchema(OptimizerSchema):
 
 @dataclass
 class EvalSchema:
-    metric: str = MISSING  # accuracy | macro_f1 | error_rate
+    metric: str = MISSING  # auto, or one of the task kind's (validate.EVAL_METRICS)
     every_steps: int | None = MISSING  # null: at the end of every epoch
     batch_size: int = MISSING
 
@@ -231,6 +239,7 @@ class FinetuneSchema:
     model: ModelSchema = field(default_factory=ModelSchema)
     data: FinetuneDataSchema = field(default_factory=FinetuneDataSchema)
     tasks: list[TaskSchema] | None = MISSING
+    task: TaskKindSchema = field(default_factory=TaskKindSchema)
     head: HeadSchema = field(default_factory=HeadSchema)
     train: FinetuneTrainSchema = field(default_factory=FinetuneTrainSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
@@ -244,6 +253,9 @@ class ExperimentTaskSchema:
     eval_file: str = MISSING
     text_column: str = MISSING
     label_column: str = MISSING
+    # single_label | multi_label | regression; null (an experiment file from before task
+    # kinds, without the key): single_label
+    kind: str | None = None
 
 
 @dataclass

@@ -376,7 +376,9 @@ def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
     _require(not (t.freeze_encoder and t.unfreeze != "none"), "train.freeze_encoder",
              "conflicts with train.unfreeze (a frozen encoder is never unfrozen)")
     check_class_weights(t.class_weights)
-    _choice("eval.metric", e.metric, ("accuracy", "macro_f1", "error_rate"))
+    _require(t.class_weights is None or cfg.task.kind == "single_label", "train.class_weights",
+             f"weights the classes of a single_label task; task.kind is {cfg.task.kind}")
+    _validate_task_kind(cfg)
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
     _validate_stopping(cfg)
     _validate_loop(cfg, check_files=check_files)
@@ -394,3 +396,31 @@ def _validate_stopping(cfg: DictConfig) -> None:
         task.eval_file is not None for task in cfg.tasks)
     _require(patience is None or dev, "train.early_stopping_patience",
              "needs a dev set to evaluate: set data.eval_file (or eval_file in tasks)")
+
+
+#: ``eval.metric``'s choices under each ``task.kind``; ``auto`` is the first (resolved in place).
+EVAL_METRICS = {"single_label": ("accuracy", "macro_f1", "error_rate"),
+                "multi_label": ("micro_f1", "macro_f1", "subset_accuracy"),
+                "regression": ("pearson", "spearman", "mse")}
+
+
+def _validate_task_kind(cfg: DictConfig) -> None:
+    """task.kind, task.threshold and the eval.metric they allow; ``auto`` becomes the kind's
+    first metric here, so config.yaml, sweeps and the best-epoch rule read the one used."""
+    kind, threshold, e = cfg.task.kind, cfg.task.threshold, cfg.eval
+    _choice("task.kind", kind, tuple(EVAL_METRICS))
+    metrics = EVAL_METRICS[kind]
+    if e.metric == "auto":
+        e.metric = metrics[0]
+    _require(e.metric in metrics, "eval.metric", f"must be auto or, for task.kind={kind}, one "
+             f"of {', '.join(metrics)}; got {e.metric!r}")
+    if threshold == "tune":
+        _require(kind == "multi_label", "task.threshold",
+                 f"tune picks a multi_label threshold; task.kind is {kind}")
+        dev = [cfg.data.eval_file] if cfg.tasks is None else [t.eval_file for t in cfg.tasks]
+        _require(all(dev), "task.threshold", "tune picks the threshold on the dev set: set "
+                 + ("data.eval_file" if cfg.tasks is None else "every task's eval_file"))
+        return
+    number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
+    _require(number and 0 < threshold < 1, "task.threshold",
+             f"must be a probability in (0, 1), or tune; got {threshold!r}")

@@ -8,7 +8,8 @@ hub dataset's ``ClassLabel`` names in their order, integer labels in numeric ord
 that training never saw is an error naming the file, the row and the label.
 
 Data quality is checked as a class, not case by case: every text must be a
-non-blank string and every label a non-blank string or an integer; a bad value
+non-blank string and every label a non-blank string or an integer (``label_role``
+"label_set": a list of them; "target": a finite number; :mod:`.targets`); a bad value
 is a :class:`DataError` naming file, line (row index for parquet), column and
 value, or, with ``invalid_rows="skip"``, a dropped and counted row. The
 low-label regime (``stratified_subsample``) keeps a seeded, stratified sample.
@@ -41,6 +42,7 @@ from typing import Any
 
 import datasets
 
+from further_pt.data import targets
 from further_pt.data.corpus import (
     builder_for,
     check_file,
@@ -57,14 +59,15 @@ STRATEGIES = ("head", "tail", "head_tail", "segments")
 
 def read_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | None = None,
                   text_columns: Sequence[str] = (), label_column: str | None = None,
-                  invalid_rows: str = "error") -> datasets.Dataset:
+                  invalid_rows: str = "error", label_role: str = "label") -> datasets.Dataset:
     """Read a labelled file (or ``hf:name[:split]``) keeping ``columns``; name what is missing.
 
     Naming ``text_columns``/``label_column`` checks their values (see :func:`load_labelled`,
     which also returns how many rows ``invalid_rows="skip"`` dropped).
     """
     return load_labelled(path, columns=columns, cache_dir=cache_dir, text_columns=text_columns,
-                         label_column=label_column, invalid_rows=invalid_rows)[0]
+                         label_column=label_column, invalid_rows=invalid_rows,
+                         label_role=label_role)[0]
 
 
 def read_predict_input(path: str, text_columns: Sequence[str]) -> datasets.Dataset:
@@ -82,7 +85,7 @@ def read_predict_input(path: str, text_columns: Sequence[str]) -> datasets.Datas
 
 def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | None = None,
                   text_columns: Sequence[str] = (), label_column: str | None = None,
-                  invalid_rows: str = "error", skip_hint: bool = True
+                  invalid_rows: str = "error", skip_hint: bool = True, label_role: str = "label"
                   ) -> tuple[datasets.Dataset, int]:
     """Read and check a labelled file: (the rows kept, the number of invalid rows dropped).
 
@@ -98,7 +101,8 @@ def load_labelled(path: str, *, columns: Sequence[str] | None, cache_dir: str | 
     if invalid_rows not in INVALID_ROWS:
         raise ConfigError(f"config key 'data.invalid_rows': {invalid_rows!r} is not one of "
                           f"{', '.join(INVALID_ROWS)}")
-    roles = {c: "text" for c in text_columns} | ({label_column: "label"} if label_column else {})
+    roles = {c: "text" for c in text_columns} | ({label_column: label_role} if label_column
+                                                  else {})
     checked = list(dict.fromkeys([*(columns or ()), *roles]))
     bad: dict[int, _Bad] = {}
     scanned = prefiltered = False
@@ -156,10 +160,13 @@ def value_problem(value: Any, role: str) -> str | None:
 
     A text is a string with a non-space character. A label is a string with a
     non-space character, an int or a bool (class names are ``str(value)``); null,
-    "" and floats (NaN from a blank csv cell) are refused: none may become a class.
+    "" and floats (NaN from a blank csv cell) are refused: none may become a class. Roles
+    "label_set" and "target" are the other task kinds' (:func:`targets.value_problem`).
     """
     if value is None:
         return "is null"
+    if role in ("label_set", "target"):
+        return targets.value_problem(value, role)
     if isinstance(value, str):
         return None if value.strip() else ("is empty" if not value else "is blank")
     if role == "label" and isinstance(value, int):  # bool is an int
@@ -217,19 +224,22 @@ _JSON_SUFFIXES = tuple(f".{e}{c}" for e in ("jsonl", "json") for c in ("", ".gz"
 
 @dataclass(frozen=True)
 class _Bad:
-    """One unusable value; ``line`` is known when a JSON-lines scan found it."""
+    """One unusable value; ``line`` is known when a JSON-lines scan found it; ``advice`` says
+    which ``task.kind`` the value would fit."""
 
     column: str
     value: Any
     problem: str
     line: int | None = None
+    advice: str = ""
 
 
 def _describe(path: str, bad: dict[int, _Bad]) -> str:
     """The message of the first bad row (its position looked up only now: it may cost a scan)."""
     row, first = next(iter(bad.items()))
     where = f"{path}:{first.line}" if first.line is not None else _position(path, row)
-    return f"{where}: column {first.column!r} {first.problem}: {_show(first.value)}"
+    advice = f"; {first.advice}" if first.advice else ""
+    return f"{where}: column {first.column!r} {first.problem}: {_show(first.value)}{advice}"
 
 
 def _show(value: Any) -> str:
@@ -285,7 +295,8 @@ def _scan_json_lines(path: str, columns: Sequence[str], roles: dict[str, str]
                     mixed = True
                     problem = problem or f"holds a {kind} where line {line} holds a {seen}"
             if problem and row not in bad:
-                bad[row] = _Bad(column, value, problem, number)
+                bad[row] = _Bad(column, value, problem, number,
+                                targets.advice(value, roles.get(column, "")))
     absent = [c for c in columns if c not in keys]
     if absent and row >= 0:  # a wrong column name, not bad rows: say so before any row
         raise ConfigError(f"{path}: no column {absent[0]!r} (columns: {', '.join(keys)})")
@@ -315,16 +326,23 @@ def _find_bad_rows(ds: datasets.Dataset, roles: dict[str, str], *, stop_at_first
                         break
         for row, value in zip(rows, values, strict=True):
             if row not in bad:
-                bad[row] = _Bad(column, value, value_problem(value, role) or "")
+                bad[row] = _Bad(column, value, value_problem(value, role) or "",
+                                advice=targets.advice(value, role))
             if stop_at_first:
                 break
     return dict(sorted(bad.items()))
 
 
-def _raise_bad_labels(ds: datasets.Dataset, label_column: str, path: str) -> None:
-    bad = _find_bad_rows(ds, {label_column: "label"}, stop_at_first=True)
+def _raise_bad_labels(ds: datasets.Dataset, label_column: str, path: str,
+                      role: str = "label") -> None:
+    bad = _find_bad_rows(ds, {label_column: role}, stop_at_first=True)
     if bad:
         raise DataError(_describe(path, bad) + _SKIP_HINT)
+
+
+def check_labels(ds: datasets.Dataset, label_column: str, path: str, role: str) -> None:
+    """A DataError naming the first row whose label cannot be a ``role`` (see value_problem)."""
+    _raise_bad_labels(ds, label_column, path, role)
 
 
 def _position(path: str, row: int) -> str:
@@ -352,13 +370,14 @@ def _position(path: str, row: int) -> str:
 
 
 def stratified_subsample(labels: Sequence[int], n: int, seed: int, *, num_classes: int,
-                         where: str) -> list[int]:
+                         where: str, unit: tuple[str, str] = ("class", "classes")) -> list[int]:
     """Sorted row indices of a seeded, stratified sample of ``n`` rows (the low-label regime).
 
     Each class present gets a share proportional to its size (largest remainder,
     ties to the larger class, then the lower id) and at least one row. Only
     (labels, n, seed) decide the sample, never a model or tokenizer, so every
-    starting model of an experiment fine-tunes on the same examples for a seed.
+    starting model of an experiment fine-tunes on the same examples for a seed. ``labels``
+    may be strata other than classes (:mod:`.targets`); ``unit`` names them in errors.
     """
     key = "config key 'data.max_train_examples'"
     if n < 1:
@@ -369,8 +388,8 @@ def stratified_subsample(labels: Sequence[int], n: int, seed: int, *, num_classe
             raise ValueError(f"{where}: row {row} has label id {label}, not in [0, {num_classes})")
         by_class.setdefault(label, []).append(row)
     if n < len(by_class):
-        raise ConfigError(f"{key}: {n} is below the {len(by_class)} classes of {where}: every "
-                          "class needs an example")
+        raise ConfigError(f"{key}: {n} is below the {len(by_class)} {unit[1]} of {where}: every "
+                          f"{unit[0]} needs an example")
     if n > len(labels):
         raise ConfigError(f"{key}: {n} exceeds the {len(labels)} rows of {where}")
     quota = {c: n * len(rows) / len(labels) for c, rows in by_class.items()}

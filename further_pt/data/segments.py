@@ -41,7 +41,7 @@ def tokenize(
     *,
     text_column: str,
     text_pair_column: str | None,
-    labels: list[int],
+    labels: list[Any],
     strategy: str,
     max_seq_length: int,
     head_tokens: int,
@@ -90,7 +90,9 @@ def collate(rows: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int | N
     ``pad_to_multiple_of`` (8 on GPUs) rounds the padded length up: tensor-core matmuls
     want dimensions in multiples of 8, and fewer distinct shapes mean fewer kernels to pick.
     """
-    labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+    values = [r["labels"] for r in rows]  # class ids; multi-hot rows or targets: floats
+    labels = torch.tensor(values, dtype=torch.long if isinstance(values[0], int) else
+                          torch.float32)
     first = rows[0]["input_ids"]
     if first and isinstance(first[0], list):  # hierarchical segments
         n_seg = max(len(r["input_ids"]) for r in rows)

@@ -1,20 +1,22 @@
 """Fine-tuning objective: text classification with Sun et al.'s and ULMFiT's strategies.
 
+Single-label, multi-label or regression (``task.kind``: :mod:`.kinds` says what each makes
+of the labels, the loss, the metrics and the predictions).
+
 :class:`Classification` brings what is fine-tuning's own: labelled data read,
 checked and tokenized per task (long texts truncated head / tail / head+tail or
 cut into segments), a classifier with its pooling and layer selection (one head
 per task in multi-task training), layer groups with their own learning rates
 (layer-wise decay), BERT-Feat's frozen encoder, gradual unfreezing, the
-schedule (STLR, warmup + linear / cosine / constant), the cross-entropy loss (weighted by
-class with ``train.class_weights``), evaluation on the dev set (each epoch end, or every
-``eval.every_steps``), and the saved model folder. The Trainer
+schedule (STLR, warmup + linear / cosine / constant), the task kind's loss (single-label
+cross-entropy weighted by class with ``train.class_weights``), evaluation on the dev set (each
+epoch end, or every ``eval.every_steps``), and the saved model folder. The Trainer
 (:mod:`further_pt.train.trainer`) runs the loop, keeps the best evaluation and stops early
 after ``train.early_stopping_patience``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -23,17 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
-from further_pt.data import corpus, imbalance, instances, labelled, segments, tokenizer
+from further_pt.data import (
+    corpus,
+    imbalance,
+    instances,
+    labelled,
+    segments,
+    targets,
+    tokenizer,
+)
 from further_pt.data.prepare import preparation_lock
-from further_pt.errors import ConfigError
-from further_pt.objectives import encoder, evaluation, layerwise, schedules
+from further_pt.objectives import encoder, evaluation, kinds, layerwise, schedules
 from further_pt.objectives.base import Run, Stream
 from further_pt.objectives.heads import Classifier, HeadSpec, load_classifier
+from further_pt.objectives.model_checks import check_head, check_special_tokens
 
 logger = logging.getLogger("further_pt.objectives.classification")
 
@@ -61,10 +70,11 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
     counted). ``data.max_train_examples`` keeps a seeded, stratified subsample of
     each training file: the same rows for the same seed whatever the starting
     model, so variants are compared on identical data. Eval files are never
-    subsampled. ``train.class_weights`` are computed on the training rows kept, logged and
+    subsampled. Labels are read as ``task.kind`` says (:func:`kinds.read`).
+    ``train.class_weights`` (single-label) are computed on the training rows kept, logged and
     reported (``class_weights`` of each task's entry).
     """
-    d = cfg.data
+    d, kind = cfg.data, cfg.task.kind
     specs = cfg.tasks or [{"name": "main", "train_file": d.train_file, "eval_file": d.eval_file,
                            "text_column": d.text_column, "label_column": d.label_column}]
     cache = str(Path(d.cache_dir).expanduser() / "datasets") if d.cache_dir else None
@@ -77,21 +87,18 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
             texts.append(d.text_pair_column)
         read = partial(labelled.load_labelled, columns=columns, cache_dir=cache,
                        text_columns=texts, label_column=spec["label_column"],
-                       invalid_rows=d.invalid_rows)
+                       invalid_rows=d.invalid_rows, label_role=targets.ROLES[kind])
         train, dropped = read(spec["train_file"])
-        names = labelled.label_names(train, spec["label_column"], spec["train_file"])
+        names, labels = kinds.read(train, spec["label_column"], spec["train_file"], kind)
         if len(specs) == 1:  # before tokenizing: a misspelt label fails in seconds
             imbalance.check_labels(cfg.train.class_weights, names, spec["train_file"])
-        labels = labelled.encode_labels(train, spec["label_column"], names,
-                                        spec["train_file"])
         entry: dict[str, Any] = {"invalid_train_rows_skipped": dropped,
                                  "train_examples_available": len(labels)}
         if d.max_train_examples is not None:
-            keep = labelled.stratified_subsample(
-                labels, d.max_train_examples, cfg.seed, num_classes=len(names),
-                where=spec["train_file"])
-            logger.info("%s: %s (seed %d)", spec["name"], labelled.describe_subsample(
-                [labels[i] for i in keep], names, len(labels)), cfg.seed)
+            keep = kinds.sample(labels, d.max_train_examples, cfg.seed, kind=kind,
+                                num_names=len(names), where=spec["train_file"])
+            logger.info("%s: %s (seed %d)", spec["name"], kinds.describe(
+                [labels[i] for i in keep], names, len(labels), kind), cfg.seed)
             train, labels = train.select(keep), [labels[i] for i in keep]
         entry["train_examples"] = len(labels)
         weights = imbalance.class_weights(cfg.train.class_weights, names, labels)
@@ -107,8 +114,8 @@ def load_tasks(cfg: DictConfig, tokenizer: Any) -> tuple[list[Task], dict[str, A
         evaluated = None
         if spec["eval_file"]:
             raw, entry["invalid_eval_rows_skipped"] = read(spec["eval_file"])
-            eval_labels = labelled.encode_labels(raw, spec["label_column"], names,
-                                                 spec["eval_file"])
+            eval_labels = kinds.read(raw, spec["label_column"], spec["eval_file"], kind,
+                                     names)[1]
             evaluated = encode(raw, labels=eval_labels)
         tasks.append(Task(spec["name"], names, encode(train, labels=labels), evaluated,
                           spec["eval_file"], weights))
@@ -128,80 +135,22 @@ def head_tokens(data: DictConfig) -> int:
 
 
 def build_classifier(cfg: DictConfig, tasks: list[Task], source: str | Path) -> Classifier:
-    """A sequence classifier from any encoder folder or hub id, with the recipe's head."""
-    first = tasks[0].labels
+    """A sequence classifier from any encoder folder or hub id, with the recipe's head; its
+    config's ``problem_type`` names the task kind (multi-label: a sigmoid per class)."""
+    first, kind = tasks[0].labels, cfg.task.kind
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if kinds.PROBLEM_TYPES[kind]:
+        kwargs["problem_type"] = kinds.PROBLEM_TYPES[kind]
     hf = AutoModelForSequenceClassification.from_pretrained(
-        str(source), num_labels=len(first), id2label=dict(enumerate(first)),
+        str(source), num_labels=kinds.num_outputs(kind, first), id2label=dict(enumerate(first)),
         label2id={n: i for i, n in enumerate(first)}, **kwargs)
     h = cfg.head
     spec = HeadSpec(pooling=h.pooling, layers=list(h.layers), layer_combine=h.layer_combine,
                     segment_pooling=h.segment_pooling, dropout=h.dropout,
                     tasks={t.name: t.labels for t in tasks})
     return Classifier(hf, spec, hierarchical=cfg.data.truncation == "segments")
-
-
-# --------------------------------------------------------------------------- model-dependent checks
-
-
-def check_head(config: Any, head: DictConfig, *, trust_remote_code: bool = False) -> None:
-    """``head.layers`` / ``head.pooling`` against the model's config, before any work.
-
-    These keys are valid or not only for a given model, so the recipe checks cannot
-    see them; unchecked, a bad index is an IndexError and a missing pooler a
-    TypeError in the first training step, after the output dir was claimed.
-    """
-    if head.pooling == "pooler":  # the pooler's output is used whatever head.layers lists
-        missing = _missing_pooler(config, trust_remote_code)
-        if missing is not None:
-            raise ConfigError(
-                f"config key 'head.pooling': pooler, but {config.model_type!r} models "
-                f"({missing}) have no pooler; use cls, cls_raw, mean, max or concat")
-        return
-    layers = getattr(config, "num_hidden_layers", None)
-    if not isinstance(layers, int) or list(head.layers) == [-1]:
-        return  # [-1] is the last hidden state of any model
-    states = layers + 1  # heads.py indexes out.hidden_states: the embeddings, then each layer
-    for index in head.layers:
-        if not -states <= index < states:
-            raise ConfigError(
-                f"config key 'head.layers': {index} addresses no hidden state of the "
-                f"{layers}-layer model (valid: {-states}..{layers}; 0 = the embeddings "
-                f"output, -1 = the last layer)")
-
-
-def _missing_pooler(config: Any, trust_remote_code: bool) -> str | None:
-    """The sequence-classification class, if the encoder it builds has no pooler; else None.
-
-    Only the class can tell (RoBERTa's builds its encoder without the pooler that BERT's
-    has), so it is instantiated on the meta device: no weights, no memory. A class
-    that cannot be built there is not judged (None).
-    """
-    try:
-        with torch.device("meta"):
-            built = AutoModelForSequenceClassification.from_config(
-                copy.deepcopy(config), trust_remote_code=trust_remote_code)
-    except Exception:  # a check that cannot decide must not block the run
-        return None
-    if getattr(built.base_model, "pooler", None) is not None:
-        return None
-    return type(built).__name__
-
-
-def check_special_tokens(tokenizer: Any, *, pairs: bool) -> None:
-    """Inputs are ``[CLS] text [SEP]`` padded with the pad token: the tokenizer must have them.
-
-    Unchecked, a missing token is a ``None`` among the ids, which fails deep in
-    tokenization or collation after the output dir was claimed.
-    """
-    needed = ("pad",) if pairs else ("cls", "sep", "pad")  # pairs: the tokenizer adds its own
-    for name in needed:
-        if getattr(tokenizer, f"{name}_token_id", None) is None:
-            raise ConfigError(
-                f"model.tokenizer: {type(tokenizer).__name__} has no {name} token; "
-                "classification inputs are [CLS] text [SEP], padded")
 
 
 class Classification:
@@ -216,7 +165,11 @@ class Classification:
         group exists; :meth:`build` reads the model again if the main process chose another.
         """
         self.cfg = cfg
-        self.metric = cfg.eval.metric
+        self.kind = cfg.task.kind
+        self.metric = kinds.resolve_metric(self.kind, cfg.eval.metric)
+        # multi_label: each task's decision threshold, saved with the model; under
+        # task.threshold=tune each evaluation sets it (the one chosen on dev)
+        self.thresholds: dict[str, Any] = {}
         self.eval_every_steps = cfg.eval.every_steps  # None: the Trainer evaluates at epoch ends
         self.early_stopping_patience = cfg.train.early_stopping_patience  # None: off
         self._read_model(resume_from)
@@ -308,10 +261,8 @@ class Classification:
     def loss(self, module: Any, batch: dict[str, torch.Tensor], *, stream: str, step: int,
              micro: int) -> tuple[torch.Tensor, dict[str, tuple[Any, Any]]]:
         labels = batch.pop("labels")
-        logits = module(**batch, task=stream).float()
-        correct = (logits.detach().argmax(-1) == labels).sum()
-        loss = F.cross_entropy(logits, labels, weight=self.class_weights.get(stream))
-        return loss, {"accuracy": (correct, labels.shape[0])}
+        return kinds.loss(self.kind, module(**batch, task=stream).float(), labels,
+                          weight=self.class_weights.get(stream))
 
     def before_optimizer_step(self, step: int) -> None:
         if self.unfreezing is not None:
@@ -329,13 +280,18 @@ class Classification:
                 continue
             data = task.eval if shard is None else task.eval.select(shard.span(len(task.eval)))
             loader = DataLoader(data, batch_size=self.cfg.eval.batch_size, collate_fn=self.collate)
-            preds, refs, _ = evaluation.predict(classifier, loader, self.device, task.name)
+            scores, refs = evaluation.predict(classifier, loader, self.device, task.name,
+                                              self.kind)
             if shard is not None:
-                preds, refs = shard.gather(preds), shard.gather(refs)
+                scores, refs = shard.gather(scores), shard.gather(refs)
             prefix = "eval_" if len(self.tasks) == 1 else f"eval_{task.name}_"
-            results.update(evaluation.compute_metrics(preds, refs, task.labels, prefix))
+            results.update(evaluation.compute(self.kind, scores, refs, task.labels, prefix,
+                                              threshold=self.cfg.task.threshold,
+                                              metric=self.metric))
+            if self.kind == "multi_label":  # what the model saved after this evaluation uses
+                self.thresholds[task.name] = results[f"{prefix}threshold"]
         if len(self.tasks) > 1 and results:
-            for key in ("accuracy", "error_rate", "macro_f1"):
+            for key in kinds.METRICS[self.kind]:
                 values = [results[f"eval_{t.name}_{key}"] for t in self.tasks
                           if t.eval is not None]
                 results[f"eval_{key}"] = sum(values) / len(values)
@@ -347,12 +303,17 @@ class Classification:
         data = [f"- task `{task.name}`: {len(task.train):,} training examples, "
                 f"{len(task.labels)} labels ({', '.join(task.labels[:12])}"
                 f"{', ...' if len(task.labels) > 12 else ''})" for task in self.tasks]
+        if self.kind == "regression":
+            data = [f"- task `{task.name}`: {len(task.train):,} training examples, target "
+                    f"`{task.labels[0]}`" for task in self.tasks]
+        what = {"single_label": "text classification", "regression": "text regression",
+                "multi_label": "multi-label text classification"}[self.kind]
         dev = [task.eval_file for task in self.tasks if task.eval_file]
         prefix = "" if len(self.tasks) == 1 else "mean over tasks: "
         return {
             "pipeline_tag": "text-classification",
             "tags": ["text-classification"],
-            "title": f"`{cfg.model.name_or_path}` fine-tuned for text classification.",
+            "title": f"`{cfg.model.name_or_path}` fine-tuned for {what}.",
             "summary": [f"- head: {cfg.head.pooling} pooling, layers {list(cfg.head.layers)}; "
                         f"truncation {cfg.data.truncation} at {cfg.data.max_seq_length} tokens",
                         f"- {t.epochs} epochs, layer-wise lr decay {t.layer_decay:g}, "
@@ -361,7 +322,7 @@ class Classification:
             "data": data,
             "eval_dataset": ", ".join(dev) or "no dev set",
             "metrics": {f"eval_{k}": (k, prefix + k.replace("_", " "))
-                        for k in ("accuracy", "macro_f1", "error_rate")},
+                        for k in kinds.METRICS[self.kind]},
             "schedule": f", {t.schedule} schedule",
         }
 
@@ -379,6 +340,13 @@ class Classification:
                                                    "label_column": str(s["label_column"])}
                                   for s in self.cfg.tasks or [{"name": "main", "text_column":
                                   d.text_column, "label_column": d.label_column}]}
+        preprocessing["task_kind"] = self.kind
+        if self.kind == "multi_label":  # tune: the last evaluation's (this model's) threshold
+            given = self.cfg.task.threshold  # tune before any evaluation: 0.5 meanwhile
+            found = {t.name: self.thresholds.get(t.name, 0.5 if given == "tune" else given)
+                     for t in self.tasks}
+            preprocessing["threshold"] = found[self.tasks[0].name]  # predict's (first) task
+            preprocessing["thresholds"] = found
         (folder / evaluation.PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
 
     def summary(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from further_pt.data import instances
 from further_pt.data.instances import pack_documents
 from further_pt.data.masking import mask_tokens, special_ids_tensor
 from further_pt.data.tokenizer import load_tokenizer
+from further_pt.objectives import kinds, scoring
 
 MODULES = Path(__file__).resolve().parent / "metric_modules"
 PREPROCESSING = "preprocessing.json"  # how the model's training text was cut: predict does the same
@@ -57,29 +58,56 @@ def compute_metrics(predictions: list[int], references: list[int], label_names: 
     }
 
 
+def compute(kind: str, scores: list[Any], references: list[Any], names: list[str],
+            prefix: str = "eval_", *, threshold: float | str = 0.5,
+            metric: str = "micro_f1") -> dict[str, Any]:
+    """The dev metrics of a task kind from :func:`predict`'s scores (as lists): single-label's
+    :func:`compute_metrics` of the most probable classes, else :mod:`.scoring`'s."""
+    if kind == "single_label":
+        preds = [max(range(len(row)), key=row.__getitem__) for row in scores]
+        return compute_metrics(preds, references, names, prefix)
+    if kind == "multi_label":
+        return scoring.multi_label(scores, references, names, prefix=prefix,
+                                   threshold=threshold, metric=metric)
+    return scoring.regression(scores, references, prefix=prefix)
+
+
 @torch.no_grad()
 def predict(classifier: torch.nn.Module, loader: DataLoader, device: torch.device,
-            task: str | None = None) -> tuple[list[int], list[int], list[list[float]]]:
-    """(predicted ids, reference ids, probabilities) over ``loader``, in order."""
+            task: str | None = None, kind: str = "single_label"
+            ) -> tuple[list[Any], list[Any]]:
+    """(scores, references) over ``loader``, in order, as lists: class probabilities
+    (:func:`kinds.scores`: softmax, or a sigmoid per class) or predicted values."""
     was_training = classifier.training
     classifier.eval()
-    preds, refs, probs = [], [], []
+    scores, refs = [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        logits = classifier(**batch, task=task).float()
-        p = logits.softmax(-1)
-        preds += p.argmax(-1).tolist()
-        probs += p.tolist()
-        refs += labels.tolist()
+        refs.append(batch.pop("labels").cpu())
+        scores.append(kinds.scores(kind, classifier(**batch, task=task)).cpu())
     classifier.train(was_training)
-    return preds, refs, probs
+    if not scores:
+        return [], []
+    return torch.cat(scores).tolist(), torch.cat(refs).tolist()
+
+
+#: Metrics for which lower is better (the best epoch, sweeps).
+LOWER_IS_BETTER = ("error_rate", "mse", "mae", "hamming_loss")
 
 
 def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
-    return new < best if metric == "error_rate" else new > best
+    return new < best if metric in LOWER_IS_BETTER else new > best
+
+
+def task_kind(preprocessing: dict[str, Any], config: dict[str, Any]) -> str:
+    """The ``task.kind`` a folder was trained for: preprocessing.json's, else config.json's
+    ``problem_type`` (a folder from before task kinds, or another tool's), else single-label."""
+    if preprocessing.get("task_kind"):
+        return preprocessing["task_kind"]
+    by_type = {v: k for k, v in kinds.PROBLEM_TYPES.items() if v}
+    return by_type.get(config.get("problem_type"), "single_label")
 
 
 @torch.no_grad()

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader
 from further_pt.data import instances, labelled, segments
 from further_pt.data.tokenizer import load_tokenizer
 from further_pt.errors import ConfigError
-from further_pt.objectives import encoder
-from further_pt.objectives.evaluation import PREPROCESSING, compute_metrics
+from further_pt.objectives import encoder, kinds
+from further_pt.objectives.evaluation import PREPROCESSING, compute, task_kind
 from further_pt.objectives.heads import HEAD_CONFIG, load_classifier
 
 FORMATS = (".jsonl", ".parquet", ".csv")
@@ -68,6 +68,8 @@ class Reading:
     head_tokens: int
     max_segments: int
     source: str  # where max_length and the cut come from, in words
+    kind: str = "single_label"  # task.kind: single_label | multi_label | regression
+    threshold: float = 0.5  # multi_label: a class is predicted at this probability
 
     def describe(self) -> str:
         pair = f" + {self.text_pair_column!r}" if self.text_pair_column else ""
@@ -94,6 +96,7 @@ def plan(model_dir: str | Path, *, max_length: int | None = None,
     names = _task_names(folder, config)
     limit = encoder.position_limit(config)
     prep_path = folder / PREPROCESSING
+    prep: dict[str, Any] = {}
     if prep_path.is_file():
         try:
             prep = json.loads(prep_path.read_text())
@@ -121,9 +124,12 @@ def plan(model_dir: str | Path, *, max_length: int | None = None,
         raise ConfigError(f"predict: max_length={length} exceeds the model's {limit} positions")
     if length < 3:
         raise ConfigError(f"predict: max_length={length}: at least 3 tokens ([CLS] x [SEP])")
+    kind = task_kind(prep, json.loads((folder / "config.json").read_text()))
+    thresholds = prep.get("thresholds") or {}
     return [Reading(task, names[task], text_column or c["text_column"],
                     text_pair_column or pair, label_column or c["label_column"], cut[0],
-                    int(length), int(cut[1]), int(cut[2]), source)
+                    int(length), int(cut[1]), int(cut[2]), source, kind,
+                    float(thresholds.get(task, prep.get("threshold", 0.5))))
             for task, c in columns.items()]
 
 
@@ -145,10 +151,13 @@ def device_settings(device: torch.device) -> tuple[int | None, Callable[[], Any]
 
 @torch.no_grad()
 def probabilities(classifier: Any, encoded: datasets.Dataset, tasks: Sequence[str], *,
-                  batch_size: int, device: torch.device, pad_id: int) -> dict[str, np.ndarray]:
-    """Each task's (rows, labels) probabilities, in the rows' order; one encoder pass per
-    batch. Batches hold rows of similar length; results stay on the device until
-    ``_HOST_EVERY`` elements, then move to the host in one copy."""
+                  batch_size: int, device: torch.device, pad_id: int,
+                  task_kinds: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Each task's scores in the rows' order (:func:`kinds.scores`: (rows, labels)
+    probabilities, a sigmoid per class for multi-label, or (rows,) values for regression);
+    one encoder pass per batch. Batches hold rows of similar length; results stay on the
+    device until ``_HOST_EVERY`` elements, then move to the host in one copy."""
+    task_kinds = task_kinds or {}
     pad, autocast = device_settings(device)
     order = torch.argsort(instances.lengths(encoded), descending=True, stable=True)
     batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
@@ -163,7 +172,7 @@ def probabilities(classifier: Any, encoded: datasets.Dataset, tasks: Sequence[st
             logits = classifier.logits_by_task(**{k: v.to(device, non_blocking=True)
                                                   for k, v in batch.items()})
         for task in tasks:
-            held[task].append(logits[task].float().softmax(-1))
+            held[task].append(kinds.scores(task_kinds.get(task, "single_label"), logits[task]))
             count += held[task][-1].numel()
         if count >= _HOST_EVERY:
             for task in tasks:
@@ -213,14 +222,16 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
             max_segments=first.max_segments)
         probs = probabilities(classifier, encoded, [r.task for r in group],
                               batch_size=batch_size, device=device,
-                              pad_id=tokenizer.pad_token_id)
+                              pad_id=tokenizer.pad_token_id,
+                              task_kinds={r.task: r.kind for r in group})
         for r in group:
             prefix = "" if single else f"{r.task}_"
-            out.update(_columns(probs[r.task], r.names, prefix, top_k))
+            out.update(_columns(probs[r.task], r, prefix, top_k))
             if _has_labels(raw, r.label_column):
-                refs = labelled.encode_labels(raw, r.label_column, r.names, input_path)
-                metrics.update(compute_metrics(probs[r.task].argmax(1).tolist(), refs, r.names,
-                                               "eval_" if single else f"eval_{r.task}_"))
+                refs = kinds.read(raw, r.label_column, input_path, r.kind, r.names)[1]
+                metrics.update(compute(r.kind, probs[r.task].tolist(), refs, r.names,
+                                       "eval_" if single else f"eval_{r.task}_",
+                                       threshold=r.threshold))
     table = raw.with_format("arrow")[:]
     table = table.drop_columns([c for c in out if c in table.column_names])
     for name, values in out.items():
@@ -229,12 +240,20 @@ def predict_file(model_dir: str | Path, input_path: str, output_path: str | Path
     return metrics
 
 
-def _columns(probs: np.ndarray, names: list[str], prefix: str, top_k: int | None
+def _columns(probs: np.ndarray, reading: Reading, prefix: str, top_k: int | None
              ) -> dict[str, pa.Array]:
-    """``prediction`` and ``probabilities`` (or ``top_k``) of one task, from the array at once."""
+    """``prediction`` and ``probabilities`` (or ``top_k``) of one task, from the array at once:
+    the class, the label set at the saved threshold (multi-label) or the value (regression)."""
+    if reading.kind == "regression":
+        return {f"{prefix}prediction": pa.array(probs.astype(np.float64))}
+    names = reading.names
     labels = np.array(names, dtype=object)
     rounded = np.round(probs.astype(np.float64), 6)
-    columns = {f"{prefix}prediction": pa.array(labels[probs.argmax(1)], pa.string())}
+    if reading.kind == "multi_label":
+        chosen = [list(labels[row >= reading.threshold]) for row in probs]
+        columns = {f"{prefix}prediction": pa.array(chosen, pa.list_(pa.string()))}
+    else:
+        columns = {f"{prefix}prediction": pa.array(labels[probs.argmax(1)], pa.string())}
     if top_k is None:
         columns[f"{prefix}probabilities"] = pa.StructArray.from_arrays(
             [pa.array(rounded[:, j]) for j in range(len(names))], names=names)

@@ -25,6 +25,9 @@ on the general (cross-domain) corpus, so a whole study runs offline with a small
 model. The last ``forgetting.docs`` documents of the general corpus are held
 out of every pretraining run; each pretrained model's MLM loss on them is the
 report's forgetting column (does domain pretraining forget general text?).
+
+``task.kind`` (single_label, multi_label, regression) is every fine-tuning stage's, and the
+report's columns follow it (:mod:`.measures`).
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ from omegaconf import DictConfig, OmegaConf
 from further_pt import finetune, pretrain
 from further_pt.config import recipes
 from further_pt.config.validate import expand_paths
-from further_pt.data import corpus, labelled
+from further_pt.data import corpus
 from further_pt.errors import ConfigError
 from further_pt.files import atomic_write_text
 from further_pt.objectives import evaluation
-from further_pt.study import linear, report, variants
+from further_pt.objectives.kinds import KINDS
+from further_pt.study import linear, measures, report, variants
 from further_pt.study.variants import finetune_stage
 
 logger = logging.getLogger("further_pt.study.experiment")
@@ -175,16 +179,15 @@ def check_sizes(cfg: DictConfig) -> int:
     Done before any stage, so a size the file cannot give fails in seconds, not after the
     pretraining hours (the fine-tuning stages would refuse it too, with the same rule).
     """
-    task = cfg.task
+    task, kind = cfg.task, measures.kind_of(cfg)
     _, labels, names = linear.read_train(task.train_file, task.text_column,
-                                         task.label_column)
+                                         task.label_column, kind)
     for size in cfg.train_sizes:
         if size is None:
             continue
         try:
-            labelled.stratified_subsample(labels, size, cfg.seeds[0],
-                                          num_classes=len(names),
-                                          where=task.train_file)
+            linear.sample_rows(labels, size, cfg.seeds[0], num_classes=len(names),
+                               where=task.train_file, kind=kind)
         except ConfigError as exc:
             raise ConfigError(f"config key 'train_sizes': {str(exc).split(': ', 1)[-1]}"
                               ) from None
@@ -258,6 +261,7 @@ def run(cfg: DictConfig) -> Path:
                     f"data.train_file={task.train_file}", f"data.eval_file={task.eval_file}",
                     f"data.text_column={task.text_column}",
                     f"data.label_column={task.label_column}",
+                    f"task.kind={measures.kind_of(cfg)}",
                     f"data.max_train_examples={'null' if size is None else size}",
                     *cfg.finetune.overrides, *by_size.get(size, [])], folder / "metrics.json")
     forgetting: dict[str, float] = {}
@@ -281,7 +285,7 @@ def _linear(cfg: DictConfig, folder: Path, size: int | None, seed: int) -> None:
     linear.run(folder, train_file=task.train_file, eval_file=task.eval_file,
                text_column=task.text_column, label_column=task.label_column,
                size=size, seed=seed, C=lin.C, word_ngrams=list(lin.word_ngrams),
-               char_ngrams=list(lin.char_ngrams))
+               char_ngrams=list(lin.char_ngrams), kind=measures.kind_of(cfg))
 
 
 def load(argv: list[str]) -> DictConfig:
@@ -320,6 +324,9 @@ def validate(cfg: DictConfig) -> None:
                           "compared with")
     if not cfg.seeds:
         raise ConfigError("config key 'seeds': give at least one seed")
+    if measures.kind_of(cfg) not in KINDS:
+        raise ConfigError(f"config key 'task.kind': must be one of {', '.join(KINDS)}; got "
+                          f"{cfg.task.kind!r}")
     _validate_ablations(cfg)
     for i, entry in enumerate(cfg.finetune.by_size):
         if entry.size not in list(cfg.train_sizes):

@@ -11,7 +11,9 @@ Per training size and variant: the per-seed differences d_s = error(variant, s) 
 error(FiT, s) (negative = fewer errors), their mean with a 95% t interval
 (mean +- t(0.975, n-1) * sd / sqrt(n)), the paired t-test (scipy ``ttest_rel``) and the
 Wilcoxon signed-rank test (``wilcoxon``, exact for small n; differences of zero are
-dropped as in its default ``zero_method``), and how many seeds the variant won.
+dropped as in its default ``zero_method``), and how many seeds the variant won. A multi-label
+or regression task pairs its primary metric instead (macro-F1, Pearson: higher is better,
+:mod:`.measures`); ``metric`` in paired.csv names it.
 """
 
 from __future__ import annotations
@@ -35,16 +37,17 @@ def stats() -> Any:
 
 
 PAIRED_COLUMNS = ("train_size", "variant", "key", "seeds", "mean_diff", "ci_low", "ci_high",
-                  "p_t", "p_wilcoxon", "wins", "diffs")
+                  "p_t", "p_wilcoxon", "wins", "diffs", "metric")
 
 
 def paired_rows(errors: dict[tuple[Any, str], dict[int, float]], keys: dict[Any, list[str]],
-                label: Any) -> list[dict[str, Any]]:
+                label: Any, *, lower_is_better: bool = True, metric: str = "error_rate"
+                ) -> list[dict[str, Any]]:
     """One row per (size, variant other than FiT) with a paired comparison to FiT.
 
-    ``errors[(size, key)][seed]`` is a stage's dev error rate; ``keys[size]`` the rows
-    fine-tuned at that size; ``label(key)`` a row's display name. Only seeds both rows
-    finished are paired.
+    ``errors[(size, key)][seed]`` is a stage's dev error rate (or the ``metric`` given);
+    ``keys[size]`` the rows fine-tuned at that size; ``label(key)`` a row's display name.
+    Only seeds both rows finished are paired; a win is a seed where the variant did better.
     """
     found = []
     for size, here in keys.items():
@@ -56,7 +59,8 @@ def paired_rows(errors: dict[tuple[Any, str], dict[int, float]], keys: dict[Any,
             seeds = sorted(set(fit) & set(mine))
             diffs = [mine[s] - fit[s] for s in seeds]
             found.append({"train_size": size, "variant": label(key), "key": key,
-                          "seeds": len(seeds), "wins": sum(d < 0 for d in diffs),
+                          "seeds": len(seeds), "metric": metric,
+                          "wins": sum(d < 0 if lower_is_better else d > 0 for d in diffs),
                           "diffs": diffs, **summarise(diffs)})
     return found
 
@@ -84,17 +88,23 @@ def _p(value: float | None) -> str:
     return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
 
 
-def markdown(rows: list[dict[str, Any]], size_label: Any) -> str:
-    """The paired section of report.md (empty when no row has two paired seeds)."""
+def markdown(rows: list[dict[str, Any]], size_label: Any, measure: Any = None) -> str:
+    """The paired section of report.md (empty when no row has two paired seeds); ``measure``
+    (:class:`.measures.Measure`): a task kind's primary metric, else the error rate."""
     shown = [r for r in rows if r["seeds"] >= 2]
     if not shown:
         return ""
+    what = ("Error-rate difference, variant minus BERT-FiT, in points (negative: fewer errors)"
+            if measure is None or measure.primary.key == "error_rate" else
+            f"{measure.short} difference, variant minus BERT-FiT" + (
+                " (x100)" if measure.primary.scale == 100 else "") + " (positive: better)")
+    won = ("made fewer errors" if measure is None or measure.lower_is_better
+           else f"had the higher {measure.short}")
     lines = [
         "", "## Paired against BERT-FiT (same subsample, same seed)", "",
-        "Error-rate difference, variant minus BERT-FiT, in points (negative: fewer errors), "
-        "over the seeds both finished; 95% interval from the t distribution; p-values of the "
-        "paired t-test and the Wilcoxon signed-rank test; wins = seeds where the variant made "
-        "fewer errors.",
+        f"{what}, over the seeds both finished; 95% interval from the t distribution; "
+        "p-values of the paired t-test and the Wilcoxon signed-rank test; wins = seeds where "
+        f"the variant {won}.",
         "", "| model | training examples | seeds | mean difference | 95% interval | paired t p "
         "| Wilcoxon p | wins |", "|---|---|---|---|---|---|---|---|"]
     for r in shown:

@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from further_pt.objectives import schedules
-from further_pt.study import variants
+from further_pt.study import measures, variants
+
+SINGLE = measures.MEASURES["single_label"]
 
 
-def data_size(out: Path, table: list[dict[str, Any]]) -> Path | None:
-    """``data_size.png``: error vs labelled examples per variant, log x, error bars = sd."""
+def data_size(out: Path, table: list[dict[str, Any]], measure: measures.Measure = SINGLE
+              ) -> Path | None:
+    """``data_size.png``: error (the task kind's primary metric) vs labelled examples per
+    variant, log x, error bars = sd."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,12 +25,13 @@ def data_size(out: Path, table: list[dict[str, Any]]) -> Path | None:
 
     if any(r["train_examples"] is None for r in table):
         return None  # 'all' without a count has no place on the x axis
+    first = measure.primary
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in dict.fromkeys(r["key"] for r in table):
-        points = sorted((r["train_examples"], r["error_rate_mean"], r["error_rate_sd"])
+        points = sorted((r["train_examples"], r[f"{first.key}_mean"], r[f"{first.key}_sd"])
                         for r in table if r["key"] == key)
-        ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],
-                    yerr=[100 * p[2] for p in points], marker="o", capsize=3,
+        ax.errorbar([p[0] for p in points], [first.scale * p[1] for p in points],
+                    yerr=[first.scale * p[2] for p in points], marker="o", capsize=3,
                     label=next(r["variant"] for r in table if r["key"] == key),
                     linestyle="--" if key == "linear" else "-")
     ax.set_xscale("log")
@@ -35,8 +40,9 @@ def data_size(out: Path, table: list[dict[str, Any]]) -> Path | None:
     ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)])
     ax.minorticks_off()
     ax.set_xlabel("labelled training examples (log scale)")
-    ax.set_ylabel("dev error rate (%)")
-    ax.set_title("Error vs training-set size (mean +- sd over seeds)")
+    ax.set_ylabel(f"dev {first.header}")
+    ax.set_title(f"{measure.short[0].upper()}{measure.short[1:]} vs training-set size "
+                 "(mean +- sd over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "data_size.png"
@@ -45,7 +51,8 @@ def data_size(out: Path, table: list[dict[str, Any]]) -> Path | None:
     return path
 
 
-def figures(out: Path, table: list[dict[str, Any]], cfg: Any) -> list[Path]:
+def figures(out: Path, table: list[dict[str, Any]], cfg: Any,
+            measure: measures.Measure = SINGLE) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,14 +61,16 @@ def figures(out: Path, table: list[dict[str, Any]], cfg: Any) -> list[Path]:
     paths = []
     largest = [r for r in table if r["train_size"] == table[-1]["train_size"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["variant"] for r in largest], [100 * r["error_rate_mean"] for r in largest],
-           yerr=[100 * r["error_rate_sd"] for r in largest], capsize=4, color="#4878a8")
-    ax.set_ylabel("dev error rate (%)")
-    ax.set_title("Error rate by variant (mean +- sd over seeds)" + (
+    first = measure.primary
+    ax.bar([r["variant"] for r in largest], [first.scale * r[f"{first.key}_mean"] for r in largest],
+           yerr=[first.scale * r[f"{first.key}_sd"] for r in largest], capsize=4, color="#4878a8")
+    ax.set_ylabel(f"dev {first.header}")
+    name = first.header.split(" (")[0]
+    ax.set_title(f"{name[0].upper()}{name[1:]} by variant (mean +- sd over seeds)" + (
         f", {variants.size_label(largest[0])} examples" if len(cfg.train_sizes) > 1 else ""))
     ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
-    paths.append(out / "error_rates.png")
+    paths.append(out / f"{measure.plot_name}.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     curves = {variants.label(cfg, k):
@@ -117,7 +126,9 @@ def plot_run(run_dir: Path, path: Path) -> Path:
     log = variants.read_jsonl(run_dir / "logs" / "metrics.jsonl")
     if not log:
         raise FileNotFoundError(f"{run_dir}: no logs/metrics.jsonl")
-    keys = [k for k in ("train/mlm_loss", "train/nsp_loss", "train/loss", "eval_accuracy")
+    dev = next((k for k in ("eval_accuracy", "eval_micro_f1", "eval_pearson")  # task.kind's
+                if any(k in x for x in log)), "eval_accuracy")
+    keys = [k for k in ("train/mlm_loss", "train/nsp_loss", "train/loss", dev)
             if any(k in x for x in log)]
     lr_key = next((k for k in ("train/lr", "lr/head") if any(k in x for x in log)), None)
     panels = keys + ([lr_key] if lr_key else [])

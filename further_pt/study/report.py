@@ -9,7 +9,10 @@ forgetting column: the MLM loss of that encoder on the held-out general text
 data-size view (Sun et al. 2019, sec. 5.5, Fig. 4): error per variant and size,
 which differences from FiT exceed FiT's seed spread, and ``data_size.png``.
 Plots: a bar chart of the error rates, the MLM-loss curves of the pretraining
-runs, and ``plot_schedule`` / ``plot_run`` for any recipe or run.
+runs, and ``plot_schedule`` / ``plot_run`` for any recipe or run. A multi-label or
+regression task (``task.kind``) is reported by its own metrics instead of the error rate
+and macro-F1: macro-F1, micro-F1 and subset accuracy; Pearson, Spearman and MSE
+(:mod:`.measures`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from further_pt.files import atomic_write_text
-from further_pt.study import paired, plots
+from further_pt.study import measures, paired, plots
 from further_pt.study.variants import (
     finetune_stage,
     keys_at,
@@ -38,18 +41,20 @@ P_VALUE = 0.05  # Welch's t-test level of the data-size sentences
 
 def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float],
          train_rows: int | None = None) -> list[dict[str, Any]]:
-    """One row per (size, variant), sizes in recipe order; ``error_rates``: the per-seed values.
+    """One row per (size, variant), sizes in recipe order; ``values``: the per-seed values of
+    the task kind's primary metric (the error rate of a single-label task).
 
     ``train_examples`` is what the stage used: a stage's own ``train_examples`` in
     metrics.json if it wrote one, else the size, else ``train_rows`` (the whole file).
     """
-    table = []
+    table, m = [], measures.measure(cfg)
+    first = m.primary.key
     for size in cfg.train_sizes:
         block = []
         for variant in keys_at(cfg, size):
             metrics = [json.loads((out / finetune_stage(variant, size, s) / "metrics.json")
                                   .read_text()) for s in cfg.seeds]
-            errors = [m["eval_error_rate"] for m in metrics]
+            values = [x[f"eval_{first}"] for x in metrics]
             stage = f"pretrain-{variant}" if pretrained(cfg, variant) else None
             steps = None
             if stage:
@@ -61,21 +66,22 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
             block.append({
                 "variant": label(cfg, variant), "key": variant,
                 "train_size": "all" if size is None else size, "train_examples": used,
-                "seeds": len(errors),
-                "error_rate_mean": statistics.mean(errors),
-                "error_rate_sd": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-                "macro_f1_mean": statistics.mean(m["eval_macro_f1"] for m in metrics),
-                "accuracy_mean": statistics.mean(m["eval_accuracy"] for m in metrics),
+                "seeds": len(values),
+                f"{first}_mean": statistics.mean(values),
+                f"{first}_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                **{f"{c.key}_mean": statistics.mean(x[f"eval_{c.key}"] for x in metrics)
+                   for c in m.others},
                 "pretrain_steps": steps,
                 "pretrain_seconds": stages.get(stage, {}).get("seconds") if stage else None,
                 "forgetting_mlm_loss": forgetting.get(variant),
                 # measured as not applicable: the encoder has no trained MLM head
                 "forgetting_na": variant in forgetting and forgetting[variant] is None,
-                "error_rates": errors,
+                "values": values,
             })
-        fit = next(r for r in block if r["key"] == "fit")["error_rate_mean"]
+        fit = m.error(next(r for r in block if r["key"] == "fit")[f"{first}_mean"])
         for r in block:
-            r["relative_error_reduction"] = (fit - r["error_rate_mean"]) / fit if fit else 0.0
+            r["relative_error_reduction"] = ((fit - m.error(r[f"{first}_mean"])) / fit if fit
+                                             else 0.0)
         table += block
     return table
 
@@ -85,24 +91,26 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
-    several = len(cfg.train_sizes) > 1
+    several, m = len(cfg.train_sizes) > 1, measures.measure(cfg)
+    first, shown = m.primary, [c for c in m.others if c.shown]
+    error = "" if m.lower_is_better else f", error = 1 - {m.short}"
     lines = [
         "# Further pretraining: does it help this task?", "",
-        f"Dev error rate (%), mean +- sd over seeds {list(cfg.seeds)}; "
-        "delta = relative error reduction against BERT-FiT" + (" at the same training size"
-                                                               if several else "") +
+        f"Dev {first.header}, mean +- sd over seeds {list(cfg.seeds)}; "
+        f"delta = relative error reduction against BERT-FiT{error}" + (
+            " at the same training size" if several else "") +
         " (Sun et al. 2019, Table 6's Avg. delta); forgetting = MLM loss of the encoder on "
         "held-out general text (n/a: the encoder has no trained MLM head - a head-less base - "
         "so the loss would score a random head).", "",
-        "| model |" + (" training examples |" if several else "") + " error rate (%) | "
-        "macro-F1 (%) | delta vs FiT | pretraining steps | pretraining time (s) | "
-        "forgetting (MLM loss) |",
-        "|---|" + ("---|" if several else "") + "---|---|---|---|---|---|"]
+        "| model |" + (" training examples |" if several else "") + f" {first.header} | "
+        + "".join(f"{c.header} | " for c in shown) + "delta vs FiT | pretraining steps | "
+        "pretraining time (s) | forgetting (MLM loss) |",
+        "|---|" + ("---|" if several else "") + "---|" * (len(shown) + 5)]
     for r in table:
         lines.append(
             f"| {r['variant']} |" + (f" {size_label(r)} |" if several else "") +
-            f" {100 * r['error_rate_mean']:.2f} +- "
-            f"{100 * r['error_rate_sd']:.2f} | {100 * r['macro_f1_mean']:.2f} | "
+            f" {first.show(r[f'{first.key}_mean'])} +- {first.show(r[f'{first.key}_sd'])} | "
+            + "".join(f"{c.show(r[f'{c.key}_mean'])} | " for c in shown) +
             f"{100 * r['relative_error_reduction']:+.1f}% | {_fmt(r['pretrain_steps'], 'd')} | "
             f"{_fmt(r['pretrain_seconds'], '.0f')} | "
             f"{'n/a' if r.get('forgetting_na') else _fmt(r['forgetting_mlm_loss'], '.3f')} |")
@@ -119,12 +127,13 @@ def _welch_p(a: list[float], b: list[float]) -> float | None:
     return float(paired.stats().ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def comparisons(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def comparisons(table: list[dict[str, Any]], key: str = "error_rate") -> list[dict[str, Any]]:
     """Per size and variant other than FiT: its difference from FiT and whether it counts.
 
-    Rule: Welch's t-test (p < 0.05) over the per-seed error rates where scipy is
-    installed and both have at least two seeds; otherwise the difference of means
-    must exceed FiT's seed sd. ``rule`` says which one decided.
+    Rule: Welch's t-test (p < 0.05) over the per-seed values of ``key`` (the error rates,
+    or the task kind's primary metric) where scipy is installed and both have at least two
+    seeds; otherwise the difference of means must exceed FiT's seed sd. ``rule`` says which
+    one decided.
     """
     found = []
     for size in dict.fromkeys(r["train_size"] for r in table):
@@ -133,9 +142,9 @@ def comparisons(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in block:
             if r["key"] == "fit":
                 continue
-            diff = r["error_rate_mean"] - fit["error_rate_mean"]
-            p = _welch_p(fit["error_rates"], r["error_rates"])
-            exceeds = p < P_VALUE if p is not None else abs(diff) > fit["error_rate_sd"]
+            diff = r[f"{key}_mean"] - fit[f"{key}_mean"]
+            p = _welch_p(fit["values"], r["values"])
+            exceeds = p < P_VALUE if p is not None else abs(diff) > fit[f"{key}_sd"]
             found.append({"train_size": size, "variant": r["variant"], "diff": diff, "p": p,
                           "exceeds": exceeds, "rule": "welch" if p is not None else "sd"})
     return found
@@ -145,9 +154,11 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
     """The data-size view: error by variant x size, and which differences from FiT count."""
     sizes = list(dict.fromkeys(r["train_size"] for r in table))
     labels = {r["train_size"]: size_label(r) for r in table if r["key"] == "fit"}
+    m = measures.measure(cfg)
+    first = m.primary
     lines = [
         "", "## Training-set size (Sun et al. 2019, sec. 5.5, Fig. 4)", "",
-        "Dev error rate (%), mean +- sd over seeds (n = seeds), fine-tuned on a seeded, "
+        f"Dev {first.header}, mean +- sd over seeds (n = seeds), fine-tuned on a seeded, "
         "stratified sample of the labelled training file: the same examples for every model at "
         "a seed; 'all' = the whole file.", "",
         "| model | " + " | ".join(labels[s] for s in sizes) + " |",
@@ -155,10 +166,11 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
     for key in variant_keys(cfg):
         cells = {r["train_size"]: r for r in table if r["key"] == key}
         lines.append(f"| {label(cfg, key)} | " + " | ".join(
-            f"{100 * cells[s]['error_rate_mean']:.2f} +- {100 * cells[s]['error_rate_sd']:.2f} "
+            f"{first.show(cells[s][f'{first.key}_mean'])} +- "
+            f"{first.show(cells[s][f'{first.key}_sd'])} "
             f"(n={cells[s]['seeds']})" if s in cells else "not run" for s in sizes) + " |")
-    found = comparisons(table)
-    rule = (f"Welch's t-test over the per-seed error rates gives p < {P_VALUE}; where it "
+    found = comparisons(table, first.key)
+    rule = (f"Welch's t-test over the per-seed {m.plural} gives p < {P_VALUE}; where it "
             "cannot run (fewer than 2 seeds, or no spread in either), when the difference of "
             "means exceeds BERT-FiT's seed sd")
     lines += ["", f"A variant differs from BERT-FiT beyond FiT's seed spread when {rule}.", ""]
@@ -167,7 +179,7 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
 
         def show(c: dict[str, Any]) -> str:
             p = ", sd rule" if c["p"] is None else f", p={c['p']:.3f}"
-            return f"{c['variant']} (error {100 * c['diff']:+.2f} points{p})"
+            return f"{c['variant']} ({m.short} {first.show(c['diff'], signed=True)}{p})"
 
         beyond = [show(c) for c in here if c["exceeds"]]
         within = [show(c) for c in here if not c["exceeds"]]
@@ -180,7 +192,7 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
     return "\n".join(lines) + "\n"
 
 
-CSV_SKIP = ("error_rates",)
+CSV_SKIP = ("values",)
 
 
 def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float], *,
@@ -194,13 +206,14 @@ def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, flo
     writer.writerows(table)
     atomic_write_text(out / "report.csv", buffer.getvalue())
     text = markdown(table, cfg)
-    figures = plots.figures(out, table, cfg)
+    m = measures.measure(cfg)
+    figures = plots.figures(out, table, cfg, m)
     text += "".join(f"\n![{p.stem}]({p.name})\n" for p in figures)
     if len(cfg.train_sizes) > 1:
-        plot = plots.data_size(out, table)
+        plot = plots.data_size(out, table, m)
         text += data_size_markdown(table, cfg, plot.name if plot else None)
     pairs = _paired(out, cfg)
-    text += paired.markdown(pairs, lambda size: "all" if size is None else str(size))
+    text += paired.markdown(pairs, lambda size: "all" if size is None else str(size), m)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(paired.PAIRED_COLUMNS), extrasaction="ignore")
     writer.writeheader()
@@ -212,7 +225,9 @@ def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, flo
 
 
 def _paired(out: Path, cfg: Any) -> list[dict[str, Any]]:
-    """Per-seed dev error rates of every finished fine-tuning stage, paired against FiT."""
+    """Per-seed dev error rates (the task kind's primary metric) of every finished
+    fine-tuning stage, paired against FiT."""
+    m = measures.measure(cfg)
     errors: dict[tuple[Any, str], dict[int, float]] = {}
     for size in cfg.train_sizes:
         for key in keys_at(cfg, size):
@@ -220,9 +235,10 @@ def _paired(out: Path, cfg: Any) -> list[dict[str, Any]]:
             for seed in cfg.seeds:
                 path = out / finetune_stage(key, size, seed) / "metrics.json"
                 if path.is_file():
-                    found[seed] = json.loads(path.read_text())["eval_error_rate"]
+                    found[seed] = json.loads(path.read_text())[f"eval_{m.primary.key}"]
             errors[(size, key)] = found
     return paired.paired_rows(errors, {size: keys_at(cfg, size) for size in cfg.train_sizes},
-                              lambda key: label(cfg, key))
+                              lambda key: label(cfg, key), lower_is_better=m.lower_is_better,
+                              metric=m.primary.key)
 
 
