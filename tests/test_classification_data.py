@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from further_pt.data.labelled import (
-    describe_subsample,
     encode_labels,
     label_names,
     load_labelled,
     read_labelled,
-    stratified_subsample,
 )
+from further_pt.data.targets import describe_subsample, stratified_subsample
 from further_pt.errors import ConfigError, DataError
 
 TEXT, LABEL = ["text"], "label"

@@ -108,7 +108,7 @@ def test_data_size_view(experiment) -> None:
 
 def test_linear_reference_row(experiment) -> None:
     pytest.importorskip("sklearn")
-    from further_pt.data.labelled import stratified_subsample
+    from further_pt.data.targets import stratified_subsample
     from further_pt.study import linear
 
     out, _ = experiment

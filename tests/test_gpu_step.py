@@ -463,7 +463,8 @@ def test_predict_runs_on_the_gpu_when_there_is_one(monkeypatch, tmp_path, tiny_m
     class Stop(Exception):
         """Ends predict_file at its first batch, once the device is known."""
 
-    def fake_probabilities(classifier, encoded, tasks, *, batch_size, device, pad_id):
+    def fake_probabilities(classifier, encoded, tasks, *, batch_size, device, pad_id,
+                           task_kinds=None):
         seen.append(device)
         raise Stop
 

@@ -70,7 +70,10 @@ def _further_pt_predict(folder: Path, tmp_path: Path) -> list[dict[str, float]]:
     rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     out = tmp_path / "out.jsonl"
     assert cli_main(["predict", f"model={folder}", f"input={rows}", f"output={out}"]) == 0
-    return [json.loads(x)["probabilities"] for x in out.read_text().splitlines()]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    # one task: "probabilities"; several: each task's "TASK_probabilities" (the first here)
+    key = next(k for k in rows[0] if k.endswith("probabilities"))
+    return [row[key] for row in rows]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -133,7 +133,7 @@ def test_the_loss_is_torchs_weighted_cross_entropy() -> None:
     logits, labels = torch.randn(6, 3), torch.tensor([0, 2, 1, 2, 2, 0])
     weight = torch.tensor([0.5, 1.0, 4.0])
     objective = Classification.__new__(Classification)
-    objective.class_weights = {"main": weight}
+    objective.class_weights, objective.kind = {"main": weight}, "single_label"
     loss, _ = objective.loss(lambda **batch: logits, {"input_ids": None, "labels": labels},
                              stream="main", step=0, micro=0)
     picked = -logits.log_softmax(-1)[torch.arange(6), labels]

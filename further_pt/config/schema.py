@@ -226,7 +226,7 @@ class FinetuneTrainSchema(OptimizerSchema):
 
 @dataclass
 class EvalSchema:
-    metric: str = MISSING  # auto, or one of the task kind's (validate.EVAL_METRICS)
+    metric: str = MISSING  # auto, or one of the task kind's (config.tasks.EVAL_METRICS)
     every_steps: int | None = MISSING  # null: at the end of every epoch
     batch_size: int = MISSING
 

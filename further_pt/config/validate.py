@@ -19,6 +19,7 @@ from typing import Any
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from omegaconf import DictConfig, ListConfig
 
+from further_pt.config import tasks
 from further_pt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -378,49 +379,7 @@ def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
     check_class_weights(t.class_weights)
     _require(t.class_weights is None or cfg.task.kind == "single_label", "train.class_weights",
              f"weights the classes of a single_label task; task.kind is {cfg.task.kind}")
-    _validate_task_kind(cfg)
+    tasks.validate_task_kind(cfg)
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
-    _validate_stopping(cfg)
+    tasks.validate_stopping(cfg)
     _validate_loop(cfg, check_files=check_files)
-
-
-def _validate_stopping(cfg: DictConfig) -> None:
-    """eval.every_steps and train.early_stopping_patience: positive, and patience needs a dev set
-    (without one nothing is evaluated, so the run would never stop early nor say so)."""
-    every, patience = cfg.eval.every_steps, cfg.train.early_stopping_patience
-    _require(every is None or every >= 1, "eval.every_steps",
-             f"must be a positive number of optimizer steps or null (every epoch), got {every}")
-    _require(patience is None or patience >= 1, "train.early_stopping_patience",
-             f"must be a positive number of evaluations or null (off), got {patience}")
-    dev = cfg.data.eval_file is not None if cfg.tasks is None else any(
-        task.eval_file is not None for task in cfg.tasks)
-    _require(patience is None or dev, "train.early_stopping_patience",
-             "needs a dev set to evaluate: set data.eval_file (or eval_file in tasks)")
-
-
-#: ``eval.metric``'s choices under each ``task.kind``; ``auto`` is the first (resolved in place).
-EVAL_METRICS = {"single_label": ("accuracy", "macro_f1", "error_rate"),
-                "multi_label": ("micro_f1", "macro_f1", "subset_accuracy"),
-                "regression": ("pearson", "spearman", "mse")}
-
-
-def _validate_task_kind(cfg: DictConfig) -> None:
-    """task.kind, task.threshold and the eval.metric they allow; ``auto`` becomes the kind's
-    first metric here, so config.yaml, sweeps and the best-epoch rule read the one used."""
-    kind, threshold, e = cfg.task.kind, cfg.task.threshold, cfg.eval
-    _choice("task.kind", kind, tuple(EVAL_METRICS))
-    metrics = EVAL_METRICS[kind]
-    if e.metric == "auto":
-        e.metric = metrics[0]
-    _require(e.metric in metrics, "eval.metric", f"must be auto or, for task.kind={kind}, one "
-             f"of {', '.join(metrics)}; got {e.metric!r}")
-    if threshold == "tune":
-        _require(kind == "multi_label", "task.threshold",
-                 f"tune picks a multi_label threshold; task.kind is {kind}")
-        dev = [cfg.data.eval_file] if cfg.tasks is None else [t.eval_file for t in cfg.tasks]
-        _require(all(dev), "task.threshold", "tune picks the threshold on the dev set: set "
-                 + ("data.eval_file" if cfg.tasks is None else "every task's eval_file"))
-        return
-    number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
-    _require(number and 0 < threshold < 1, "task.threshold",
-             f"must be a probability in (0, 1), or tune; got {threshold!r}")

@@ -11,8 +11,9 @@ Data quality is checked as a class, not case by case: every text must be a
 non-blank string and every label a non-blank string or an integer (``label_role``
 "label_set": a list of them; "target": a finite number; :mod:`.targets`); a bad value
 is a :class:`DataError` naming file, line (row index for parquet), column and
-value, or, with ``invalid_rows="skip"``, a dropped and counted row. The
-low-label regime (``stratified_subsample``) keeps a seeded, stratified sample.
+value, or, with ``invalid_rows="skip"``, a dropped and counted row. The low-label
+regime (:func:`further_pt.data.targets.stratified_subsample`) keeps a seeded, stratified
+sample.
 
 Long texts (Sun et al. 2019, sec. 5.3.1, Table 2), ``max_seq_length`` counting
 ``[CLS]`` and ``[SEP]``:
@@ -34,8 +35,6 @@ import csv
 import io
 import logging
 import os
-import random
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -367,50 +366,3 @@ def _position(path: str, row: int) -> str:
 
 
 # --------------------------------------------------------------------------- low-label regime
-
-
-def stratified_subsample(labels: Sequence[int], n: int, seed: int, *, num_classes: int,
-                         where: str, unit: tuple[str, str] = ("class", "classes")) -> list[int]:
-    """Sorted row indices of a seeded, stratified sample of ``n`` rows (the low-label regime).
-
-    Each class present gets a share proportional to its size (largest remainder,
-    ties to the larger class, then the lower id) and at least one row. Only
-    (labels, n, seed) decide the sample, never a model or tokenizer, so every
-    starting model of an experiment fine-tunes on the same examples for a seed. ``labels``
-    may be strata other than classes (:mod:`.targets`); ``unit`` names them in errors.
-    """
-    key = "config key 'data.max_train_examples'"
-    if n < 1:
-        raise ConfigError(f"{key}: {n} must be at least 1")
-    by_class: dict[int, list[int]] = {}
-    for row, label in enumerate(labels):
-        if not 0 <= label < num_classes:
-            raise ValueError(f"{where}: row {row} has label id {label}, not in [0, {num_classes})")
-        by_class.setdefault(label, []).append(row)
-    if n < len(by_class):
-        raise ConfigError(f"{key}: {n} is below the {len(by_class)} {unit[1]} of {where}: every "
-                          f"{unit[0]} needs an example")
-    if n > len(labels):
-        raise ConfigError(f"{key}: {n} exceeds the {len(labels)} rows of {where}")
-    quota = {c: n * len(rows) / len(labels) for c, rows in by_class.items()}
-    take = {c: max(1, int(q)) for c, q in quota.items()}
-    while sum(take.values()) < n:  # the largest remainders get one more
-        c = max((c for c in take if take[c] < len(by_class[c])),
-                key=lambda c: (quota[c] - take[c], len(by_class[c]), -c))
-        take[c] += 1
-    while sum(take.values()) > n:  # minimums of 1 overshot: the largest surpluses give one back
-        c = max((c for c in take if take[c] > 1),
-                key=lambda c: (take[c] - quota[c], len(by_class[c]), -c))
-        take[c] -= 1
-    rng = random.Random(seed)
-    chosen = [row for c in sorted(by_class) for row in rng.sample(by_class[c], take[c])]
-    return sorted(chosen)
-
-
-def describe_subsample(labels_kept: Sequence[int], names: Sequence[str], total: int) -> str:
-    """The one log line of a subsample: ``kept 40 of 4037 training examples: admin 4, ...``."""
-    counts = Counter(labels_kept)
-    shares = ", ".join(f"{name} {counts[i]}" for i, name in enumerate(names) if counts[i])
-    return f"kept {len(labels_kept)} of {total} training examples: {shares}"
-
-

@@ -24,7 +24,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from further_pt.config.validate import EVAL_METRICS
+from further_pt.config.tasks import EVAL_METRICS
 from further_pt.data import labelled, targets
 
 #: ``eval.metric``'s choices per kind (``auto`` is the first; validation resolves it).
@@ -68,22 +68,22 @@ def sample(values: Sequence[Any], n: int, seed: int, *, kind: str, num_names: in
     """The seeded, stratified ``data.max_train_examples`` rows (:mod:`.targets` for the strata
     of label sets and targets): the same rows for a seed whatever the model."""
     if kind == "single_label":
-        return labelled.stratified_subsample(values, n, seed, num_classes=num_names,
+        return targets.stratified_subsample(values, n, seed, num_classes=num_names,
                                              where=where)
     if kind == "multi_label":
         strata = targets.label_set_strata(values)
-        return labelled.stratified_subsample(
+        return targets.stratified_subsample(
             strata, n, seed, num_classes=num_names + 1, where=where,
             unit=("stratum", "label strata (rows' rarest labels)"))
     strata, bins = targets.target_strata(values, n)
-    return labelled.stratified_subsample(strata, n, seed, num_classes=bins, where=where,
+    return targets.stratified_subsample(strata, n, seed, num_classes=bins, where=where,
                                          unit=("bin", "target bins"))
 
 
 def describe(kept: Sequence[Any], names: Sequence[str], total: int, kind: str) -> str:
     """The log line of a subsample."""
     if kind == "single_label":
-        return labelled.describe_subsample(kept, names, total)
+        return targets.describe_subsample(kept, names, total)
     if kind == "multi_label":
         return targets.describe_label_sets(kept, names, total)
     return targets.describe_targets(kept, total)
