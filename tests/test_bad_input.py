@@ -557,6 +557,10 @@ CASES: list[Case] = [
         "train.class_weights": "balance"}),
      "config key 'train.class_weights': 'balance' is not a setting: give null, balanced or a "
      "mapping {label: weight}"),
+    ("class weights in a regression task", F, lambda e: e.finetune(**{
+        "train.class_weights": "balanced", "task.kind": "regression"}),
+     "config key 'train.class_weights': weights the classes of a single_label task; task.kind "
+     "is regression"),
     ("hub dataset with too many parts", F, lambda e: e.finetune(**{
         "data.train_file": "hf:glue:mrpc:train:x"}),
      "further_pt: error: hf:glue:mrpc:train:x: a hub dataset is hf:NAME, hf:NAME:SPLIT or "
