@@ -20,14 +20,11 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from omegaconf import DictConfig, ListConfig
 
 from further_pt.config import tasks
+from further_pt.config.tasks import choice as _choice
+from further_pt.config.tasks import require as _require
 from further_pt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key {key!r}: {message}")
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -310,10 +307,6 @@ def _check_file(key: str, path: str | None) -> None:
     if path is not None and not path.startswith("hf:") and not os.path.isfile(
             os.path.expanduser(path)):
         raise ConfigError(f"config key {key!r}: file {path} does not exist")
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
 def validate_finetune(cfg: DictConfig, *, check_files: bool = True) -> None:
