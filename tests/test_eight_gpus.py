@@ -122,6 +122,8 @@ if acc.is_main_process:
         "off_fp32_mean_by": (everyone[0] - fp32_mean).abs().max().item(),
         "off_half_sum_by": (everyone[0] - half_sum).abs().max().item(),
         "scale": fp32_mean.abs().max().item()}))
+acc.wait_for_everyone()
+acc.end_training()  # destroys the process group: exiting with gloo's threads alive can abort
 '''
 
 
