@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import logging
+import math
 import shutil
 import sys
 
@@ -30,10 +31,13 @@ def experiment(tmp_path_factory, tiny_model_dir, corpus_file):
     base = tmp_path_factory.mktemp("experiment")
     train, dev = write_task(base / "train.jsonl", 64, 0), write_task(base / "dev.jsonl", 20, 1)
     out = base / "exp"
+    domain = base / "domain.txt"  # in-domain text: no IDPT here, so only its held-out sample
+    domain.write_text("".join(f"{line}\n" for line in corpus_file.read_text().splitlines()[:60]))
     argv = ["experiment", "recipe=paper_grid", f"output_dir={out}", "seeds=[1,2]",
             f"variants=[{','.join(VARIANTS)}]", "train_sizes=[8,null]",
             f"base_model={tiny_model_dir}", f"task.train_file={train}",
             f"task.eval_file={dev}", f"corpora.cross_domain=[{corpus_file}]",
+            f"corpora.in_domain=[{domain}]", "forgetting.in_domain_docs=12",
             "forgetting.docs=40", "forgetting.max_seq_length=64", "launcher=[inprocess]",
             _overrides("pretrain", "train.max_steps=4", "train.warmup_steps=1",
                        "train.batch_size=4", "data.max_seq_length=64", "checkpoint.every_steps=4",
@@ -73,6 +77,27 @@ def test_report_has_one_row_per_variant_and_size(experiment) -> None:
     assert (out / "pretraining_mlm_loss.png").is_file()
     held = (out / "data" / "general-heldout.txt").read_text().splitlines()
     assert len(held) == 40
+
+
+def test_held_out_in_domain_loss_per_variant(experiment) -> None:
+    """Each encoder's MLM loss on the 12 held-out in-domain documents is measured, reported
+    with its perplexity, and every pretraining run evaluates on them as it trains."""
+    from further_pt.objectives.evaluation import mlm_loss
+
+    out, argv = experiment
+    held = (out / "data" / "in-domain-heldout.txt").read_text().splitlines()
+    losses = json.loads((out / "heldout_in_domain.json").read_text())
+    assert len(held) == 12 and set(losses) == {"fit", "itpt"}
+    base = next(a.split("=", 1)[1] for a in argv if a.startswith("base_model="))
+    assert losses["fit"] == pytest.approx(mlm_loss(base, held, max_seq_length=64, seed=0))
+    itpt = next(r for r in _csv(out) if r["key"] == "itpt")
+    assert float(itpt["in_domain_mlm_loss"]) == pytest.approx(losses["itpt"])
+    assert float(itpt["in_domain_perplexity"]) == pytest.approx(math.exp(losses["itpt"]))
+    assert f"{losses['itpt']:.3f} ({math.exp(losses['itpt']):.1f}) |" in (
+        out / "report.md").read_text()
+    log = [json.loads(x) for x in (out / "pretrain-itpt" / "logs" / "metrics.jsonl")
+           .read_text().splitlines()]
+    assert [x["step"] for x in log if "eval_loss" in x] == [4]  # at the end (every 1000 steps)
 
 
 def test_pretraining_is_shared_by_every_size(experiment) -> None:
@@ -126,6 +151,28 @@ def test_linear_reference_row(experiment) -> None:
     rows = linear.sample_rows(labels, 8, 1, num_classes=2, where="t")
     assert rows == stratified_subsample(labels, 8, 1, num_classes=2, where="t")
     assert sorted(labels[r] for r in rows) == [0] * 4 + [1] * 4
+
+
+def test_an_experiment_started_before_the_in_domain_sample_keeps_running_without_it(
+        experiment, tmp_path) -> None:
+    """An output_dir whose experiment.yaml predates forgetting.in_domain_docs: its finished
+    stages may have trained on any in-domain document, so a rerun (twice) adds no held-out
+    in-domain column and is not refused as a changed config."""
+    out, argv = experiment
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    saved = yaml.safe_load((old / "experiment.yaml").read_text())
+    del saved["forgetting"]["in_domain_docs"]
+    saved["output_dir"] = str(old)
+    (old / "experiment.yaml").write_text(yaml.safe_dump(saved))
+    (old / "heldout_in_domain.json").unlink()
+    rerun = [a if not a.startswith("output_dir=") else f"output_dir={old}" for a in argv]
+    for _ in range(2):
+        assert main(rerun) == 0
+        assert "in_domain_docs" not in yaml.safe_load(
+            (old / "experiment.yaml").read_text())["forgetting"]
+        assert not (old / "heldout_in_domain.json").exists()
+        assert "held-out in-domain" not in (old / "report.md").read_text()
 
 
 def test_rerun_does_no_work(experiment, caplog) -> None:

@@ -295,6 +295,7 @@ class PretrainStageSchema:
 @dataclass
 class ForgettingSchema:
     docs: int = MISSING
+    in_domain_docs: int = MISSING
     max_seq_length: int = MISSING
 
 

@@ -24,7 +24,9 @@ With ``general_pretraining`` the base encoder is first pretrained from scratch
 on the general (cross-domain) corpus, so a whole study runs offline with a small
 model. The last ``forgetting.docs`` documents of the general corpus are held
 out of every pretraining run; each pretrained model's MLM loss on them is the
-report's forgetting column (does domain pretraining forget general text?).
+report's forgetting column (does domain pretraining forget general text?). A seeded sample of
+``forgetting.in_domain_docs`` in-domain documents that no variant trains on gives the held-out
+in-domain column: each encoder's MLM loss and perplexity on its domain (:mod:`.heldout`).
 
 ``task.kind`` (single_label, multi_label, regression) is every fine-tuning stage's, and the
 report's columns follow it (:mod:`.measures`).
@@ -48,12 +50,10 @@ from omegaconf import DictConfig, OmegaConf
 from further_pt import finetune, pretrain
 from further_pt.config import recipes
 from further_pt.config.validate import expand_paths
-from further_pt.data import corpus
 from further_pt.errors import ConfigError
 from further_pt.files import atomic_write_text
-from further_pt.objectives import evaluation
 from further_pt.objectives.kinds import KINDS
-from further_pt.study import linear, measures, report, variants
+from further_pt.study import heldout, linear, measures, report, variants
 from further_pt.study.variants import finetune_stage
 
 logger = logging.getLogger("further_pt.study.experiment")
@@ -139,28 +139,6 @@ class Runner:
         atomic_write_text(self.record_path, json.dumps(self.record, indent=1))
 
 
-def split_general(cfg: DictConfig, out: Path) -> tuple[list[str], Path | None]:
-    """Write the general corpus minus its last ``forgetting.docs`` documents, and those apart."""
-    files = [f for spec in cfg.corpora.cross_domain for f in expand_paths(spec)]
-    if not files or cfg.forgetting.docs == 0:
-        return list(cfg.corpora.cross_domain), None
-    data = out / "data"
-    train, held = data / "general-train.txt", data / "general-heldout.txt"
-    if not held.is_file():
-        data.mkdir(parents=True, exist_ok=True)
-        lines: list[str] = []
-        for path in files:
-            with corpus.open_bytes(path) as fh:
-                lines += [x.decode("utf-8", "replace").rstrip("\n") for x in fh if x.strip()]
-        keep = cfg.forgetting.docs
-        if len(lines) <= 2 * keep:
-            raise ConfigError(f"corpora.cross_domain has {len(lines)} documents: too few to hold "
-                              f"out forgetting.docs={keep}")
-        atomic_write_text(train, "\n".join(lines[:-keep]) + "\n")
-        atomic_write_text(held, "\n".join(lines[-keep:]) + "\n")
-    return [str(train)], held
-
-
 def _grid_free(resolved: Any) -> Any:
     """The config without the grid axes: what a finished stage's result depends on."""
     return {k: v for k, v in resolved.items() if k not in GRID_KEYS}
@@ -198,18 +176,37 @@ def run(cfg: DictConfig) -> Path:
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.yaml"
+    before = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else None
+    if before is not None and "in_domain_docs" not in before.get("forgetting", {}):
+        # started before the held-out in-domain sample existed: its finished stages may have
+        # trained on any in-domain document, so none can be called held out
+        logger.info("output_dir %s was started without forgetting.in_domain_docs: no held-out "
+                    "in-domain column for it", out)
+        cfg.forgetting.in_domain_docs = 0
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    changed = _changed(OmegaConf.to_container(OmegaConf.load(saved)), resolved) if (
-        saved.is_file()) else []
+    changed = _changed(before, resolved) if before is not None else []
     if changed:
         raise ConfigError(f"output_dir {out} holds an experiment with a different config "
                           f"({changed[0]}; only {', '.join(GRID_KEYS)} may change); use another "
                           "output_dir")
     train_rows = check_sizes(cfg)
+    heldout.check(cfg)
+    grid = {*cfg.variants, *(a.variant for a in cfg.ablations)}
+    in_domain_files, in_domain_heldout = heldout.split_in_domain(
+        cfg, out, pretrains_on_it=bool({"idpt", "cdpt"} & grid))
+    general_files, general_heldout = heldout.split_general(
+        cfg, out, exclude=in_domain_heldout if "cdpt" in grid else None)
+    if before is not None and "in_domain_docs" not in before.get("forgetting", {}):
+        del resolved["forgetting"]["in_domain_docs"]  # stays absent: every rerun decides as above
     atomic_write_text(saved, OmegaConf.to_yaml(resolved))
     runner = Runner(cfg, out)
-    general_files, heldout = split_general(cfg, out)
-    pre_over = list(cfg.pretrain.overrides)
+    # every pretraining run also reports its loss on the held-out in-domain text as it trains
+    # (eval_loss in its metrics.jsonl, drawn beside the training loss in the report's plot),
+    # unless the recipe's overrides choose their own held-out text
+    own = any(o.replace(" ", "").startswith(("data.eval_files=", "data.eval_fraction="))
+              for o in [*cfg.pretrain.overrides, *(x for a in cfg.ablations for x in a.overrides)])
+    pre_over = ([f"data.eval_files=[{in_domain_heldout}]"] if in_domain_heldout and not own
+                else []) + list(cfg.pretrain.overrides)
 
     base = cfg.base_model
     if cfg.general_pretraining is not None:
@@ -221,8 +218,8 @@ def run(cfg: DictConfig) -> Path:
         base = str(folder / "final")
     task = cfg.task
     corpora = {"itpt": list(cfg.corpora.within_task or [task.train_file]),
-               "idpt": list(cfg.corpora.in_domain),
-               "cdpt": [*cfg.corpora.in_domain, *general_files],
+               "idpt": in_domain_files,
+               "cdpt": [*in_domain_files, *general_files],
                "selected": list(cfg.corpora.selected or [])}
     models: dict[str, str] = {"fit": str(base), "feat": str(base)}
     for variant in ("itpt", "idpt", "cdpt", "selected"):  # once each, shared by sizes and seeds
@@ -264,19 +261,19 @@ def run(cfg: DictConfig) -> Path:
                     f"task.kind={measures.kind_of(cfg)}",
                     f"data.max_train_examples={'null' if size is None else size}",
                     *cfg.finetune.overrides, *by_size.get(size, [])], folder / "metrics.json")
-    forgetting: dict[str, float] = {}
-    if heldout is not None:
-        cached = out / "forgetting.json"
-        forgetting = json.loads(cached.read_text()) if cached.is_file() else {}
-        texts = heldout.read_text().splitlines()
-        for variant, model_dir in models.items():
-            if variant not in forgetting and variant != "feat":
-                # None: the model has no trained MLM head (a head-less base such as a
-                # sentence-transformers checkpoint), so its loss would score a random head
-                forgetting[variant] = evaluation.mlm_loss(
-                    model_dir, texts, max_seq_length=cfg.forgetting.max_seq_length, seed=0)
-        atomic_write_text(cached, json.dumps(forgetting, indent=1))
-    return report.write(out, cfg, runner.record, forgetting, train_rows=train_rows)
+    # None: the model has no trained MLM head (a head-less base such as a sentence-transformers
+    # checkpoint), so its loss would score a random head
+    forgetting, in_domain = {}, {}
+    if general_heldout is not None:
+        forgetting = heldout.losses(models, general_heldout.read_text().splitlines(),
+                                    out / "forgetting.json",
+                                    max_seq_length=cfg.forgetting.max_seq_length)
+    if in_domain_heldout is not None:
+        in_domain = heldout.losses(models, in_domain_heldout.read_text().splitlines(),
+                                   out / "heldout_in_domain.json",
+                                   max_seq_length=cfg.forgetting.max_seq_length)
+    return report.write(out, cfg, runner.record, forgetting, train_rows=train_rows,
+                        in_domain=in_domain)
 
 
 def _linear(cfg: DictConfig, folder: Path, size: int | None, seed: int) -> None:

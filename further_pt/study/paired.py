@@ -37,7 +37,8 @@ def stats() -> Any:
 
 
 PAIRED_COLUMNS = ("train_size", "variant", "key", "seeds", "mean_diff", "ci_low", "ci_high",
-                  "p_t", "p_wilcoxon", "wins", "diffs", "metric")
+                  "p_t", "p_wilcoxon", "wins", "median_diff", "mean_diff_without_extreme",
+                  "extreme_seed", "diffs", "metric")
 
 
 def paired_rows(errors: dict[tuple[Any, str], dict[int, float]], keys: dict[Any, list[str]],
@@ -61,7 +62,7 @@ def paired_rows(errors: dict[tuple[Any, str], dict[int, float]], keys: dict[Any,
             found.append({"train_size": size, "variant": label(key), "key": key,
                           "seeds": len(seeds), "metric": metric,
                           "wins": sum(d < 0 if lower_is_better else d > 0 for d in diffs),
-                          "diffs": diffs, **summarise(diffs)})
+                          "diffs": diffs, **summarise(diffs), **robust(diffs, seeds)})
     return found
 
 
@@ -84,6 +85,19 @@ def summarise(diffs: list[float]) -> dict[str, float | None]:
     return out
 
 
+def robust(diffs: list[float], seeds: list[int]) -> dict[str, Any]:
+    """What one unstable run cannot carry: the median difference, and the mean without the
+    most extreme pair (the seed whose difference is largest in size; the first such seed on
+    a tie). None where fewer than 3 seeds paired (dropping one would leave no spread)."""
+    if len(diffs) < 3:
+        return {"median_diff": statistics.median(diffs) if diffs else None,
+                "mean_diff_without_extreme": None, "extreme_seed": None}
+    worst = max(range(len(diffs)), key=lambda i: abs(diffs[i]))
+    return {"median_diff": statistics.median(diffs),
+            "mean_diff_without_extreme": statistics.mean(diffs[:worst] + diffs[worst + 1:]),
+            "extreme_seed": seeds[worst]}
+
+
 def _p(value: float | None) -> str:
     return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
 
@@ -104,14 +118,27 @@ def markdown(rows: list[dict[str, Any]], size_label: Any, measure: Any = None) -
         "", "## Paired against BERT-FiT (same subsample, same seed)", "",
         f"{what}, over the seeds both finished; 95% interval from the t distribution; "
         "p-values of the paired t-test and the Wilcoxon signed-rank test; wins = seeds where "
-        f"the variant {won}.",
+        f"the variant {won}; the median, and the mean without the most extreme pair (its seed "
+        "in brackets), say whether one run carries the mean.",
         "", "| model | training examples | seeds | mean difference | 95% interval | paired t p "
-        "| Wilcoxon p | wins |", "|---|---|---|---|---|---|---|---|"]
+        "| Wilcoxon p | wins | median | mean without the most extreme pair |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in shown:
         interval = ("-" if r["ci_low"] is None else
                     f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]")
         lines.append(
             f"| {r['variant']} | {size_label(r['train_size'])} | {r['seeds']} | "
             f"{100 * r['mean_diff']:+.2f} | {interval} | {_p(r['p_t'])} | "
-            f"{_p(r['p_wilcoxon'])} | {r['wins']}/{r['seeds']} |")
+            f"{_p(r['p_wilcoxon'])} | {r['wins']}/{r['seeds']} | "
+            f"{_signed(r['median_diff'])} | {_without(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def _without(r: dict[str, Any]) -> str:
+    if r["mean_diff_without_extreme"] is None:
+        return "-"
+    return f"{_signed(r['mean_diff_without_extreme'])} (seed {r['extreme_seed']})"

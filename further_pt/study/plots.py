@@ -80,7 +80,13 @@ def figures(out: Path, table: list[dict[str, Any]], cfg: Any,
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name, log in curves.items():
-            ax.plot([x["step"] for x in log], [x["train/mlm_loss"] for x in log], label=name)
+            train = [x for x in log if "train/mlm_loss" in x]  # evaluations are lines of their own
+            line, = ax.plot([x["step"] for x in train], [x["train/mlm_loss"] for x in train],
+                            label=name)
+            held = [x for x in log if "eval_loss" in x]
+            if held:
+                ax.plot([x["step"] for x in held], [x["eval_loss"] for x in held], marker="o",
+                        linestyle="--", color=line.get_color(), label=f"{name}, held-out")
         ax.set_xlabel("step")
         ax.set_ylabel("MLM loss")
         ax.set_title("Further pretraining")

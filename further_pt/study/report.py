@@ -5,8 +5,10 @@ over seeds, macro-F1 mean, the relative error reduction against FiT at the same
 size (Sun et al.'s "Avg. delta": ``(err_FiT - err_variant) / err_FiT``), the
 pretraining steps and wall time of the stage that produced its encoder, and the
 forgetting column: the MLM loss of that encoder on the held-out general text
-(lower = less forgotten). With several ``train_sizes`` the report adds the
-data-size view (Sun et al. 2019, sec. 5.5, Fig. 4): error per variant and size,
+(lower = less forgotten), and the held-out in-domain column: its MLM loss and perplexity on
+in-domain documents no variant trained on (:mod:`.heldout`). A variant pretrained for several
+lengths gets the steps curve (:func:`steps_markdown`). With several ``train_sizes`` the report
+adds the data-size view (Sun et al. 2019, sec. 5.5, Fig. 4): error per variant and size,
 which differences from FiT exceed FiT's seed spread, and ``data_size.png``.
 Plots: a bar chart of the error rates, the MLM-loss curves of the pretraining
 runs, and ``plot_schedule`` / ``plot_run`` for any recipe or run. A multi-label or
@@ -24,8 +26,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from further_pt.files import atomic_write_text
-from further_pt.study import measures, paired, plots
+from further_pt.study import heldout, measures, paired, plots
 from further_pt.study.variants import (
     finetune_stage,
     keys_at,
@@ -39,15 +43,16 @@ from further_pt.study.variants import (
 P_VALUE = 0.05  # Welch's t-test level of the data-size sentences
 
 
-def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float],
-         train_rows: int | None = None) -> list[dict[str, Any]]:
+def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float | None],
+         train_rows: int | None = None, in_domain: dict[str, float | None] | None = None
+         ) -> list[dict[str, Any]]:
     """One row per (size, variant), sizes in recipe order; ``values``: the per-seed values of
     the task kind's primary metric (the error rate of a single-label task).
 
     ``train_examples`` is what the stage used: a stage's own ``train_examples`` in
     metrics.json if it wrote one, else the size, else ``train_rows`` (the whole file).
     """
-    table, m = [], measures.measure(cfg)
+    table, m, in_domain = [], measures.measure(cfg), in_domain or {}
     first = m.primary.key
     for size in cfg.train_sizes:
         block = []
@@ -56,10 +61,13 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
                                   .read_text()) for s in cfg.seeds]
             values = [x[f"eval_{first}"] for x in metrics]
             stage = f"pretrain-{variant}" if pretrained(cfg, variant) else None
-            steps = None
+            steps = max_steps = None
             if stage:
                 log = read_jsonl(out / stage / "logs" / "metrics.jsonl")
                 steps = max((x["step"] for x in log), default=None)
+                if (out / stage / "config.yaml").is_file():  # the run's own length, no warm-up
+                    max_steps = yaml.safe_load((out / stage / "config.yaml").read_text()).get(
+                        "train", {}).get("max_steps")
             used = metrics[0].get("train_examples",  # the fine-tuner's data counts, or the linear's
                                   metrics[0].get("data", {}).get(
                                       "train_examples", size if size is not None else train_rows))
@@ -71,11 +79,14 @@ def rows(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, floa
                 f"{first}_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
                 **{f"{c.key}_mean": statistics.mean(x[f"eval_{c.key}"] for x in metrics)
                    for c in m.others},
-                "pretrain_steps": steps,
+                "pretrain_steps": steps, "pretrain_max_steps": max_steps,
                 "pretrain_seconds": stages.get(stage, {}).get("seconds") if stage else None,
                 "forgetting_mlm_loss": forgetting.get(variant),
                 # measured as not applicable: the encoder has no trained MLM head
                 "forgetting_na": variant in forgetting and forgetting[variant] is None,
+                "in_domain_mlm_loss": in_domain.get(variant),
+                "in_domain_perplexity": heldout.perplexity(in_domain.get(variant)),
+                "in_domain_na": variant in in_domain and in_domain[variant] is None,
                 "values": values,
             })
         fit = m.error(next(r for r in block if r["key"] == "fit")[f"{first}_mean"])
@@ -90,8 +101,16 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _in_domain(r: dict[str, Any]) -> str:
+    if r["in_domain_na"]:
+        return "n/a"
+    loss = r["in_domain_mlm_loss"]
+    return "-" if loss is None else f"{loss:.3f} ({r['in_domain_perplexity']:.1f})"
+
+
 def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
     several, m = len(cfg.train_sizes) > 1, measures.measure(cfg)
+    with_domain = any(r["in_domain_mlm_loss"] is not None or r["in_domain_na"] for r in table)
     first, shown = m.primary, [c for c in m.others if c.shown]
     error = "" if m.lower_is_better else f", error = 1 - {m.short}"
     lines = [
@@ -101,11 +120,14 @@ def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
             " at the same training size" if several else "") +
         " (Sun et al. 2019, Table 6's Avg. delta); forgetting = MLM loss of the encoder on "
         "held-out general text (n/a: the encoder has no trained MLM head - a head-less base - "
-        "so the loss would score a random head).", "",
+        "so the loss would score a random head)" + (
+            "; held-out in-domain = MLM loss (perplexity) on in-domain documents no variant "
+            "trained on" if with_domain else "") + ".", "",
         "| model |" + (" training examples |" if several else "") + f" {first.header} | "
         + "".join(f"{c.header} | " for c in shown) + "delta vs FiT | pretraining steps | "
-        "pretraining time (s) | forgetting (MLM loss) |",
-        "|---|" + ("---|" if several else "") + "---|" * (len(shown) + 5)]
+        "pretraining time (s) | forgetting (MLM loss) |"
+        + (" held-out in-domain (MLM loss, ppl) |" if with_domain else ""),
+        "|---|" + ("---|" if several else "") + "---|" * (len(shown) + 5 + with_domain)]
     for r in table:
         lines.append(
             f"| {r['variant']} |" + (f" {size_label(r)} |" if several else "") +
@@ -113,7 +135,8 @@ def markdown(table: list[dict[str, Any]], cfg: Any) -> str:
             + "".join(f"{c.show(r[f'{c.key}_mean'])} | " for c in shown) +
             f"{100 * r['relative_error_reduction']:+.1f}% | {_fmt(r['pretrain_steps'], 'd')} | "
             f"{_fmt(r['pretrain_seconds'], '.0f')} | "
-            f"{'n/a' if r.get('forgetting_na') else _fmt(r['forgetting_mlm_loss'], '.3f')} |")
+            f"{'n/a' if r.get('forgetting_na') else _fmt(r['forgetting_mlm_loss'], '.3f')} |"
+            + (f" {_in_domain(r)} |" if with_domain else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -192,13 +215,62 @@ def data_size_markdown(table: list[dict[str, Any]], cfg: Any, plot: str | None) 
     return "\n".join(lines) + "\n"
 
 
+LENGTH_KEYS = ("train.max_steps", "train.warmup_steps")  # what an ablation of length changes
+
+
+def _length_only(ablation: Any) -> bool:
+    keys = [o.split("=", 1)[0].strip() for o in ablation.overrides]
+    return "train.max_steps" in keys and set(keys) <= set(LENGTH_KEYS)
+
+
+def steps_markdown(cfg: Any, pairs: list[dict[str, Any]], table: list[dict[str, Any]]) -> str:
+    """The steps curve (Sun et al. 2019, Fig. 2): a further-pretrained variant and its
+    ablations that change only its length (``train.max_steps``, and ``train.warmup_steps``
+    to keep the schedule's shape), each with its paired gain against FiT (two seeds or more)
+    and, where measured, the held-out in-domain loss of its encoder."""
+    curve_of = {a.name: a.variant for a in cfg.get("ablations") or [] if _length_only(a)}
+    curve_of.update({v: v for v in cfg.variants if pretrained(cfg, v)})
+    rows, with_domain = [], any(r.get("in_domain_mlm_loss") is not None for r in table)
+    for size in cfg.train_sizes:
+        tag = "all" if size is None else size
+        here = [r for r in table if r["train_size"] == tag and r["key"] in curve_of
+                and r.get("pretrain_max_steps") is not None]
+        for variant in dict.fromkeys(curve_of[r["key"]] for r in here):
+            curve = sorted((r for r in here if curve_of[r["key"]] == variant),
+                           key=lambda r: r["pretrain_max_steps"])
+            if len({r["pretrain_max_steps"] for r in curve}) < 2:
+                continue
+            for r in curve:
+                p = next((x for x in pairs if x["key"] == r["key"]
+                          and x["train_size"] == size and x["seeds"] >= 2), None)
+                if p is None:
+                    continue
+                interval = ("-" if p["ci_low"] is None else
+                            f"[{100 * p['ci_low']:+.2f}, {100 * p['ci_high']:+.2f}]")
+                rows.append(f"| {r['variant']} | {size_label(r)} | {r['pretrain_max_steps']} | "
+                            f"{100 * p['mean_diff']:+.2f} | {interval} | "
+                            f"{p['wins']}/{p['seeds']} | {100 * p['median_diff']:+.2f} |"
+                            + (f" {_in_domain(r)} |" if with_domain else ""))
+    if not rows:
+        return ""
+    return "\n".join([
+        "", "## Gain against further-pretraining steps (Sun et al. 2019, Fig. 2)", "",
+        "Each length of further pretraining (after the head warm-up) of one variant, paired "
+        "against BERT-FiT as in the section above.", "",
+        "| model | training examples | further-pretraining steps | mean difference | "
+        "95% interval | wins | median |" + (" held-out in-domain (MLM loss, ppl) |"
+                                          if with_domain else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if with_domain else ""), *rows]) + "\n"
+
+
 CSV_SKIP = ("values",)
 
 
-def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float], *,
-          train_rows: int | None = None) -> Path:
+def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, float | None], *,
+          train_rows: int | None = None, in_domain: dict[str, float | None] | None = None
+          ) -> Path:
     """report.csv (one row per variant and size), report.md and the plots, into ``out``."""
-    table = rows(out, cfg, stages, forgetting, train_rows)
+    table = rows(out, cfg, stages, forgetting, train_rows, in_domain)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[k for k in table[0] if k not in CSV_SKIP],
                             extrasaction="ignore")
@@ -214,6 +286,7 @@ def write(out: Path, cfg: Any, stages: dict[str, Any], forgetting: dict[str, flo
         text += data_size_markdown(table, cfg, plot.name if plot else None)
     pairs = _paired(out, cfg)
     text += paired.markdown(pairs, lambda size: "all" if size is None else str(size), m)
+    text += steps_markdown(cfg, pairs, table)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(paired.PAIRED_COLUMNS), extrasaction="ignore")
     writer.writeheader()
