@@ -91,6 +91,7 @@ def test_held_out_in_domain_loss_per_variant(experiment) -> None:
     base = next(a.split("=", 1)[1] for a in argv if a.startswith("base_model="))
     assert losses["fit"] == pytest.approx(mlm_loss(base, held, max_seq_length=64, seed=0))
     itpt = next(r for r in _csv(out) if r["key"] == "itpt")
+    assert itpt["pretrain_max_steps"] == "4"  # the run's train.max_steps, read from its config
     assert float(itpt["in_domain_mlm_loss"]) == pytest.approx(losses["itpt"])
     assert float(itpt["in_domain_perplexity"]) == pytest.approx(math.exp(losses["itpt"]))
     assert f"{losses['itpt']:.3f} ({math.exp(losses['itpt']):.1f}) |" in (

@@ -137,3 +137,54 @@ def test_steps_curve_lists_each_length_of_pretraining(tmp_path: Path) -> None:
     assert header.count("|") == lines[0].count("|") == 9
     same_length = [*table[:2], {**table[2], "pretrain_max_steps": 4000}]
     assert report.steps_markdown(cfg, pairs, same_length) == ""  # no curve: one length
+
+
+def test_with_cdpt_the_in_domain_sample_leaves_the_general_corpus_too(tmp_path: Path) -> None:
+    """CDPT trains on the general corpus as well: held-out in-domain documents found there
+    are taken out of it (the last forgetting.docs stay held out as before); without CDPT the
+    general corpus is only split."""
+    *_, docs = _study(tmp_path)
+    general = tmp_path / "general.txt"  # other text with the whole in-domain corpus inside
+    other = [f"general text {i}" for i in range(40)]
+    general.write_text("\n".join([*other[:20], *docs, *other[20:]]) + "\n")
+    cfg, *_ = _study(tmp_path, "variants=[fit,cdpt]", "forgetting.docs=5",
+                     f"corpora.cross_domain=[{general}]")
+    _, held = heldout.split_in_domain(cfg, tmp_path / "a", pretrains_on_it=True)
+    files, general_held = heldout.split_general(cfg, tmp_path / "a", exclude=held)
+    gone = set(held.read_text().splitlines())
+    kept = Path(files[0]).read_text().splitlines()
+    assert general_held.read_text().splitlines() == other[-5:]
+    assert kept == [x for x in [*other[:20], *docs, *other[20:35]] if x not in gone]
+    files, _ = heldout.split_general(cfg, tmp_path / "b")
+    assert Path(files[0]).read_text().splitlines() == [*other[:20], *docs, *other[20:35]]
+
+
+def test_task_texts_and_the_within_task_corpus_are_never_held_out(tmp_path: Path) -> None:
+    """A within-task corpus (text lines here) is excluded beside the labelled training file."""
+    own_task = tmp_path / "within.txt"
+    own_task.write_text("domain document number 30 about packages\n")
+    cfg, *_ = _study(tmp_path, f"corpora.within_task=[{own_task}]",
+                     "forgetting.in_domain_docs=23")
+    with pytest.raises(ConfigError, match=r"has 45 documents that no variant trains on"):
+        heldout.split_in_domain(cfg, tmp_path / "a", pretrains_on_it=False)  # 46 without it
+
+
+def test_pretraining_evaluates_on_the_sample_unless_the_overrides_choose_their_own(
+        tmp_path: Path) -> None:
+    cfg, *_ = _study(tmp_path, "pretrain.overrides=['train.max_steps=4']")
+    held = tmp_path / "held.txt"
+    assert heldout.pretrain_overrides(cfg, held) == [f"data.eval_files=[{held}]",
+                                                     "train.max_steps=4"]
+    assert heldout.pretrain_overrides(cfg, None) == ["train.max_steps=4"]
+    for own in ("data.eval_fraction=0.05", "data.eval_files=[x.txt]"):
+        cfg, *_ = _study(tmp_path, f"pretrain.overrides=['{own}']")
+        assert heldout.pretrain_overrides(cfg, held) == [own]
+    cfg, *_ = _study(tmp_path, "variants=[fit,itpt]", "ablations=[{name: a, variant: itpt, "
+                     "overrides: ['data.eval_fraction=0.1']}]")
+    assert heldout.pretrain_overrides(cfg, held) == []
+
+
+def test_blank_line_documents_cannot_be_held_out(tmp_path: Path) -> None:
+    cfg, *_ = _study(tmp_path, "pretrain.overrides=['data.txt_documents=blank_line']")
+    with pytest.raises(ConfigError, match=r"'pretrain.overrides': data.txt_documents=blank_line"):
+        heldout.check(cfg)

@@ -177,7 +177,8 @@ def run(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.yaml"
     before = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else None
-    if before is not None and "in_domain_docs" not in before.get("forgetting", {}):
+    legacy = before is not None and "in_domain_docs" not in before.get("forgetting", {})
+    if legacy:
         # started before the held-out in-domain sample existed: its finished stages may have
         # trained on any in-domain document, so none can be called held out
         logger.info("output_dir %s was started without forgetting.in_domain_docs: no held-out "
@@ -196,17 +197,11 @@ def run(cfg: DictConfig) -> Path:
         cfg, out, pretrains_on_it=bool({"idpt", "cdpt"} & grid))
     general_files, general_heldout = heldout.split_general(
         cfg, out, exclude=in_domain_heldout if "cdpt" in grid else None)
-    if before is not None and "in_domain_docs" not in before.get("forgetting", {}):
+    if legacy:
         del resolved["forgetting"]["in_domain_docs"]  # stays absent: every rerun decides as above
     atomic_write_text(saved, OmegaConf.to_yaml(resolved))
     runner = Runner(cfg, out)
-    # every pretraining run also reports its loss on the held-out in-domain text as it trains
-    # (eval_loss in its metrics.jsonl, drawn beside the training loss in the report's plot),
-    # unless the recipe's overrides choose their own held-out text
-    own = any(o.replace(" ", "").startswith(("data.eval_files=", "data.eval_fraction="))
-              for o in [*cfg.pretrain.overrides, *(x for a in cfg.ablations for x in a.overrides)])
-    pre_over = ([f"data.eval_files=[{in_domain_heldout}]"] if in_domain_heldout and not own
-                else []) + list(cfg.pretrain.overrides)
+    pre_over = heldout.pretrain_overrides(cfg, in_domain_heldout)
 
     base = cfg.base_model
     if cfg.general_pretraining is not None:

@@ -167,6 +167,18 @@ def split_in_domain(cfg: Any, out: Path, *, pretrains_on_it: bool
     return [str(train)], held
 
 
+def pretrain_overrides(cfg: Any, held: Path | None) -> list[str]:
+    """``pretrain.overrides``, preceded by ``data.eval_files=[held]`` so that every pretraining
+    run reports its loss on the held-out in-domain text as it trains (eval_loss in its
+    metrics.jsonl, drawn beside the training loss in the report's plot); not where the
+    overrides (or an ablation's) choose their own held-out text, which the pretraining
+    config would refuse beside it."""
+    own = any(o.replace(" ", "").startswith(("data.eval_files=", "data.eval_fraction="))
+              for o in [*cfg.pretrain.overrides, *(x for a in cfg.ablations for x in a.overrides)])
+    return ([f"data.eval_files=[{held}]"] if held and not own else []) + list(
+        cfg.pretrain.overrides)
+
+
 def losses(models: dict[str, str], texts: list[str], cached: Path, *, max_seq_length: int
            ) -> dict[str, float | None]:
     """Each model's MLM loss on ``texts`` (None: no trained MLM head, see

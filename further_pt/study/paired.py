@@ -88,7 +88,7 @@ def summarise(diffs: list[float]) -> dict[str, float | None]:
 def robust(diffs: list[float], seeds: list[int]) -> dict[str, Any]:
     """What one unstable run cannot carry: the median difference, and the mean without the
     most extreme pair (the seed whose difference is largest in size; the first such seed on
-    a tie). None where fewer than 3 seeds paired (dropping one would leave no spread)."""
+    a tie). The latter is None below 3 paired seeds (dropping one would leave one)."""
     if len(diffs) < 3:
         return {"median_diff": statistics.median(diffs) if diffs else None,
                 "mean_diff_without_extreme": None, "extreme_seed": None}
