@@ -1,0 +1,202 @@
+"""Issue 29's study, run in blocks: archive a sitting's block, pool every block's pairs.
+
+    python docs/results/tapt-powered/pool.py archive runs/tapt-powered \
+        docs/results/tapt-powered/blocks/1
+    python docs/results/tapt-powered/pool.py pool docs/results/tapt-powered/blocks
+
+Why blocks: a sitting's machine keeps nothing but the repository, and an encoder folder
+(90 MB for MiniLM) does not belong in git. So each sitting is a block: it further-pretrains
+its own encoders (`further-pt experiment`, the study's recipe) and fine-tunes every row of
+its seeds from them; the next block uses new seeds. A pair (a variant against BERT-FiT at one
+seed) therefore lies inside one block and never mixes machines, precisions or encoder draws;
+the pooled comparison spans as many encoder draws as there are blocks, so it measures the
+recipe (further pretraining for N steps on this corpus), not one lucky encoder.
+
+``archive`` keeps what the pooled report needs and nothing heavy: the block's report files,
+one line per fine-tuned stage (seeds.csv: dev error, best epoch, every epoch's dev error,
+wall time), the pretraining runs' evaluation lines (pretraining_eval.csv), the held-out
+losses, and the machine (machine.json). ``pool`` pairs every block's seeds with
+``further_pt.study.paired`` (the report's own statistics) and prints the pooled table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from further_pt.study import paired
+from further_pt.study.variants import NAMES, read_jsonl
+from further_pt.train.hardware import BF16_CPU_FLAGS
+
+COPIED = ("experiment.yaml", "stages.json", "report.md", "report.csv", "paired.csv",
+          "heldout_in_domain.json", "forgetting.json", "error_rates.png",
+          "pretraining_mlm_loss.png")
+SEEDS_COLUMNS = ("key", "train_size", "seed", "error_rate", "best_epoch", "epochs",
+                 "epoch_errors", "seconds")
+
+
+def _cpu() -> dict[str, Any]:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    return {"cpu": model, "cores": torch.get_num_threads(), "torch": torch.__version__,
+            "avx512f": "avx512f" in flags, "bf16_flags": sorted(flags & set(BF16_CPU_FLAGS))}
+
+
+def _stage_key(name: str) -> tuple[str, int | None, int]:
+    """finetune-itpt_4000-n400-seed3 -> ("itpt_4000", 400, 3)."""
+    body, seed = name.removeprefix("finetune-").rsplit("-seed", 1)
+    key, size = body.rsplit("-", 1)
+    return key, None if size == "all" else int(size.removeprefix("n")), int(seed)
+
+
+def archive(out: Path, block: Path) -> None:
+    """Copy a finished block's small files from the experiment's ``out`` into ``block``."""
+    stages = json.loads((out / "stages.json").read_text())
+    block.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (out / name).is_file():
+            shutil.copy2(out / name, block / name)
+    lines = []
+    for folder in sorted(out.glob("finetune-*")):
+        if not (folder / "metrics.json").is_file():
+            continue  # an interrupted stage: not part of the block
+        metrics = json.loads((folder / "metrics.json").read_text())
+        key, size, seed = _stage_key(folder.name)
+        history = metrics.get("history") or []
+        lines.append({"key": key, "train_size": "all" if size is None else size, "seed": seed,
+                      "error_rate": metrics["eval_error_rate"],
+                      "best_epoch": metrics.get("best_epoch"), "epochs": len(history),
+                      "epoch_errors": ";".join(f"{h['eval_error_rate']:.4f}" for h in history
+                                               if "eval_error_rate" in h),
+                      "seconds": round(stages.get(folder.name, {}).get("seconds", 0.0), 1)})
+    with open(block / "seeds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SEEDS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(lines)
+    evals = []
+    for folder in sorted(out.glob("pretrain-*")):
+        for line in read_jsonl(folder / "logs" / "metrics.jsonl"):
+            shown = {k: v for k, v in line.items() if k.startswith("eval")}
+            if shown:
+                evals.append({"stage": folder.name, "step": line["step"], **shown})
+    with open(block / "pretraining_eval.csv", "w", newline="") as f:
+        names = sorted({k for e in evals for k in e} - {"stage", "step"})
+        writer = csv.DictWriter(f, fieldnames=["stage", "step", *names])
+        writer.writeheader()
+        writer.writerows(evals)
+    (block / "machine.json").write_text(json.dumps(_cpu(), indent=1) + "\n")
+    print(f"archived {len(lines)} fine-tuned stages and {len(evals)} pretraining evaluations "
+          f"into {block}")
+
+
+def _label(key: str) -> str:
+    if key in NAMES:
+        return NAMES[key]
+    variant = key.split("_", 1)[0]
+    return f"{NAMES.get(variant, variant)} ({key})"
+
+
+NOT_PRETRAINED = ("fit", "linear", "feat")
+
+
+def _block_row(block: Path, rows: list[dict[str, str]], seeds: list[int]
+               ) -> Callable[[list[str]], str]:
+    """A block's line of the pooled report (machine, seeds, stage times, held-out losses),
+    as a function of the pretrained rows: those are known once every block is read."""
+    machine = json.loads((block / "machine.json").read_text())
+    stages = json.loads((block / "stages.json").read_text())
+
+    def loaded(name: str) -> dict[str, Any]:
+        path = block / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    held, forgetting = loaded("heldout_in_domain.json"), loaded("forgetting.json")
+    tuned = [float(r["seconds"]) for r in rows if r["key"] not in ("linear",)]
+
+    def cells(pretrained: list[str]) -> str:
+        out = []
+        for key in pretrained:
+            seconds = stages.get(f"pretrain-{key}", {}).get("seconds")
+            loss = held.get(key)
+            out.append(f"{seconds:,.0f}, " if seconds else "-, ")
+            out[-1] += (f"{loss:.3f} ({math.exp(loss):.0f}), " if loss else "-, ")
+            out[-1] += f"{forgetting[key]:.3f}" if forgetting.get(key) else "-"
+        return " | ".join(out)
+
+    return lambda pretrained: (
+        f"| {block.name} | {machine['cpu']}, {'bf16' if machine['bf16_flags'] else 'fp32'} | "
+        f"{seeds[0]}-{seeds[-1]} ({len(seeds)}) | "
+        f"{statistics.mean(tuned) if tuned else 0:.0f} | {cells(pretrained)} |")
+
+
+def pool(blocks: Path) -> str:
+    """The pooled paired table over every block under ``blocks``, as markdown."""
+    errors: dict[tuple[Any, str], dict[int, float]] = {}
+    last: dict[tuple[Any, str], list[bool]] = {}  # per stage: was the best epoch the last?
+    origin: dict[int, str] = {}
+    per_block = []
+    for block in sorted(p for p in blocks.iterdir() if (p / "seeds.csv").is_file()):
+        with open(block / "seeds.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        seeds = sorted({int(r["seed"]) for r in rows})
+        clash = [s for s in seeds if s in origin and origin[s] != block.name]
+        if clash:
+            raise SystemExit(f"{block}/seeds.csv: seed {clash[0]} is also in block "
+                             f"{origin[clash[0]]}; blocks must use disjoint seeds")
+        origin.update({s: block.name for s in seeds})
+        for r in rows:
+            size = None if r["train_size"] == "all" else int(r["train_size"])
+            errors.setdefault((size, r["key"]), {})[int(r["seed"])] = float(r["error_rate"])
+            if r["epochs"] not in ("", "0"):
+                last.setdefault((size, r["key"]), []).append(
+                    r["best_epoch"] == r["epochs"])
+        per_block.append(_block_row(block, rows, seeds))
+    keys: dict[Any, list[str]] = {}
+    for size, key in errors:
+        keys.setdefault(size, []).append(key)
+    order = ["fit", "itpt", "selected", "linear"]
+    for size in keys:
+        keys[size].sort(key=lambda k: (order.index(k) if k in order else len(order), k))
+    rows = paired.paired_rows(errors, keys, _label)
+    means = [f"| {_label(k)} | {len(errors[(s, k)])} | "
+             f"{100 * statistics.mean(errors[(s, k)].values()):.2f} | "
+             f"{100 * statistics.stdev(errors[(s, k)].values()):.2f} | "
+             + (f"{sum(last[(s, k)])} of {len(last[(s, k)])}" if (s, k) in last else "-") + " |"
+             for s in keys for k in keys[s] if len(errors[(s, k)]) > 1]
+    pretrained = [k for k in dict.fromkeys(k for ks in keys.values() for k in ks)
+                  if k not in NOT_PRETRAINED]
+    head = " | ".join(f"{_label(k)}: pretraining s, held-out in-domain loss (ppl), "
+                      "cross-domain loss" for k in pretrained)
+    return "\n".join([
+        f"| block | machine, precision | seeds | fine-tune s (mean) | {head} |",
+        "|---|---|---|---|" + "---|" * len(pretrained),
+        *(row(pretrained) for row in per_block), "",
+        "| model | seeds | mean dev error (%) | sd | best epoch = the last |",
+        "|---|---|---|---|---|", *means, "",
+        paired.markdown(rows, lambda size: "all" if size is None else str(size)).strip(), ""])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) == 3 and argv[0] == "archive":
+        archive(Path(argv[1]), Path(argv[2]))
+    elif len(argv) == 2 and argv[0] == "pool":
+        print(pool(Path(argv[1])))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
