@@ -171,11 +171,16 @@ def pool(blocks: Path) -> str:
     for size in keys:
         keys[size].sort(key=lambda k: (order.index(k) if k in order else len(order), k))
     rows = paired.paired_rows(errors, keys, _label)
-    means = [f"| {_label(k)} | {len(errors[(s, k)])} | "
-             f"{100 * statistics.mean(errors[(s, k)].values()):.2f} | "
-             f"{100 * statistics.stdev(errors[(s, k)].values()):.2f} | "
-             + (f"{sum(last[(s, k)])} of {len(last[(s, k)])}" if (s, k) in last else "-") + " |"
-             for s in keys for k in keys[s] if len(errors[(s, k)]) > 1]
+    means = []
+    for s in keys:  # over the seeds every row finished, so that the means compare like with like
+        common = sorted(set.intersection(*(set(errors[(s, k)]) for k in keys[s])))
+        for k in keys[s]:
+            values = [errors[(s, k)][seed] for seed in common]
+            if len(values) > 1:
+                means.append(f"| {_label(k)} | {len(values)} | {100 * statistics.mean(values):.2f}"
+                             f" | {100 * statistics.stdev(values):.2f} | "
+                             + (f"{sum(last[(s, k)])} of {len(last[(s, k)])}"
+                                if (s, k) in last else "-") + " |")
     pretrained = [k for k in dict.fromkeys(k for ks in keys.values() for k in ks)
                   if k not in NOT_PRETRAINED]
     head = " | ".join(f"{_label(k)}: pretraining s, held-out in-domain loss (ppl), "
@@ -184,7 +189,7 @@ def pool(blocks: Path) -> str:
         f"| block | machine, precision | seeds | fine-tune s (mean) | {head} |",
         "|---|---|---|---|" + "---|" * len(pretrained),
         *(row(pretrained) for row in per_block), "",
-        "| model | seeds | mean dev error (%) | sd | best epoch = the last |",
+        "| model | seeds (all rows) | mean dev error (%) | sd | best epoch = the last (stages) |",
         "|---|---|---|---|---|", *means, "",
         paired.markdown(rows, lambda size: "all" if size is None else str(size)).strip(), ""])
 
