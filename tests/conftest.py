@@ -58,3 +58,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     BertForPreTraining(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Every test starts from accelerate's state as a new process would: a test whose
+    Accelerator took bf16 (``auto`` on a CPU with avx512_bf16) must not leave that precision
+    to the next, which accelerate would refuse or silently reuse."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

@@ -117,9 +117,6 @@ def test_one_process_on_gpus_torch_cannot_use_warns_and_trains_on_the_cpu(
     driver(1, "550.54.15", cuda="13.0")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    # an earlier test's Accelerator (bf16 under `auto` on a CPU with avx512_bf16) would refuse
-    # this one's precision: start from a fresh state, as a new process does
-    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         with caplog.at_level("WARNING", logger="further_pt.train.launch"):
             accelerator = launch.make_accelerator("no", tmp_path / "logs")
