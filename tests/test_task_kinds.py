@@ -162,25 +162,29 @@ def _finetune(out: Path, model: Path, train: Path, dev: Path | None, **extra: ob
 @pytest.fixture(scope="module")
 def multilabel(tmp_path_factory, tiny_model_dir):
     """The toy multi-label task (fruit / motor / color topics, any subset per row), mean
-    pooling, the threshold tuned on dev."""
+    pooling, the threshold tuned on dev; fp32, so predict's metrics must equal training's
+    (see ``regression``)."""
     base = tmp_path_factory.mktemp("multilabel")
     train = write_multilabel_task(base / "train.jsonl", 160, 0)
     dev = write_multilabel_task(base / "dev.jsonl", 40, 1)
     out = base / "run"
     metrics = _finetune(out, tiny_model_dir, train, dev, **{
-        "task.kind": "multi_label", "task.threshold": "tune", "head.pooling": "mean"})
+        "task.kind": "multi_label", "task.threshold": "tune", "head.pooling": "mean",
+        "train.mixed_precision": "no"})
     return out, dev, metrics
 
 
 @pytest.fixture(scope="module")
 def regression(tmp_path_factory, tiny_model_dir):
-    """The toy regression task (target 5k/8 for k fruit words of 8), mean pooling."""
+    """The toy regression task (target 5k/8 for k fruit words of 8), mean pooling, in fp32:
+    the training evaluation runs under the run's autocast (bf16 under ``auto`` on an
+    AMX/AVX512-BF16 CPU) and predict in fp32, so only at fp32 must their metrics agree."""
     base = tmp_path_factory.mktemp("regression")
     train = write_regression_task(base / "train.jsonl", 160, 0)
     dev = write_regression_task(base / "dev.jsonl", 40, 1)
     out = base / "run"
     return out, dev, _finetune(out, tiny_model_dir, train, dev, **{
-        "task.kind": "regression", "head.pooling": "mean"})
+        "task.kind": "regression", "head.pooling": "mean", "train.mixed_precision": "no"})
 
 
 def test_multi_label_fine_tuning_learns_the_toy_task(multilabel) -> None:
