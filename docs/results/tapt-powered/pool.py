@@ -142,15 +142,72 @@ def _block_row(block: Path, rows: list[dict[str, str]], seeds: list[int]
         f"{statistics.mean(tuned) if tuned else 0:.0f} | {cells(pretrained)} |")
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
+
+
+def _pair(mine: dict[int, float], base: dict[int, float], seeds: list[int]) -> str:
+    """``mean [95% interval], wins/seeds`` of ``mine - base`` in points over ``seeds``."""
+    diffs = [mine[s] - base[s] for s in seeds]
+    summary = paired.summarise(diffs)
+    if summary["ci_low"] is None:
+        return "-"
+    return (f"{100 * summary['mean_diff']:+.2f} [{100 * summary['ci_low']:+.2f}, "
+            f"{100 * summary['ci_high']:+.2f}], p {_p(summary['p_t'])}, "
+            f"{sum(d < 0 for d in diffs)}/{len(diffs)} wins")
+
+
+def steps_curve(errors: dict[tuple[Any, str], dict[int, float]], steps: dict[str, set[int]]
+                ) -> list[str]:
+    """The pooled steps curve (Sun et al. 2019, Fig. 2): for each variant pretrained at two
+    lengths or more (``itpt`` and the ``itpt_4000`` ablation), every length's mean dev error
+    and paired difference against BERT-FiT and against the next shorter length, all over the
+    seeds where the longest length finished, so every point of the curve compares alike."""
+    lines: list[str] = []
+    for size in dict.fromkeys(size for size, _ in errors):
+        fit = errors.get((size, "fit"), {})
+        here = [k for k in steps if (size, k) in errors and len(steps[k]) == 1]
+        for variant in dict.fromkeys(k.split("_", 1)[0] for k in here):
+            curve = sorted((k for k in here if k.split("_", 1)[0] == variant),
+                           key=lambda k: next(iter(steps[k])))
+            if len(curve) < 2:
+                continue
+            seeds = sorted(set(fit).intersection(*(errors[(size, k)] for k in curve)))
+            if len(seeds) < 2:
+                continue
+            lines += [f"Steps curve of {_label(variant)} at {size} labels, over the {len(seeds)} "
+                      f"seeds every length finished ({seeds[0]}-{seeds[-1]}):", "",
+                      "| model | further-pretraining steps | mean dev error (%) | against "
+                      "BERT-FiT: mean [95% interval], paired t p, wins | against the shorter "
+                      "run |", "|---|---|---|---|---|",
+                      f"| {_label('fit')} | 0 | "
+                      f"{100 * statistics.mean(fit[s] for s in seeds):.2f} | - | - |"]
+            for i, k in enumerate(curve):
+                mine = errors[(size, k)]
+                shorter = _pair(mine, errors[(size, curve[i - 1])], seeds) if i else "-"
+                lines.append(f"| {_label(k)} | {next(iter(steps[k])):,} | "
+                             f"{100 * statistics.mean(mine[s] for s in seeds):.2f} | "
+                             f"{_pair(mine, fit, seeds)} | {shorter} |")
+            lines.append("")
+    return lines
+
+
 def pool(blocks: Path) -> str:
     """The pooled paired table over every block under ``blocks``, as markdown."""
     errors: dict[tuple[Any, str], dict[int, float]] = {}
     last: dict[tuple[Any, str], list[bool]] = {}  # per stage: was the best epoch the last?
     origin: dict[int, str] = {}
+    steps: dict[str, set[int]] = {}  # a pretrained row's further-pretraining steps, per block
     per_block = []
     for block in sorted(p for p in blocks.iterdir() if (p / "seeds.csv").is_file()):
-        with open(block / "seeds.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = _read_csv(block / "seeds.csv")
         seeds = sorted({int(r["seed"]) for r in rows})
         clash = [s for s in seeds if s in origin and origin[s] != block.name]
         if clash:
@@ -164,6 +221,9 @@ def pool(blocks: Path) -> str:
                 last.setdefault((size, r["key"]), []).append(
                     r["best_epoch"] == r["epochs"])
         per_block.append(_block_row(block, rows, seeds))
+        for r in _read_csv(block / "report.csv"):
+            if r.get("pretrain_max_steps"):
+                steps.setdefault(r["key"], set()).add(int(float(r["pretrain_max_steps"])))
     keys: dict[Any, list[str]] = {}
     for size, key in errors:
         keys.setdefault(size, []).append(key)
@@ -172,9 +232,10 @@ def pool(blocks: Path) -> str:
         keys[size].sort(key=lambda k: (order.index(k) if k in order else len(order), k))
     rows = paired.paired_rows(errors, keys, _label)
     means = []
-    for s in keys:  # over the seeds every row finished, so that the means compare like with like
-        common = sorted(set.intersection(*(set(errors[(s, k)]) for k in keys[s])))
-        for k in keys[s]:
+    for s in keys:  # over the seeds every main row finished, so that the means compare alike
+        main = [k for k in keys[s] if k in order] or keys[s]  # the steps curve has its own
+        common = sorted(set.intersection(*(set(errors[(s, k)]) for k in main)))
+        for k in main:
             values = [errors[(s, k)][seed] for seed in common]
             if len(values) > 1:
                 means.append(f"| {_label(k)} | {len(values)} | {100 * statistics.mean(values):.2f}"
@@ -183,6 +244,7 @@ def pool(blocks: Path) -> str:
                                 if (s, k) in last else "-") + " |")
     pretrained = [k for k in dict.fromkeys(k for ks in keys.values() for k in ks)
                   if k not in NOT_PRETRAINED]
+    curve = steps_curve(errors, steps)
     head = " | ".join(f"{_label(k)}: pretraining s, held-out in-domain loss (ppl), "
                       "cross-domain loss" for k in pretrained)
     return "\n".join([
@@ -191,7 +253,8 @@ def pool(blocks: Path) -> str:
         *(row(pretrained) for row in per_block), "",
         "| model | seeds (all rows) | mean dev error (%) | sd | best epoch = the last (stages) |",
         "|---|---|---|---|---|", *means, "",
-        paired.markdown(rows, lambda size: "all" if size is None else str(size)).strip(), ""])
+        paired.markdown(rows, lambda size: "all" if size is None else str(size)).strip(), "",
+        *curve])
 
 
 def main(argv: list[str]) -> None:
