@@ -2,15 +2,19 @@
 
     python docs/results/tapt-powered/pool.py archive runs/tapt-powered \
         docs/results/tapt-powered/blocks/1
+    python docs/results/tapt-powered/pool.py archive runs/tapt-powered \
+        docs/results/tapt-powered/blocks/2 steps      # a second report of the block: steps-*
     python docs/results/tapt-powered/pool.py pool docs/results/tapt-powered/blocks
 
 Why blocks: a sitting's machine keeps nothing but the repository, and an encoder folder
 (90 MB for MiniLM) does not belong in git. So each sitting is a block: it further-pretrains
 its own encoders (`further-pt experiment`, the study's recipe) and fine-tunes every row of
 its seeds from them; the next block uses new seeds. A pair (a variant against BERT-FiT at one
-seed) therefore lies inside one block and never mixes machines, precisions or encoder draws;
-the pooled comparison spans as many encoder draws as there are blocks, so it measures the
-recipe (further pretraining for N steps on this corpus), not one lucky encoder.
+seed) therefore lies inside one block and never mixes machines or precisions. Pretraining is
+seeded (the recipe's seed 42), so every block rebuilds the same encoder up to the machine's
+arithmetic (blocks 1 and 2, two CPUs, agree on the held-out in-domain loss within 0.001):
+the pooled pairs measure one further-pretrained encoder per variant against BERT-FiT over
+many fine-tuning seeds and samples, not the spread between pretraining runs.
 
 ``archive`` keeps what the pooled report needs and nothing heavy: the block's report files,
 one line per fine-tuned stage (seeds.csv: dev error, best epoch, every epoch's dev error,
@@ -62,13 +66,33 @@ def _stage_key(name: str) -> tuple[str, int | None, int]:
     return key, None if size == "all" else int(size.removeprefix("n")), int(seed)
 
 
-def archive(out: Path, block: Path) -> None:
-    """Copy a finished block's small files from the experiment's ``out`` into ``block``."""
+def archive(out: Path, block: Path, part: str = "") -> None:
+    """Copy a finished block's small files from the experiment's ``out`` into ``block``.
+
+    ``part`` (such as ``steps``) archives a second report of the same block, one the
+    experiment wrote over other rows or seeds (the steps curve's ``variants=[fit,itpt]``
+    run after the main rows): its report files keep their own names with the prefix
+    ``part-`` beside the main report, which stays; the held-out losses gain its rows;
+    seeds.csv, stages.json and pretraining_eval.csv are rebuilt from every stage of ``out``.
+    """
     stages = json.loads((out / "stages.json").read_text())
     block.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
-        if (out / name).is_file():
+        if not (out / name).is_file():
+            continue
+        if not part or name == "stages.json":
             shutil.copy2(out / name, block / name)
+        elif name.endswith(".json"):  # held-out losses: the main report's rows and this part's
+            merged = json.loads((block / name).read_text()) if (block / name).is_file() else {}
+            merged.update(json.loads((out / name).read_text()))
+            (block / name).write_text(json.dumps(merged, indent=1) + "\n")
+        elif name == "report.md":  # its figures are archived under the part's names too
+            text = (out / name).read_text()
+            for figure in (n for n in COPIED if n.endswith(".png")):
+                text = text.replace(f"]({figure})", f"]({part}-{figure})")
+            (block / f"{part}-{name}").write_text(text)
+        else:
+            shutil.copy2(out / name, block / f"{part}-{name}")
     lines = []
     for folder in sorted(out.glob("finetune-*")):
         if not (folder / "metrics.json").is_file():
@@ -221,7 +245,7 @@ def pool(blocks: Path) -> str:
                 last.setdefault((size, r["key"]), []).append(
                     r["best_epoch"] == r["epochs"])
         per_block.append(_block_row(block, rows, seeds))
-        for r in _read_csv(block / "report.csv"):
+        for r in (r for f in sorted(block.glob("*report.csv")) for r in _read_csv(f)):
             if r.get("pretrain_max_steps"):
                 steps.setdefault(r["key"], set()).add(int(float(r["pretrain_max_steps"])))
     keys: dict[Any, list[str]] = {}
@@ -258,8 +282,8 @@ def pool(blocks: Path) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) == 3 and argv[0] == "archive":
-        archive(Path(argv[1]), Path(argv[2]))
+    if len(argv) in (3, 4) and argv[0] == "archive":
+        archive(Path(argv[1]), Path(argv[2]), *argv[3:])
     elif len(argv) == 2 and argv[0] == "pool":
         print(pool(Path(argv[1])))
     else:
