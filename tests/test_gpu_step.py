@@ -320,6 +320,7 @@ def _agree(rank: int, store_dir: str, root: str, result_dir: str) -> None:
     mine = ckpts / ("step-000006" if rank == 0 else "step-000004")
     chosen = checkpoint.agree_on_checkpoint(mine, rank=rank, broadcast=broadcast, root=ckpts)
     (Path(result_dir) / f"rank{rank}").write_text(str(chosen))
+    dist.barrier()  # no gloo teardown while the other process is mid-collective
     dist.destroy_process_group()
 
 

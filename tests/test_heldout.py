@@ -99,6 +99,7 @@ def _shard_worker(rank: int, world: int, port: int, folder: str, queue) -> None:
                           shard=EvalShard(rank, world, gather))
     if rank == 0:
         queue.put(result)
+    dist.barrier()  # no gloo teardown while the other process is mid-collective
     dist.destroy_process_group()
 
 
