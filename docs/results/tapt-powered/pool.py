@@ -14,7 +14,10 @@ seed) therefore lies inside one block and never mixes machines or precisions. Pr
 seeded (the recipe's seed 42), so every block rebuilds the same encoder up to the machine's
 arithmetic (blocks 1 and 2, two CPUs, agree on the held-out in-domain loss within 0.001):
 the pooled pairs measure one further-pretrained encoder per variant against BERT-FiT over
-many fine-tuning seeds and samples, not the spread between pretraining runs.
+many fine-tuning seeds and samples, not the spread between pretraining runs. Blocks 3 and 4
+ran in a sitting whose workspace still held block 2's encoders, on block 2's CPU model: they
+fine-tune from those instead of rebuilding them, and their stages.json keeps only their own
+stages (the pooled table shows no pretraining time for them).
 
 ``archive`` keeps what the pooled report needs and nothing heavy: the block's report files,
 one line per fine-tuned stage (seeds.csv: dev error, best epoch, every epoch's dev error,
