@@ -99,6 +99,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def leave_process_group() -> None:
+    """End a spawned gloo process's group: a barrier first, then the teardown.
+
+    Without the barrier, one process can tear gloo down while its peer is still in the last
+    collective, and it aborts at exit ("terminate called without an active exception") after
+    writing correct results: 2 of 9 runs of the FSDP fp16 test here (torch 2.13 CPU), and a
+    red CI. The trainer does the same (``export.finish`` waits for everyone before the group
+    ends).
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 COLOR = ["red", "blue", "green", "yellow", "black", "white", "purple"]
 TOPICS = {"fruit": FRUIT, "motor": MOTOR, "color": COLOR}
 

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, free_port, pretrain_overrides, run_script, weights, write_task
+from helpers import (
+    REPO,
+    free_port,
+    leave_process_group,
+    pretrain_overrides,
+    run_script,
+    weights,
+    write_task,
+)
 
 from further_pt.train.checkpoint import verify
 from further_pt.train.launch import torch_release
@@ -202,11 +210,7 @@ def _fp16_frozen_encoder(rank: int, port: int, results: str) -> None:
             "head_update": math.sqrt(sum(moved[n] ** 2 for n in head)),
             "encoder_moved": max(moved[n] for n in names if n not in head)})
     Path(results, f"rank{rank}.json").write_text(json.dumps(out))
-    # Both processes past their last collective before either tears gloo down: without the
-    # barrier, one in about six runs aborted at exit ("terminate called without an active
-    # exception") after writing its results.
-    acc.wait_for_everyone()
-    acc.end_training()
+    leave_process_group()
 
 
 @pytest.mark.slow

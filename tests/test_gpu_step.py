@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import free_port, pretrain_overrides, run_script
+from helpers import free_port, leave_process_group, pretrain_overrides, run_script
 
 from further_pt.data import order
 from further_pt.errors import ConfigError, SetupError, TrainingFailed
@@ -320,8 +320,7 @@ def _agree(rank: int, store_dir: str, root: str, result_dir: str) -> None:
     mine = ckpts / ("step-000006" if rank == 0 else "step-000004")
     chosen = checkpoint.agree_on_checkpoint(mine, rank=rank, broadcast=broadcast, root=ckpts)
     (Path(result_dir) / f"rank{rank}").write_text(str(chosen))
-    dist.barrier()  # no gloo teardown while the other process is mid-collective
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_every_process_resumes_the_main_processs_checkpoint(tmp_path, monkeypatch) -> None:

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port, pretrain_overrides, resume_after_step_3, run_script
+from helpers import (
+    free_port,
+    leave_process_group,
+    pretrain_overrides,
+    resume_after_step_3,
+    run_script,
+)
 
 from further_pt import pretrain
 from further_pt.data import corpus, prepare
@@ -99,8 +105,7 @@ def _shard_worker(rank: int, world: int, port: int, folder: str, queue) -> None:
                           shard=EvalShard(rank, world, gather))
     if rank == 0:
         queue.put(result)
-    dist.barrier()  # no gloo teardown while the other process is mid-collective
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow
